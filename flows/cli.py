@@ -1,0 +1,76 @@
+"""The `tuneline` command: start and stop the local stack, run a lifecycle config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from flows.config import ConfigError, load_config
+from infra import local
+
+app = typer.Typer(help="tuneline: an LLM fine-tuning lifecycle, scope to deployment.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def up() -> None:
+    """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline)."""
+    for line in local.up():
+        typer.echo(line)
+    typer.echo(f"Prefect UI: {local.PREFECT.url}   MLflow UI: {local.MLFLOW.url}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the servers and the Bento service that tuneline started (by PID); leave anything else alone."""
+    for line in local.down():
+        typer.echo(line)
+
+
+@app.command()
+def check(config: Path) -> None:
+    """Validate a lifecycle config without running it."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"{config}: ok ({cfg.task.name}, {len(cfg.models.candidates)} candidate models)")
+
+
+@app.command()
+def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", help="override deploy.serve")) -> None:
+    """Run one lifecycle iteration against the local stack (start it first with `tuneline up`)."""
+    try:
+        load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    local.configure_env()
+    for key, value in local.client_env().items():
+        os.environ.setdefault(key, value)
+    if os.environ["MLFLOW_TRACKING_URI"] == local.MLFLOW.url and not local.MLFLOW.healthy():
+        _fail(f"no MLflow server at {local.MLFLOW.url}; start the stack with `tuneline up`")
+    if os.environ["PREFECT_API_URL"] == f"{local.PREFECT.url}/api" and not local.PREFECT.healthy():
+        _fail(f"no Prefect server at {local.PREFECT.url}; start the stack with `tuneline up`")
+    from flows.lifecycle import lifecycle  # after the environment points Prefect and MLflow at the stack
+
+    summary = lifecycle(str(config.resolve()), serve=serve)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}   "
+               f"MLflow UI: {os.environ['MLFLOW_TRACKING_URI']}")
+    if summary["service"].get("served"):
+        url = summary["service"]["url"]
+        typer.echo(f"Service: {url}/v1/chat/completions   try:\n  curl -s {url}/v1/chat/completions "
+                   "-H 'content-type: application/json' "
+                   "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Review: Love it. Return JSON.\"}]}'")
+
+
+if __name__ == "__main__":
+    app()

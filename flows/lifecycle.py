@@ -1,0 +1,56 @@
+"""One iteration of the lifecycle, top to bottom: data → select → baseline → finetune → evaluate → promote → deploy.
+
+One MLflow parent run per iteration with a nested run per stage; one Prefect flow run with a subflow per stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+from prefect import flow
+
+from evals.runner import write_tasks
+from flows.baseline import baseline_stage
+from flows.config import load_config
+from flows.data import data_stage
+from flows.deploy import deploy_stage
+from flows.evaluate import evaluate_stage
+from flows.finetune import finetune_stage
+from flows.promote import promote_stage
+from flows.select import select_stage
+from infra.local import configure_env
+from tasks import tracking
+
+
+@flow(name="lifecycle", log_prints=True)
+def lifecycle(config_path: str, serve: bool | None = None) -> dict:
+    """Run one iteration of the config at `config_path`; `serve` overrides the config's deploy.serve."""
+    config = load_config(config_path)
+    if serve is not None:
+        config.deploy.serve = serve
+    home = configure_env()
+    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    tracking.use(mlflow.get_tracking_uri(), config.name, artifact_root=home / "mlflow" / "artifacts")
+
+    with mlflow.start_run(run_name=f"{config.name} {run_dir.name}") as parent:
+        mlflow.log_artifact(config_path, "config")
+        pid = parent.info.run_id
+        splits = data_stage(config.task, str(run_dir / "data"), pid)
+        tasks_dir = str(write_tasks(config.task.name, splits, run_dir / "eval_tasks", config.task.max_answer_tokens))
+        chosen = select_stage(config, str(home / "models"), tasks_dir, pid)
+        baseline = baseline_stage(config, chosen, tasks_dir, pid)
+        tuned = finetune_stage(config, chosen["model_dir"], splits["train"], str(run_dir / "finetune"), pid)
+        scores = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid)
+        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], scores, pid)
+        service = deploy_stage(config, splits["test"], str(home), pid)
+
+    return {
+        "mlflow_run_id": pid,
+        "model": chosen["source"],
+        "baseline": baseline["all"],
+        "test": scores,
+        "promotion": verdict,
+        "service": service,
+    }

@@ -1,0 +1,154 @@
+"""The local stack: a Prefect server and an MLflow tracking server on 127.0.0.1, state under one folder.
+
+Servers already answering on their port are reused, never restarted; `down` stops only the processes this
+module started, by the PIDs it recorded. Nothing here binds anything but loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"
+
+# Every outbound lookup these libraries make unless told not to (STACK.md).
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true",
+}
+
+
+def state_dir() -> Path:
+    """The one folder that holds every piece of local state (servers, model store, bentos, runs)."""
+    return Path(os.environ.get("TUNELINE_HOME", ".tuneline")).resolve()
+
+
+def configure_env(home: Path | None = None) -> Path:
+    """Telemetry off and BentoML's store under the state folder, for this process and all it starts."""
+    home = home or state_dir()
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
+    return home
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+    health_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + self.health_path, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+PREFECT = Server("prefect", int(os.environ.get("TUNELINE_PREFECT_PORT", 4200)), "/api/health")
+MLFLOW = Server("mlflow", int(os.environ.get("TUNELINE_MLFLOW_PORT", 5000)), "/health")
+
+
+def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **TELEMETRY_OFF}
+    if server is PREFECT:
+        env["PREFECT_HOME"] = str(home / "prefect")
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}"
+        env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+        return [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(server.port)], env
+    db = home / "mlflow" / "mlflow.db"
+    return [
+        str(bin_dir / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{db}",
+        "--artifacts-destination", str(home / "mlflow" / "artifacts"),
+        "--host", HOST, "--port", str(server.port), "--workers", "1",
+    ], env
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
+    """Start a long-running process in its own session, logging to home/logs and recording its PID."""
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(home / "logs" / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    (home / f"{name}.pid").write_text(str(proc.pid))
+    return proc
+
+
+def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
+    """Poll `ready()` until it is true; fail early if the process died, and stop it on a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with code {proc.returncode} before it was ready; see {home / 'logs' / (name + '.log')}"
+            )
+        if ready():
+            return
+        time.sleep(1.0)
+    stop_started(name, home)
+    raise TimeoutError(f"{name} was not ready within {timeout_s:.0f}s; see {home / 'logs' / (name + '.log')}")
+
+
+def stop_started(name: str, home: Path) -> str:
+    """Stop a process this project started (its whole process group), by its recorded PID; nothing else."""
+    pid_file = home / f"{name}.pid"
+    if not pid_file.exists():
+        return f"{name}: not started by tuneline; left alone"
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return f"{name}: pid {pid} had already exited"
+    for _ in range(50):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return f"{name}: stopped (pid {pid})"
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)  # a Prefect worker has been seen ignoring SIGTERM (STACK.md)
+    return f"{name}: killed (pid {pid}) after it ignored SIGTERM"
+
+
+def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) -> str:
+    """Start `server` unless one already answers on its port; wait until healthy."""
+    home = home or state_dir()
+    if server.healthy():
+        return f"{server.name}: reusing the server already running at {server.url}"
+    (home / server.name).mkdir(parents=True, exist_ok=True)
+    cmd, env = _command(server, home)
+    proc = spawn(server.name, cmd, env, home)
+    wait_until(server.name, server.healthy, proc, home, timeout_s)
+    return f"{server.name}: started (pid {proc.pid}) at {server.url}"
+
+
+def client_env() -> dict[str, str]:
+    """What a client process needs to talk to the local stack."""
+    return {
+        "PREFECT_API_URL": f"{PREFECT.url}/api",
+        "MLFLOW_TRACKING_URI": MLFLOW.url,
+    }
+
+
+def up(home: Path | None = None) -> list[str]:
+    home = configure_env(home)
+    return [start(PREFECT, home), start(MLFLOW, home)]
+
+
+def down(home: Path | None = None) -> list[str]:
+    home = home or state_dir()
+    return [stop_started(name, home) for name in ("bento", PREFECT.name, MLFLOW.name)]

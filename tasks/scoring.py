@@ -1,0 +1,19 @@
+"""Scoring a model folder with lm-eval: the one unit that selection, baselines and evaluation all call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from evals import runner
+from tasks.models import load
+
+
+@task(name="score-model")
+def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
+          batch_size: int) -> dict:
+    """lm-eval score of the model in `model_dir` on a generated task, with the chat template and system prompt."""
+    model, tokenizer = load(Path(model_dir))
+    return runner.evaluate(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt, shots=shots,
+                           limit=limit, batch_size=batch_size)
