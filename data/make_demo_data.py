@@ -15,6 +15,7 @@ from pathlib import Path
 
 SEED = 20261122
 N_REVIEWS = 1600
+N_TICKETS = 800
 HERE = Path(__file__).resolve().parent
 
 # product label -> ways a customer refers to it
@@ -103,13 +104,89 @@ def make_review(rng: random.Random, idx: int) -> dict:
     }
 
 
+# A second task for multi-task runs: route a support ticket to its queue with a priority.
+QUEUES = {
+    "billing": ["I was charged twice for my order", "the refund never reached my card", "my invoice shows the wrong amount"],
+    "shipping": ["my parcel has not moved in a week", "the tracking number does not work", "the courier left it at the wrong address"],
+    "returns": ["how do I send back a {product}", "I need a return label for the {product}", "the {product} does not fit, can I exchange it"],
+    "technical": ["the {product} will not turn on", "the app cannot find my {product}", "the {product} keeps restarting"],
+    "account": ["I cannot log in to my account", "please change the email on my account", "I forgot my password again"],
+}
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kemal", "Lena", "Mo", "Nia"]
+URGENT = ["ASAP", "today please", "this is the third time I write", "urgent"]
+
+
+def make_ticket(rng: random.Random, idx: int) -> dict:
+    queue = rng.choice(sorted(QUEUES))
+    product = rng.choice(sorted(PRODUCTS))
+    text = rng.choice(QUEUES[queue]).format(product=product)
+    urgent = rng.random() < 0.3
+    if urgent:
+        text = f"{text}, {rng.choice(URGENT)}"
+    opener = rng.choice(["", "Hi, ", "Hello team, ", "Order #{}: ".format(rng.randrange(10000, 99999))])
+    signoff = rng.choice(["", " Thanks, {}.", " Regards, {}", " - {}"]).format(rng.choice(NAMES))
+    text = opener + text + "." + signoff
+    if rng.random() < 0.2:
+        text = _typo(text, rng)
+    return {"id": f"tkt-{idx:05d}", "ticket": text, "queue": queue, "priority": "high" if urgent else "normal"}
+
+
+# The general benchmark for forgetting checks: multiple-choice items that need no task data.
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Canada": "Ottawa",
+            "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Poland": "Warsaw",
+            "Greece": "Athens", "Chile": "Santiago", "India": "New Delhi", "Germany": "Berlin", "Cuba": "Havana"}
+OPPOSITES = {"hot": "cold", "up": "down", "early": "late", "full": "empty", "heavy": "light", "open": "closed",
+             "fast": "slow", "wet": "dry", "loud": "quiet", "old": "new", "rich": "poor", "strong": "weak"}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _mc(rng: random.Random, question: str, answer: str, distractors: list[str]) -> dict:
+    choices = [answer, *rng.sample(sorted(set(distractors) - {answer}), 3)]
+    rng.shuffle(choices)
+    return {"question": question, "choices": choices, "answer": choices.index(answer)}
+
+
+def make_general(rng: random.Random) -> list[dict]:
+    items = []
+    for country, capital in CAPITALS.items():
+        items.append(_mc(rng, f"What is the capital of {country}?", capital, list(CAPITALS.values())))
+    for word, opposite in OPPOSITES.items():
+        items.append(_mc(rng, f"What is the opposite of '{word}'?", opposite, list(OPPOSITES.values())))
+    for i, day in enumerate(DAYS):
+        items.append(_mc(rng, f"Which day comes after {day}?", DAYS[(i + 1) % 7], DAYS))
+    while len(items) < 240:
+        a, b = rng.randrange(2, 60), rng.randrange(2, 60)
+        kind = rng.choice(["sum", "difference", "larger"])
+        if kind == "sum":
+            ans, q = a + b, f"What is {a} + {b}?"
+        elif kind == "difference":
+            a, b = max(a, b), min(a, b)
+            ans, q = a - b, f"What is {a} - {b}?"
+        else:
+            if a == b:
+                continue
+            ans, q = max(a, b), f"Which number is larger, {a} or {b}?"
+        wrong = [ans + d for d in (-10, -2, -1, 1, 2, 10) if ans + d >= 0]
+        if kind == "larger":
+            wrong = [min(a, b), a + b, abs(a - b), ans + 1]
+        if q not in {item["question"] for item in items}:
+            items.append(_mc(rng, q, str(ans), [str(w) for w in wrong]))
+    return [{"id": f"gen-{i:04d}", **item} for i, item in enumerate(items)]
+
+
+def _write(name: str, rows: list[dict]) -> None:
+    out = HERE / name
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} rows to {out}")
+
+
 def main() -> None:
     rng = random.Random(SEED)
-    out = HERE / "reviews.jsonl"
-    with out.open("w", encoding="utf-8") as f:
-        for i in range(N_REVIEWS):
-            f.write(json.dumps(make_review(rng, i), ensure_ascii=False) + "\n")
-    print(f"wrote {N_REVIEWS} reviews to {out}")
+    _write("reviews.jsonl", [make_review(rng, i) for i in range(N_REVIEWS)])
+    _write("tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
+    _write("general.jsonl", make_general(rng))
 
 
 if __name__ == "__main__":

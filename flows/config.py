@@ -21,24 +21,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SplitConfig(_Strict):
+class DataConfig(_Strict):
+    """How every task's records are split and how bad rows are treated."""
+
     validation: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 13
+    on_bad_rows: Literal["error", "skip"] = "error"
 
 
 class TaskConfig(_Strict):
     """What the model must learn: the data, how a record becomes a chat turn, and how answers are scored."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    data: Path
+    data: str = Field(min_length=1, description="a .jsonl/.csv/.parquet file, or hf:<dataset id>[:split]")
+    fields: dict[str, str] = Field(default_factory=dict, description="template variable -> source column")
+    labels: dict[str, list[str]] = Field(default_factory=dict, description="variable -> allowed values")
     system_prompt: str = ""
-    prompt: str = Field(min_length=1, description="Jinja template over a record's fields: the user message")
+    prompt: str | list[str] = Field(description="Jinja template(s) over a record's fields: the user message")
+    prompt_choice: Literal["per_example", "first"] = "per_example"
     answer: str = Field(min_length=1, description="Jinja template over a record's fields: the assistant reply")
-    splits: SplitConfig = SplitConfig()
+    weight: float = Field(1.0, gt=0, description="share of the multi-task training mixture")
+    max_tokens: int | None = Field(None, gt=0, description="longer examples are rejected; default finetune.max_seq_length")
     max_validation_examples: int = Field(32, gt=0)
     max_test_examples: int = Field(48, gt=0)
     max_answer_tokens: int = Field(64, gt=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        templates = [value] if isinstance(value, str) else value
+        if not templates or any(not t.strip() for t in templates):
+            raise ValueError("prompt must be a non-empty template or a non-empty list of them")
+        return value
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
 
 
 class ModelsConfig(_Strict):
@@ -102,7 +121,9 @@ class LifecycleConfig(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name")
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = DataConfig()
     task: TaskConfig
+    extra_tasks: list[TaskConfig] = Field(default_factory=list, description="more tasks for multi-task mixing")
     models: ModelsConfig
     baseline: BaselineConfig = BaselineConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -134,10 +155,17 @@ def load_config(path: str | Path) -> LifecycleConfig:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{path}: {_field_path(first['loc'])}: {first['msg']}{more}") from None
-    data = config.task.data if config.task.data.is_absolute() else (path.parent / config.task.data).resolve()
-    if not data.is_file():
-        raise ConfigError(f"{path}: task.data: file not found: {data}")
-    config.task.data = data
+    tasks = [("task", config.task)] + [(f"extra_tasks.{i}", t) for i, t in enumerate(config.extra_tasks)]
+    names = [t.name for _, t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: extra_tasks: task names must be unique, got {names}")
+    for where, task in tasks:
+        if task.data.startswith("hf:"):
+            continue
+        data = (path.parent / task.data).resolve()
+        if not data.is_file():
+            raise ConfigError(f"{path}: {where}.data: file not found: {data}")
+        task.data = str(data)
     for i, source in enumerate(config.models.candidates):
         kind, _, ref = source.partition(":")
         if kind == "path" and not Path(ref).is_absolute():

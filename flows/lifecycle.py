@@ -22,6 +22,8 @@ from flows.promote import promote_stage
 from flows.select import select_stage
 from infra.local import configure_env
 from tasks import tracking
+from tasks.datasets import SPLITS
+from tasks.models import provision_model
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -37,9 +39,12 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
     with mlflow.start_run(run_name=f"{config.name} {run_dir.name}") as parent:
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
-        splits = data_stage(config.task, str(run_dir / "data"), pid)
-        tasks_dir = str(write_tasks(config.task.name, splits, run_dir / "eval_tasks", config.task.max_answer_tokens))
-        chosen = select_stage(config, str(home / "models"), tasks_dir, pid)
+        store = str(home / "models")
+        # Token lengths are counted with the first candidate's tokenizer; selection reuses the converted model.
+        splits = data_stage(config, str(run_dir / "data"), provision_model(config.models.candidates[0], store), pid)
+        split_files = {name: splits[name] for name in SPLITS}
+        tasks_dir = str(write_tasks(config.task.name, split_files, run_dir / "eval_tasks", config.task.max_answer_tokens))
+        chosen = select_stage(config, store, tasks_dir, pid)
         baseline = baseline_stage(config, chosen, tasks_dir, pid)
         tuned = finetune_stage(config, chosen["model_dir"], splits["train"], str(run_dir / "finetune"), pid)
         scores = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid)

@@ -65,11 +65,13 @@ MLFLOW = Server("mlflow", int(os.environ.get("TUNELINE_MLFLOW_PORT", 5000)), "/h
 def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **TELEMETRY_OFF}
-    if server is PREFECT:
+    if server.name == "prefect":
         env["PREFECT_HOME"] = str(home / "prefect")
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}"
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
         return [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(server.port)], env
+    # The server's job executor (huey consumers for GenAI scorers) busy-polls several cores; tuneline needs none.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     db = home / "mlflow" / "mlflow.db"
     return [
         str(bin_dir / "mlflow"), "server",
@@ -93,6 +95,7 @@ def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            (home / f"{name}.pid").unlink(missing_ok=True)
             raise RuntimeError(
                 f"{name} exited with code {proc.returncode} before it was ready; see {home / 'logs' / (name + '.log')}"
             )
@@ -114,14 +117,21 @@ def stop_started(name: str, home: Path) -> str:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return f"{name}: pid {pid} had already exited"
+    message = f"{name}: killed (pid {pid}) after it ignored SIGTERM"
     for _ in range(50):
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            return f"{name}: stopped (pid {pid})"
+            message = f"{name}: stopped (pid {pid})"
+            break
         time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)  # a Prefect worker has been seen ignoring SIGTERM (STACK.md)
-    return f"{name}: killed (pid {pid}) after it ignored SIGTERM"
+    else:
+        os.killpg(pid, signal.SIGKILL)  # a Prefect worker has been seen ignoring SIGTERM (STACK.md)
+    try:  # when this process started it, reap it so no zombie is left behind
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    return message
 
 
 def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) -> str:

@@ -1,26 +1,34 @@
 """Raw records → chat-format examples (system / user / assistant) → deterministic train/validation/test splits.
 
-Every rejected row is reported with its file, line and fault; nothing is dropped silently.
+Sources: JSONL, CSV and Parquet files, or `hf:<dataset id>[:split]` for online users. Every bad row is named
+with its file, line (or row) and fault; with `on_bad_rows: skip` it is written to a rejects file with its
+reason instead of stopping the run. Nothing is dropped silently: duplicates are rejects too.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import random
-from dataclasses import dataclass
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from prefect import task
 
 SPLITS = ("train", "validation", "test")
+SCALARS = (str, int, float, bool)
 _JINJA = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the fault."""
+    """Bad input data; the message names the file, the line or row, and the fault."""
 
 
 @dataclass(frozen=True)
@@ -29,59 +37,211 @@ class Example:
     system: str
     user: str
     assistant: str
+    task: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, ensure_ascii=False)
+        return json.dumps(asdict(self), ensure_ascii=False)
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs; a line that is not a JSON object is an error naming the line."""
-    rows = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task's records become chat examples (the data half of a task in the config)."""
+
+    name: str
+    source: str
+    system: str
+    prompts: tuple[str, ...]
+    answer: str
+    fields: dict[str, str] = field(default_factory=dict)  # template variable -> source column
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # variable -> allowed values
+    prompt_choice: str = "per_example"  # or "first"
+    max_tokens: int | None = None
+    seed: int = 13
+
+
+@dataclass
+class Outcome:
+    examples: list[Example]
+    rejects: list[dict]
+    lengths: list[int]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
+    rows, columns = [], set()
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            rows.append((where, None, f"not valid UTF-8 (byte {raw[exc.start]:#x} at column {exc.start + 1})"))
+            continue
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        rows.append((number, record))
-    if not rows:
-        raise DataError(f"{path}: no records (the file is empty)")
-    return rows
-
-
-def render(template: str, record: dict, where: str) -> str:
-    try:
-        text = _JINJA.from_string(template).render(**record).strip()
-    except UndefinedError as exc:
-        raise DataError(f"{where}: template variable has no field in the record ({exc.message})") from None
-    except TemplateError as exc:
-        raise DataError(f"{where}: template error ({exc})") from None
-    if not text:
-        raise DataError(f"{where}: template rendered an empty text")
-    return text
-
-
-def to_examples(path: Path, system: str, prompt: str, answer: str) -> list[Example]:
-    """Render every record into a chat example; exact duplicates (same user turn) are kept once."""
-    examples, seen = [], set()
-    for number, record in read_jsonl(path):
-        where = f"{path}:{number}"
-        user = render(prompt, record, where)
-        if user in seen:
+            rows.append((where, None, f"malformed JSON ({exc.msg} at column {exc.colno})"))
             continue
-        seen.add(user)
-        examples.append(Example(str(record.get("id", number)), system, user, render(answer, record, where)))
-    return examples
+        if not isinstance(record, dict):
+            rows.append((where, None, f"expected a JSON object, got {type(record).__name__}"))
+            continue
+        columns.update(record)
+        rows.append((where, record, None))
+    return rows, sorted(columns)
 
 
+def _read_csv(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for record in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in record:
+            rows.append((where, None, f"{len(record[None])} more values than the header has columns"))
+        else:
+            rows.append((where, record, None))
+    return rows, list(reader.fieldnames or [])
+
+
+def _read_parquet(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415 - only Parquet sources need it
+
+    table = pq.read_table(path)
+    return [(f"{path} row {i + 1}", r, None) for i, r in enumerate(table.to_pylist())], table.column_names
+
+
+def _read_hub(source: str) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
+    from datasets import load_dataset  # noqa: PLC0415 - online users only
+
+    dataset_id, _, split_name = source.removeprefix("hf:").partition(":")
+    data = load_dataset(dataset_id, split=split_name or "train")
+    return [(f"{source} row {i + 1}", r, None) for i, r in enumerate(data)], list(data.column_names)
+
+
+READERS: dict[str, Callable] = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv,
+                                ".parquet": _read_parquet}
+
+
+def read_rows(source: str) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
+    """(where, record or None, fault or None) per row, plus the columns seen; an empty source is an error."""
+    if source.startswith("hf:"):
+        rows, columns = _read_hub(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{path}: unsupported data format {path.suffix!r}; use one of {sorted(READERS)}")
+        rows, columns = reader(path)
+    if not rows:
+        raise DataError(f"{source}: no records (the file is empty)")
+    return rows, columns
+
+
+# -------------------------------------------------------------------------------------------- rendering
+def template_variables(*templates: str) -> set[str]:
+    found = set()
+    for template in templates:
+        try:
+            found |= meta.find_undeclared_variables(_JINJA.parse(template))
+        except TemplateError as exc:
+            raise DataError(f"template {template[:40]!r}…: {exc}") from None
+    return found
+
+
+def normalise(text: str) -> str:
+    """The form duplicates are compared in: case, accents, punctuation and spacing do not make a new example."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def _check(record: dict, spec: TaskSpec, variables: set[str]) -> tuple[dict, str | None]:
+    """The template context of a record, or the first fault in it."""
+    context = {}
+    for var in sorted(variables):
+        column = spec.fields.get(var, var)
+        if column not in record:
+            return context, f"missing field {column!r}"
+        value = record[column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return context, f"empty value in {column!r}"
+        if not isinstance(value, SCALARS):
+            return context, f"wrong type in {column!r}: expected text or a number, got {type(value).__name__}"
+        allowed = spec.labels.get(var)
+        if allowed and str(value) not in allowed:
+            return context, f"label {value!r} in {column!r} is not one of {list(allowed)}"
+        context[var] = value
+    return context, None
+
+
+def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callable[[list[dict]], int] | None = None
+                ) -> Outcome:
+    """Render every record of `spec.source`; faults raise (on_bad_rows=error) or become rejects (skip)."""
+    variables = template_variables(*spec.prompts, spec.answer)
+    rows, columns = read_rows(spec.source)
+    unmapped = sorted(v for v in variables if spec.fields.get(v, v) not in columns)
+    if unmapped and columns:  # no row has the column: the config is wrong, not the rows
+        names = ", ".join(f"{v!r} (column {spec.fields.get(v, v)!r})" for v in unmapped)
+        raise DataError(f"{spec.source}: template variable {names} has no column; columns are {columns}")
+
+    rng = random.Random(spec.seed)
+    examples, rejects, lengths, seen = [], [], [], {}
+
+    def reject(where: str, reason: str, record: dict | None) -> None:
+        if on_bad_rows == "error":
+            raise DataError(f"{where}: {reason}")
+        rejects.append({"where": where, "reason": reason, "record": record})
+
+    for where, record, fault in rows:
+        if fault:
+            reject(where, fault, None)
+            continue
+        context, fault = _check(record, spec, variables)
+        if fault:
+            reject(where, fault, record)
+            continue
+        prompt = spec.prompts[0] if spec.prompt_choice == "first" else rng.choice(spec.prompts)
+        try:
+            user, assistant = _JINJA.from_string(prompt).render(**context).strip(), \
+                _JINJA.from_string(spec.answer).render(**context).strip()
+        except TemplateError as exc:
+            reject(where, f"template error ({exc})", record)
+            continue
+        key = normalise(user)
+        if key in seen:
+            reject(where, f"duplicate of {seen[key]}", record)
+            continue
+        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name)
+        if count_tokens is not None:
+            n = count_tokens(chat_messages(example, with_answer=True))
+            if spec.max_tokens is not None and n > spec.max_tokens:
+                reject(where, f"over-long: {n} tokens > max_tokens {spec.max_tokens}", record)
+                continue
+            lengths.append(n)
+        seen[key] = where
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{spec.source}: every row was rejected ({len(rejects)}); first: {rejects[0]['reason']}")
+    return Outcome(examples, rejects, lengths)
+
+
+def chat_messages(example: Example, with_answer: bool) -> list[dict]:
+    """The one place an example becomes chat messages: training, evaluation and serving agree on it."""
+    messages = [{"role": "system", "content": example.system}] if example.system else []
+    messages.append({"role": "user", "content": example.user})
+    if with_answer:
+        messages.append({"role": "assistant", "content": example.assistant})
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------- splits
 def split(examples: list[Example], validation: float, test: float, seed: int) -> dict[str, list[Example]]:
     """Deterministic by seed: the same data and seed always give the same splits, with no overlap."""
     order = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.user}".encode()).hexdigest())
@@ -96,19 +256,71 @@ def split(examples: list[Example], validation: float, test: float, seed: int) ->
     }
 
 
-@task(name="prepare-data")
-def prepare_data(data: str, system: str, prompt: str, answer: str, validation: float, test: float,
-                 seed: int, out_dir: str) -> dict[str, str]:
-    """Write train/validation/test JSONL files of chat examples; return their paths by split."""
-    splits = split(to_examples(Path(data), system, prompt, answer), validation, test, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in SPLITS:
-        paths[name] = str(out / f"{name}.jsonl")
-        Path(paths[name]).write_text("".join(e.to_json() + "\n" for e in splits[name]), encoding="utf-8")
-    return paths
+def mix(train_sets: dict[str, list[Example]], weights: dict[str, float], seed: int) -> list[Example]:
+    """A multi-task training set: as many examples as all tasks together, shared out by weight.
+
+    A task whose share exceeds its data is repeated (up-sampled); a smaller share is a random subset.
+    """
+    total, weight_sum = sum(len(v) for v in train_sets.values()), sum(weights.values())
+    rng = random.Random(seed)
+    mixed = []
+    for name in sorted(train_sets):
+        pool, want = train_sets[name], round(total * weights[name] / weight_sum)
+        picked = [pool[i % len(pool)] for i in range(want)] if want > len(pool) else rng.sample(pool, want)
+        mixed.extend(picked)
+    rng.shuffle(mixed)
+    return mixed
+
+
+def write_examples(path: Path, examples: list[Example]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
+    return str(path)
 
 
 def read_examples(path: str | Path) -> list[Example]:
     return [Example(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+@task(name="prepare-data")
+def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
+                 out_dir: str, on_bad_rows: str = "error", tokenizer_dir: str | None = None) -> dict:
+    """Write the splits of every task (per task, and the mixed train file); return paths, counts and stats.
+
+    The first task is the primary one: its validation and test splits are what selection, baselines and
+    the gate score. Every task's train split goes into the mixture by weight.
+    """
+    count_tokens = None
+    if tokenizer_dir:
+        from transformers import AutoTokenizer  # noqa: PLC0415 - the data stage runs without a model otherwise
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+        def count_tokens(messages: list[dict]) -> int:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    out = Path(out_dir)
+    per_task, rejects, lengths, counts = {}, [], {}, {}
+    for spec in specs:
+        outcome = to_examples(spec, on_bad_rows, count_tokens)
+        parts = split(outcome.examples, validation, test, seed)
+        per_task[spec.name] = parts
+        rejects += [{**r, "task": spec.name} for r in outcome.rejects]
+        lengths[spec.name] = outcome.lengths
+        counts[spec.name] = {name: len(parts[name]) for name in SPLITS} | {"rejected": len(outcome.rejects)}
+        for name in ("validation", "test"):
+            write_examples(out / spec.name / f"{name}.jsonl", parts[name])
+    primary = per_task[specs[0].name]
+    train = mix({name: parts["train"] for name, parts in per_task.items()}, weights, seed)
+    rejects_path = out / "rejects.jsonl"
+    rejects_path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))
+    return {
+        "train": write_examples(out / "train.jsonl", train),
+        "validation": write_examples(out / "validation.jsonl", primary["validation"]),
+        "test": write_examples(out / "test.jsonl", primary["test"]),
+        "rejects": str(rejects_path),
+        "counts": counts,
+        "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task},
+        "lengths": lengths,
+    }

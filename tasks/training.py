@@ -15,20 +15,17 @@ from peft import LoraConfig, PeftModel
 from prefect import task
 from trl import SFTConfig, SFTTrainer
 
-from tasks.datasets import Example, read_examples
+from tasks.datasets import Example, chat_messages, read_examples
 from tasks.models import META_FILE, load, model_info
 
 
 def conversational(examples: list[Example]) -> Dataset:
     """TRL's prompt/completion form: it renders both with the chat template and trains on the completion."""
-    return Dataset.from_list([
-        {
-            "prompt": ([{"role": "system", "content": e.system}] if e.system else [])
-            + [{"role": "user", "content": e.user}],
-            "completion": [{"role": "assistant", "content": e.assistant}],
-        }
-        for e in examples
-    ])
+    rows = []
+    for e in examples:
+        *prompt, completion = chat_messages(e, with_answer=True)
+        rows.append({"prompt": prompt, "completion": [completion]})
+    return Dataset.from_list(rows)
 
 
 def device_settings() -> dict:

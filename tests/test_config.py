@@ -1,0 +1,73 @@
+"""The lifecycle YAML schema: the demo config is valid; every fault is one line naming the file and the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["task"]["data"] = str(ROOT / "data" / "reviews.jsonl")
+    mutate(raw)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_demo_config_is_valid_and_resolves_data_against_its_folder():
+    config = load_config(DEMO)
+    assert config.task.data == str((ROOT / "data" / "reviews.jsonl").resolve())
+    assert config.models.candidates == ["gguf:smollm2-135m-instruct", "gguf:gemma-3-270m"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["finetune"].update(learning_rat=1e-4), "finetune.learning_rat: Extra inputs are not permitted"),
+        (lambda c: c.pop("registered_model"), "registered_model: Field required"),
+        (lambda c: c["finetune"].update(max_steps="many"), "finetune.max_steps: Input should be a valid integer"),
+        (lambda c: c["finetune"].update(max_steps=0), "finetune.max_steps: Input should be greater than 0"),
+        (lambda c: c["models"].update(candidates=["huggingface/foo"]), "models.candidates: Value error"),
+        (lambda c: c["baseline"].update(shots=[-1]), "baseline.shots: Value error"),
+        (lambda c: c["task"].update(data="missing.jsonl"), "task.data: file not found"),
+        (lambda c: c["task"].update(prompt=[]), "task.prompt: Value error, prompt must be a non-empty template"),
+        (lambda c: c["data"].update(on_bad_rows="ignore"), "data.on_bad_rows: Input should be 'error' or 'skip'"),
+        (lambda c: c.update(extra_tasks=[dict(c["task"])]), "extra_tasks: task names must be unique"),
+    ],
+)
+def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
+    path = write(tmp_path, mutate)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert "\n" not in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntask: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml line \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_check_reports_one_line_and_exit_code_2(tmp_path):
+    path = write(tmp_path, lambda c: c["gate"].update(min_improvment=0.1))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {path}: gate.min_improvment: Extra inputs are not permitted"

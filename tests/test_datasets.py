@@ -1,0 +1,138 @@
+"""Records → chat examples → splits: sources, templates, dedup, leakage, mixing, and every kind of bad row."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.datasets import (DataError, Example, TaskSpec, mix, normalise, prepare_data, read_examples, split,
+                            to_examples)
+from tests.conftest import DEMO_DATA
+
+PROMPT = "Review: {{ review }}"
+ANSWER = '{"sentiment": "{{ sentiment }}"}'
+
+
+def spec(source, **kw) -> TaskSpec:
+    defaults = dict(name="t", source=str(source), system="sys", prompts=(PROMPT,), answer=ANSWER,
+                    labels={"sentiment": ("positive", "negative")})
+    return TaskSpec(**(defaults | kw))
+
+
+def jsonl(tmp_path, *rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return path
+
+
+def test_demo_data_rejects_exactly_its_duplicates():
+    outcome = to_examples(spec(DEMO_DATA, labels={}), on_bad_rows="skip")
+    raw = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+    assert len(outcome.examples) + len(outcome.rejects) == len(raw)
+    assert len(outcome.examples) == len({normalise("Review: " + r["review"]) for r in raw})
+    assert all(r["reason"].startswith("duplicate of ") for r in outcome.rejects)
+    assert outcome.examples[0].system == "sys" and outcome.examples[0].user.startswith("Review: ")
+
+
+def test_split_is_deterministic_by_seed_and_disjoint():
+    examples = to_examples(spec(DEMO_DATA, labels={}), on_bad_rows="skip").examples
+    a, b = split(examples, 0.1, 0.1, seed=7), split(examples, 0.1, 0.1, seed=7)
+    assert a == b
+    assert split(examples, 0.1, 0.1, seed=8)["test"] != a["test"]
+    users = {name: {e.user for e in part} for name, part in a.items()}
+    assert not users["train"] & users["test"] and not users["train"] & users["validation"]
+    assert sum(len(p) for p in a.values()) == len(examples)
+
+
+def test_near_duplicates_cannot_leak_between_train_and_test(tmp_path):
+    rows = [{"review": f"Item {i} works fine", "sentiment": "positive"} for i in range(40)]
+    rows += [{"review": f"ITEM {i} works   fine!!", "sentiment": "positive"} for i in range(40)]  # same, normalised
+    outcome = to_examples(spec(jsonl(tmp_path, *rows)), on_bad_rows="skip")
+    assert len(outcome.examples) == 40 and len(outcome.rejects) == 40
+    parts = split(outcome.examples, 0.2, 0.2, seed=1)
+    train = {normalise(e.user) for e in parts["train"]}
+    assert not train & {normalise(e.user) for e in parts["test"]}
+
+
+def test_mix_follows_weights_and_keeps_the_total():
+    a = [Example(str(i), "", f"a{i}", "x", "a") for i in range(300)]
+    b = [Example(str(i), "", f"b{i}", "y", "b") for i in range(100)]
+    mixed = mix({"a": a, "b": b}, {"a": 1.0, "b": 3.0}, seed=0)
+    counts = Counter(e.task for e in mixed)
+    assert counts == {"a": 100, "b": 300}  # b is up-sampled to its share
+    assert mix({"a": a, "b": b}, {"a": 1.0, "b": 3.0}, seed=0) == mixed
+
+
+def test_template_library_per_example_and_first(tmp_path):
+    rows = [{"review": f"review number {i}", "sentiment": "negative"} for i in range(60)]
+    path = jsonl(tmp_path, *rows)
+    prompts = ("A: {{ review }}", "B: {{ review }}", "C: {{ review }}")
+    varied = to_examples(spec(path, prompts=prompts)).examples
+    assert {e.user[0] for e in varied} == {"A", "B", "C"}
+    assert varied == to_examples(spec(path, prompts=prompts)).examples
+    assert {e.user[0] for e in to_examples(spec(path, prompts=prompts, prompt_choice="first")).examples} == {"A"}
+
+
+def test_csv_and_parquet_sources_with_field_mapping(tmp_path):
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("text,label\nGreat buy,positive\nBroke fast,negative\n")
+    mapped = spec(csv_path, fields={"review": "text", "sentiment": "label"})
+    assert [e.user for e in to_examples(mapped).examples] == ["Review: Great buy", "Review: Broke fast"]
+    pq_path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": ["Lovely", "Awful"], "label": ["positive", "negative"]}), pq_path)
+    examples = to_examples(spec(pq_path, fields={"review": "text", "sentiment": "label"})).examples
+    assert [e.assistant for e in examples] == ['{"sentiment": "positive"}', '{"sentiment": "negative"}']
+
+
+GOOD = {"review": "fine", "sentiment": "positive"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([GOOD, b'{"review": oops}'], r"data.jsonl:2: malformed JSON"),
+        ([GOOD, b"[1, 2]"], r"data.jsonl:2: expected a JSON object, got list"),
+        ([GOOD, {"review": "no label"}], r"data.jsonl:2: missing field 'sentiment'"),
+        ([GOOD, {"review": "   ", "sentiment": "positive"}], r"data.jsonl:2: empty value in 'review'"),
+        ([GOOD, {"review": None, "sentiment": "positive"}], r"data.jsonl:2: empty value in 'review'"),
+        ([GOOD, {"review": ["a", "b"], "sentiment": "positive"}], r"data.jsonl:2: wrong type in 'review'.*list"),
+        ([GOOD, b'{"review": "caf\xe9", "sentiment": "positive"}'], r"data.jsonl:2: not valid UTF-8"),
+        ([GOOD, {"review": "meh", "sentiment": "mixed"}], r"data.jsonl:2: label 'mixed' in 'sentiment' is not one of"),
+        ([GOOD, {"review": "word " * 400, "sentiment": "positive"}], r"data.jsonl:2: over-long: \d+ tokens > max_tokens 64"),
+        ([GOOD, {"review": "FINE!", "sentiment": "positive"}], r"data.jsonl:2: duplicate of .*data.jsonl:1"),
+    ],
+)
+def test_bad_row_errors_name_file_line_and_fault_and_skip_keeps_them(tmp_path, rows, message):
+    path = jsonl(tmp_path, *rows)
+    count = lambda messages: sum(len(m["content"].split()) for m in messages)  # noqa: E731 - a word count stands in
+    with pytest.raises(DataError, match=message):
+        to_examples(spec(path, max_tokens=64), "error", count)
+    outcome = to_examples(spec(path, max_tokens=64), "skip", count)
+    assert [e.user for e in outcome.examples] == ["Review: fine"]
+    assert len(outcome.rejects) == 1 and outcome.rejects[0]["where"].endswith("data.jsonl:2")
+
+
+def test_template_variable_without_column_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match=r"template variable 'stars' \(column 'stars'\) has no column"):
+        to_examples(spec(jsonl(tmp_path, GOOD), answer="{{ stars }}"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: no records"):
+        to_examples(spec(empty))
+
+
+def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
+    reviews = spec(DEMO_DATA, name="reviews", labels={})
+    tickets = spec(DEMO_DATA.parent / "tickets.jsonl", name="tickets", prompts=("Ticket: {{ ticket }}",),
+                   answer="{{ queue }}", labels={})
+    result = prepare_data.fn([reviews, tickets], {"reviews": 1.0, "tickets": 1.0}, 0.1, 0.1, 13,
+                             str(tmp_path), on_bad_rows="skip")
+    assert {e.task for e in read_examples(result["test"])} == {"reviews"}  # the primary task is scored
+    assert result["mixed_train"]["reviews"] == result["mixed_train"]["tickets"]
+    assert result["counts"]["reviews"]["rejected"] == 2
+    rejected = sum(c["rejected"] for c in result["counts"].values())
+    assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == rejected

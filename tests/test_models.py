@@ -1,0 +1,64 @@
+"""The model store: sources parsed, models converted once and cached, folders that load and generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.models import META_FILE, ModelSourceError, load, model_info, provision, store_key
+
+
+def test_tiny_model_is_a_loadable_safetensors_folder_with_chat_template(tiny_model):
+    folder = Path(tiny_model)
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    info = model_info(folder)
+    assert info["source"] == "tiny:0" and 1e5 < info["parameters"] < 1e7
+    model, tok = load(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.input_ids.shape[1] + 4
+
+
+def test_provision_is_cached_by_source(store, tiny_model):
+    stamp = (Path(tiny_model) / META_FILE).stat().st_mtime_ns
+    assert provision("tiny:0", store) == Path(tiny_model)
+    assert (Path(tiny_model) / META_FILE).stat().st_mtime_ns == stamp
+
+
+def test_tiny_seeds_give_different_weights(store, tiny_model):
+    other = provision("tiny:1", store)
+    a, _ = load(Path(tiny_model))
+    b, _ = load(other)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+
+
+def test_local_folder_source_round_trips_exactly(tmp_path, tiny_model):
+    folder = provision(f"path:{tiny_model}", tmp_path / "store")
+    a, tok = load(Path(tiny_model))
+    b, _ = load(folder)
+    ids = tok("hello world", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(a(**ids).logits, b(**ids).logits)
+    assert json.loads((folder / META_FILE).read_text())["source"] == f"path:{tiny_model}"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("llama-7b", "expected gguf:<name>, hf:<org/id>, path:<dir> or tiny:<seed>"),
+        ("gguf:llama-70b", "unknown shipped model"),
+        ("path:/definitely/not/here", "is not a Hugging Face folder"),
+    ],
+)
+def test_bad_sources_are_named(tmp_path, source, message):
+    with pytest.raises(ModelSourceError, match=message):
+        provision(source, tmp_path)
+
+
+def test_store_key_is_filesystem_safe():
+    assert store_key("hf:HuggingFaceTB/SmolLM2-135M-Instruct") == "hf--HuggingFaceTB--SmolLM2-135M-Instruct"
