@@ -1,4 +1,5 @@
-"""Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue).
+"""Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue),
+support tickets for multi-task runs, and the general multiple-choice benchmark in evals/data/ (forgetting).
 
 Run: python data/make_demo_data.py   (deterministic: the same seed writes byte-identical files)
 
@@ -174,8 +175,7 @@ def make_general(rng: random.Random) -> list[dict]:
     return [{"id": f"gen-{i:04d}", **item} for i, item in enumerate(items)]
 
 
-def _write(name: str, rows: list[dict]) -> None:
-    out = HERE / name
+def _write(out: Path, rows: list[dict]) -> None:
     with out.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -184,9 +184,9 @@ def _write(name: str, rows: list[dict]) -> None:
 
 def main() -> None:
     rng = random.Random(SEED)
-    _write("reviews.jsonl", [make_review(rng, i) for i in range(N_REVIEWS)])
-    _write("tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
-    _write("general.jsonl", make_general(rng))
+    _write(HERE / "reviews.jsonl", [make_review(rng, i) for i in range(N_REVIEWS)])
+    _write(HERE / "tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
+    _write(HERE.parent / "evals" / "data" / "general.jsonl", make_general(rng))
 
 
 if __name__ == "__main__":

@@ -6,17 +6,26 @@ are written with absolute paths; their shared parts come from evals/tasks/chat_a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 
+import evaluate as hf_evaluate
 import yaml
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-SHARED_TASK = Path(__file__).resolve().parent / "tasks" / "chat_answer.yaml"
+EVALS = Path(__file__).resolve().parent
+SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
+GENERAL_TASK = EVALS / "tasks" / "general_mc.yaml"
+GENERAL_DATA = EVALS / "data" / "general.jsonl"
+GENERAL = "tuneline_general"
 METRIC = "exact_match"
+# Local `evaluate` modules (hub metrics cannot load offline): extra metrics over the replies lm-eval produced.
+TEXT_METRICS = {"field_f1": EVALS / "metrics" / "json_fields.py", "rougeL": EVALS / "metrics" / "rouge_l.py"}
 
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
@@ -35,12 +44,59 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
             "generation_kwargs": {"do_sample": False, "max_gen_toks": max_answer_tokens},
         }
         (out / f"{task}_{split}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    general = {"include": str(GENERAL_TASK), "task": GENERAL,
+               "dataset_kwargs": {"data_files": {"test": str(GENERAL_DATA)}}}
+    (out / f"{GENERAL}.yaml").write_text(yaml.safe_dump(general, sort_keys=False))
     return out
+
+
+def general_accuracy(model, tokenizer, tasks_dir: str | Path, *, limit: int | None = None, batch_size: int = 8,
+                     device: str = "cpu") -> dict:
+    """Accuracy on the general multiple-choice benchmark: the forgetting check."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = simple_evaluate(model=lm, tasks=[GENERAL], num_fewshot=0, limit=limit, bootstrap_iters=1000,
+                              task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                              log_samples=False, random_seed=0)
+    scores = results["results"][GENERAL]
+    return {"acc": float(scores["acc,none"]), "stderr": float(scores.get("acc_stderr,none") or 0.0)}
+
+
+def offline() -> str | None:
+    """The variable that keeps the hub out of reach, if one does: built-in lm-eval tasks then cannot load."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in {"1", "true", "yes", "on"}:
+            return var
+    return None
+
+
+def builtin(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size: int = 8,
+            device: str = "cpu") -> dict[str, dict]:
+    """lm-eval built-in tasks by name (their data comes from the hub): every numeric metric per task."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=1000,
+                              random_seed=0)
+    return {task: {k.replace(",", "_"): float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+            for task, scores in results["results"].items()}
+
+
+def text_metrics(samples: list[dict]) -> dict:
+    """Per-field F1 and ROUGE-L of the replies against their targets, from the local evaluate modules."""
+    predictions = [str(s["response"]) for s in samples]
+    references = [str(s["target"]) for s in samples]
+    scores = {}
+    for path in TEXT_METRICS.values():
+        scores.update(_metric(path).compute(predictions=predictions, references=references))
+    return scores
+
+
+@functools.cache
+def _metric(path: Path):
+    return hf_evaluate.load(str(path))
 
 
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
              limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
-    """Score a loaded model on one generated task; returns score, stderr, n and a few samples."""
+    """Score a loaded model on one generated task; returns score, stderr, n, text metrics and every sample."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = simple_evaluate(
         model=lm,
@@ -57,20 +113,22 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         fewshot_random_seed=1234,
     )
     scores = results["results"][task]
-    samples = results["samples"][task]
+    samples = [
+        {
+            "doc_id": s["doc_id"],
+            "prompt": s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else str(s["arguments"][0]),
+            "response": s["filtered_resps"][0],
+            "target": s["target"],
+            METRIC: s[METRIC],
+        }
+        for s in results["samples"][task]
+    ]
     return {
         "score": float(scores[f"{METRIC},none"]),
         "stderr": float(scores.get(f"{METRIC}_stderr,none") or 0.0),
         "n": len(samples),
-        "samples": [
-            {
-                "prompt": s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else str(s["arguments"][0]),
-                "response": s["filtered_resps"][0],
-                "target": s["target"],
-                METRIC: s[METRIC],
-            }
-            for s in samples
-        ],
+        "metrics": {METRIC: float(scores[f"{METRIC},none"]), **text_metrics(samples)},
+        "samples": samples,
     }
 
 

@@ -20,6 +20,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _connect(prefect: bool) -> None:
+    """Point this process at the servers named in the environment, or at the local stack, and check they answer."""
+    local.configure_env()
+    for key, value in local.client_env().items():
+        os.environ.setdefault(key, value)
+    if os.environ["MLFLOW_TRACKING_URI"] == local.MLFLOW.url and not local.MLFLOW.healthy():
+        _fail(f"no MLflow server at {local.MLFLOW.url}; start the stack with `tuneline up`")
+    if prefect and os.environ["PREFECT_API_URL"] == f"{local.PREFECT.url}/api" and not local.PREFECT.healthy():
+        _fail(f"no Prefect server at {local.PREFECT.url}; start the stack with `tuneline up`")
+
+
 @app.command()
 def up() -> None:
     """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline)."""
@@ -52,13 +63,7 @@ def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", hel
         load_config(config)
     except ConfigError as exc:
         _fail(str(exc))
-    local.configure_env()
-    for key, value in local.client_env().items():
-        os.environ.setdefault(key, value)
-    if os.environ["MLFLOW_TRACKING_URI"] == local.MLFLOW.url and not local.MLFLOW.healthy():
-        _fail(f"no MLflow server at {local.MLFLOW.url}; start the stack with `tuneline up`")
-    if os.environ["PREFECT_API_URL"] == f"{local.PREFECT.url}/api" and not local.PREFECT.healthy():
-        _fail(f"no Prefect server at {local.PREFECT.url}; start the stack with `tuneline up`")
+    _connect(prefect=True)
     from flows.lifecycle import lifecycle  # after the environment points Prefect and MLflow at the stack
 
     summary = lifecycle(str(config.resolve()), serve=serve)
@@ -70,6 +75,32 @@ def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", hel
         typer.echo(f"Service: {url}/v1/chat/completions   try:\n  curl -s {url}/v1/chat/completions "
                    "-H 'content-type: application/json' "
                    "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Review: Love it. Return JSON.\"}]}'")
+
+
+@app.command()
+def promote(version: str, model: str = typer.Option(..., help="registered model name"),
+            reason: str = typer.Option(..., help="why, recorded on the version")) -> None:
+    """Make VERSION the champion by hand (the previous champion is kept for rollback)."""
+    _connect(prefect=False)
+    from tasks import registry  # noqa: PLC0415 - after the tracking URI is set
+
+    try:
+        typer.echo(registry.promote_manually(model, version, reason))
+    except Exception as exc:  # MLflow's message names the missing model or version
+        _fail(str(exc))
+
+
+@app.command()
+def rollback(model: str = typer.Option(..., help="registered model name"),
+             reason: str = typer.Option(..., help="why, recorded on the version")) -> None:
+    """Move `champion` back to the version the current champion replaced."""
+    _connect(prefect=False)
+    from tasks import registry  # noqa: PLC0415 - after the tracking URI is set
+
+    try:
+        typer.echo(registry.rollback(model, reason))
+    except Exception as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

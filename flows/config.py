@@ -103,12 +103,21 @@ class FinetuneConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(8, gt=0)
+    general_limit: int | None = Field(200, gt=0, description="items of the general benchmark scored (forgetting)")
+    builtin_tasks: list[str] = Field(default_factory=list,
+                                     description="lm-eval built-in tasks (arc_easy, …): need the hub, skipped offline")
+    builtin_limit: int | None = Field(200, gt=0)
 
 
 class GateConfig(_Strict):
+    """The rules a fine-tuned model must pass to become `champion`; every rule is checked and reported."""
+
+    metric: Literal["exact_match", "field_f1", "rougeL"] = "exact_match"
     min_improvement: float = Field(
         0.0, description="the fine-tuned score must exceed the best baseline by more than this (negative: tolerate)"
     )
+    max_forgetting: float = Field(0.05, ge=0, description="largest allowed drop in general-benchmark accuracy")
+    smoke_prompts: int = Field(3, ge=0, description="test prompts the built service must answer as in-process")
 
 
 class DeployConfig(_Strict):

@@ -21,7 +21,7 @@ from flows.finetune import finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
 from infra.local import configure_env
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.datasets import SPLITS
 from tasks.models import provision_model
 
@@ -47,15 +47,19 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
         chosen = select_stage(config, store, tasks_dir, pid)
         baseline = baseline_stage(config, chosen, tasks_dir, pid)
         tuned = finetune_stage(config, chosen["model_dir"], splits["train"], str(run_dir / "finetune"), pid)
-        scores = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid)
-        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], scores, pid)
-        service = deploy_stage(config, splits["test"], str(home), pid)
+        champion = registry.champion(config.registered_model)
+        champion_dir = str(registry.download(config.registered_model, champion[0], run_dir / "champion")) \
+            if champion else None
+        report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid, champion_dir)
+        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits["test"], str(home), pid)
+        built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
+        service = deploy_stage(config, splits["test"], str(home), pid, built)
 
     return {
         "mlflow_run_id": pid,
         "model": chosen["source"],
         "baseline": baseline["all"],
-        "test": scores,
+        "test": report["scores"],
         "promotion": verdict,
         "service": service,
     }

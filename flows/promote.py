@@ -1,26 +1,49 @@
-"""Stage 7, promote: register the fine-tuned model; the gate decides whether it becomes `champion`."""
+"""Stage 7, promote: register the fine-tuned model, smoke-test it as a built service, and let the gate decide
+whether it becomes `champion`. Every rule's outcome is recorded on the version."""
 
 from __future__ import annotations
 
 import mlflow
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
-from tasks import registry
+from infra.local import free_port
+from tasks import packaging, registry
+from tasks.datasets import read_examples
 from tasks.tracking import stage_run
 
 
 @flow(name="promote")
-def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str, scores: dict,
-                  parent_run_id: str) -> dict:
-    name = config.registered_model
-    with stage_run("promote", parent_run_id, registered_model=name):
+def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str, report: dict, test_path: str,
+                  home: str, parent_run_id: str) -> dict:
+    name, rules = config.registered_model, config.gate
+    scores, general = report["scores"], {k: v["general_acc"] for k, v in report["scores"].items()}
+    metric = lambda who: scores.get(who, {}).get(rules.metric)  # noqa: E731
+    with stage_run("promote", parent_run_id, registered_model=name, gate_metric=rules.metric):
         current = registry.champion(name)
-        version = registry.register(name, tuned_dir, finetune_run_id, scores["finetuned"])
-        decision = registry.gate(scores["finetuned"], scores["baseline"], current[1] if current else None,
-                                 config.gate.min_improvement)
+        version = registry.register(name, tuned_dir, finetune_run_id,
+                                    {k: v for k, v in scores.get("finetuned", {}).items() if k != "general_acc"},
+                                    rules.metric)
+        bento, smoke = None, None
+        if rules.smoke_prompts:
+            bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt)
+            prompts = [e.user for e in read_examples(test_path)[: rules.smoke_prompts]]
+            smoke = packaging.smoke_compare(tuned_dir, bento, prompts, config.task.system_prompt,
+                                            config.task.max_answer_tokens, home, free_port())
+        evidence = registry.Evidence(
+            finetuned=metric("finetuned"), baseline=metric("baseline"), base_general=general.get("base"),
+            finetuned_general=general.get("finetuned"), crashed=report["crashed"], smoke_failures=smoke,
+        )
+        decision = registry.gate(evidence, current[1] if current else None,
+                                 registry.Rules(rules.min_improvement, rules.max_forgetting, rules.smoke_prompts > 0))
         registry.record(name, version, decision)
         mlflow.log_params({"version": version, "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag("tuneline.reasons", "; ".join(decision.reasons))
+        create_markdown_artifact(
+            key="promote",
+            markdown=f"## Gate: {name} v{version} — {'PASS' if decision.passed else 'FAIL'}\n\n"
+                     + "\n".join(f"- {r}" for r in decision.reasons),
+        )
         print(f"promote: {name} v{version} {decision.summary}")
-    return {"version": version, "passed": decision.passed, "reasons": decision.reasons}
+    return {"version": version, "passed": decision.passed, "reasons": decision.reasons, "bento": bento}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,6 +145,13 @@ def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) ->
     proc = spawn(server.name, cmd, env, home)
     wait_until(server.name, server.healthy, proc, home, timeout_s)
     return f"{server.name}: started (pid {proc.pid}) at {server.url}"
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
 
 def client_env() -> dict[str, str]:

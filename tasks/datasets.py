@@ -185,6 +185,7 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callab
                 ) -> Outcome:
     """Render every record of `spec.source`; faults raise (on_bad_rows=error) or become rejects (skip)."""
     variables = template_variables(*spec.prompts, spec.answer)
+    input_vars = sorted(template_variables(*spec.prompts))
     rows, columns = read_rows(spec.source)
     unmapped = sorted(v for v in variables if spec.fields.get(v, v) not in columns)
     if unmapped and columns:  # no row has the column: the config is wrong, not the rows
@@ -214,7 +215,9 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callab
         except TemplateError as exc:
             reject(where, f"template error ({exc})", record)
             continue
-        key = normalise(user)
+        # Duplicates are judged on the record's input fields, so one review phrased by two templates is
+        # still one example (and cannot land in both train and test).
+        key = normalise(" ".join(str(context[v]) for v in input_vars))
         if key in seen:
             reject(where, f"duplicate of {seen[key]}", record)
             continue

@@ -13,6 +13,8 @@ import httpx
 from prefect import task
 
 from infra.local import spawn, stop_started, wait_until
+from tasks.datasets import Example, chat_messages
+from tasks.models import load
 
 SERVING_DIR = Path(__file__).resolve().parent.parent / "serving"
 BENTO_MODEL = "tuneline-chat"
@@ -43,12 +45,12 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
 
 
 @task(name="serve-bento")
-def serve(bento_tag: str, port: int, home: str, timeout_s: float = 180.0) -> str:
-    """`bentoml serve` the Bento on 127.0.0.1 (replacing the one this project served before); wait for /readyz."""
+def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: float = 180.0) -> str:
+    """`bentoml serve` the Bento on 127.0.0.1, replacing the process this project started under `name`."""
     home_path = Path(home)
-    stop_started("bento", home_path)
+    stop_started(name, home_path)
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
-    proc = spawn("bento", cmd, os.environ.copy(), home_path, cwd=home_path)
+    proc = spawn(name, cmd, os.environ.copy(), home_path, cwd=home_path)
     url = f"http://{HOST}:{port}"
 
     def ready() -> bool:
@@ -57,11 +59,45 @@ def serve(bento_tag: str, port: int, home: str, timeout_s: float = 180.0) -> str
         except httpx.HTTPError:
             return False
 
-    wait_until("bento", ready, proc, home_path, timeout_s)
+    wait_until(name, ready, proc, home_path, timeout_s)
     return url
 
 
-@task(name="smoke-test", retries=2, retry_delay_seconds=2)
+def in_process_reply(model, tokenizer, system_prompt: str, content: str, max_tokens: int) -> str:
+    """Greedy reply the way training and evaluation render prompts: the reference the service must match."""
+    import torch  # noqa: PLC0415 - heavy, and only the smoke test needs it here
+
+    messages = chat_messages(Example("smoke", system_prompt, content, ""), with_answer=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@task(name="smoke-compare")
+def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_prompt: str, max_tokens: int,
+                  home: str, port: int) -> list[str]:
+    """Serve the built Bento on a spare port and compare its replies with in-process greedy generation.
+
+    Returns one line per prompt answered differently (empty: the service is faithful to the model).
+    """
+    url = serve.fn(bento_tag, port, home, name="bento-smoke")
+    try:
+        model, tokenizer = load(Path(model_dir))
+        failures = []
+        for content in prompts:
+            expected = in_process_reply(model, tokenizer, system_prompt, content, max_tokens)
+            served = chat.fn(url, content, max_tokens)["choices"][0]["message"]["content"]
+            if served != expected:
+                failures.append(f"{content[:60]!r}: served {served[:60]!r} != in-process {expected[:60]!r}")
+        return failures
+    finally:
+        stop_started("bento-smoke", Path(home))
+
+
+@task(name="chat-request", retries=2, retry_delay_seconds=2)
 def chat(url: str, content: str, max_tokens: int = 48) -> dict:
     """One chat request against the running service; the JSON reply."""
     response = httpx.post(f"{url}/v1/chat/completions", timeout=120,

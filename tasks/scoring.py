@@ -17,3 +17,17 @@ def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str,
     model, tokenizer = load(Path(model_dir))
     return runner.evaluate(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt, shots=shots,
                            limit=limit, batch_size=batch_size)
+
+
+@task(name="score-general")
+def score_general(model_dir: str, tasks_dir: str, *, limit: int | None, batch_size: int) -> dict:
+    """Accuracy on the general multiple-choice benchmark (the forgetting check)."""
+    model, tokenizer = load(Path(model_dir))
+    return runner.general_accuracy(model, tokenizer, tasks_dir, limit=limit, batch_size=batch_size)
+
+
+@task(name="score-builtin")
+def score_builtin(model_dir: str, tasks: list[str], *, limit: int | None, batch_size: int) -> dict:
+    """lm-eval built-in tasks (online users): their metrics by task."""
+    model, tokenizer = load(Path(model_dir))
+    return runner.builtin(model, tokenizer, tasks, limit=limit, batch_size=batch_size)

@@ -73,6 +73,8 @@ def test_template_library_per_example_and_first(tmp_path):
     prompts = ("A: {{ review }}", "B: {{ review }}", "C: {{ review }}")
     varied = to_examples(spec(path, prompts=prompts)).examples
     assert {e.user[0] for e in varied} == {"A", "B", "C"}
+    twice = jsonl(tmp_path, *rows, *rows, name="twice.jsonl")  # the same records under other phrasings
+    assert len(to_examples(spec(twice, prompts=prompts), "skip").examples) == 60
     assert varied == to_examples(spec(path, prompts=prompts)).examples
     assert {e.user[0] for e in to_examples(spec(path, prompts=prompts, prompt_choice="first")).examples} == {"A"}
 

@@ -22,7 +22,7 @@ def tiny_config(tmp_path, home) -> str:
     demo["finetune"].update(max_steps=3, batch_size=4, max_seq_length=128)
     # Random tiny models score 0 everywhere; a negative margin lets this run exercise the promoting path.
     # The rejecting path is covered with real scores in test_registry.py.
-    demo["gate"]["min_improvement"] = -1.0
+    demo["gate"].update(min_improvement=-1.0, max_forgetting=1.0)
     demo["deploy"]["port"] = free_port()
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(demo))
@@ -41,6 +41,10 @@ def test_lifecycle_registers_promotes_and_serves(tiny_config, prefect_api, mlflo
         assert str(champion.version) == summary["promotion"]["version"] == "1"
         assert champion.tags["tuneline.decision"] == "pass"
         assert "no current champion" in champion.tags["tuneline.reasons"]
+        assert "smoke test passed" in champion.tags["tuneline.reasons"]
+        assert {"tuneline.metric.exact_match", "tuneline.metric.field_f1", "tuneline.metric.rougeL"} <= set(champion.tags)
+        assert set(summary["test"]) >= {"base", "baseline", "finetuned"}
+        assert all(row["general_acc"] is not None for name, row in summary["test"].items() if name != "baseline")
 
         parent = mlflow.get_run(summary["mlflow_run_id"])
         stages = mlflow.search_runs(experiment_ids=[parent.info.experiment_id],
@@ -57,5 +61,12 @@ def test_lifecycle_registers_promotes_and_serves(tiny_config, prefect_api, mlflo
         body = reply.json()
         assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
         assert isinstance(body["choices"][0]["message"]["content"], str)
+
+        # A second iteration evaluates the champion side by side and, not being worse, replaces it.
+        second = lifecycle(tiny_config, serve=False)
+        assert "champion" in second["test"] and second["promotion"]["version"] == "2"
+        v2 = client.get_model_version_by_alias("tiny-assistant", "champion")
+        assert str(v2.version) == "2" and v2.tags["tuneline.previous_champion"] == "1"
+        assert "not worse than the champion" in v2.tags["tuneline.reasons"]
     finally:
         stop_started("bento", home)

@@ -1,4 +1,5 @@
-"""The gate and the registry: a pass moves `champion`; a fail is recorded with reasons and moves nothing."""
+"""The gate and the registry: a pass moves `champion`; every kind of failure is recorded with its reason and
+moves nothing; manual promotion and rollback are recorded."""
 
 from __future__ import annotations
 
@@ -7,65 +8,97 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks import registry
+from tasks.registry import Evidence, Rules
 
 NAME = "gate-test"
+RULES = Rules(min_improvement=0.1, max_forgetting=0.05)
+GOOD = Evidence(finetuned=0.6, baseline=0.3, base_general=0.50, finetuned_general=0.49, smoke_failures=[])
 
 
-def test_gate_reports_every_rule():
-    decision = registry.gate(score=0.6, best_baseline=0.3, champion_score=None, min_improvement=0.1)
+def test_gate_passes_and_reports_every_rule():
+    decision = registry.gate(GOOD, champion_score=None, rules=RULES)
     assert decision.passed
-    assert decision.reasons == ["beats the best baseline by +0.300 (needed > +0.100)", "no current champion"]
+    assert decision.reasons == [
+        "beats the best baseline by +0.300 (needed > +0.100)",
+        "no current champion",
+        "general benchmark change -0.010 (allowed drop <= 0.050)",
+        "smoke test passed",
+    ]
 
 
 @pytest.mark.parametrize(
-    ("score", "baseline", "champion", "reason"),
+    ("changes", "champion", "reason"),
     [
-        (0.35, 0.3, None, "does not beat the best baseline: +0.050 (needed > +0.100)"),
-        (0.6, 0.3, 0.7, "worse than the champion (0.600 < 0.700)"),
+        ({"finetuned": 0.35}, None, "does not beat the best baseline: +0.050 (needed > +0.100)"),
+        ({}, 0.7, "worse than the champion (0.600 < 0.700)"),
+        ({"finetuned_general": 0.40}, None, "forgets 0.100 on the general benchmark (allowed <= 0.050)"),
+        ({"crashed": {"finetuned": "RuntimeError: boom"}}, None, "evaluation of finetuned crashed (RuntimeError: boom)"),
+        ({"finetuned": None}, None, "missing evaluation: fine-tuned"),
+        ({"finetuned_general": None}, None, "missing evaluation: general benchmark (forgetting)"),
+        ({"smoke_failures": ["'hi': served 'a' != in-process 'b'"]}, None, "smoke test: the served model answered 1"),
+        ({"smoke_failures": None}, None, "smoke test did not run"),
     ],
 )
-def test_gate_rejects_with_reason(score, baseline, champion, reason):
-    decision = registry.gate(score, baseline, champion, min_improvement=0.1)
-    assert not decision.passed and reason in decision.reasons
+def test_gate_rejects_with_reason(changes, champion, reason):
+    evidence = Evidence(**{**GOOD.__dict__, **changes})
+    decision = registry.gate(evidence, champion, RULES)
+    assert not decision.passed
+    assert any(r.startswith(reason) for r in decision.reasons), decision.reasons
 
 
 @pytest.fixture()
-def model_dir(tmp_path):
+def registry_env(mlflow_sqlite, tmp_path):
+    mlflow.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("gate")
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     return str(folder)
 
 
-def _candidate(model_dir: str, score: float, baseline: float) -> str:
+def _candidate(model_dir: str, evidence: Evidence) -> str:
     with mlflow.start_run() as run:
-        version = registry.register.fn(NAME, model_dir, run.info.run_id, score)
+        version = registry.register.fn(NAME, model_dir, run.info.run_id, {"exact_match": evidence.finetuned},
+                                       "exact_match")
     current = registry.champion(NAME)
-    decision = registry.gate(score, baseline, current[1] if current else None, min_improvement=0.0)
-    registry.record.fn(NAME, version, decision)
+    registry.record.fn(NAME, version, registry.gate(evidence, current[1] if current else None, RULES))
     return version
 
 
-def test_champion_moves_only_on_pass(mlflow_sqlite, tmp_path, model_dir):
-    mlflow.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment("gate")
+def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_path):
     client = MlflowClient()
+    v1 = _candidate(registry_env, GOOD)
+    assert registry.champion(NAME) == (v1, 0.6)
 
-    v1 = _candidate(model_dir, score=0.5, baseline=0.2)
-    assert registry.champion(NAME) == (v1, 0.5)
+    rejected = {
+        "worse than the champion": Evidence(**{**GOOD.__dict__, "finetuned": 0.5}),
+        "does not beat the best baseline": Evidence(**{**GOOD.__dict__, "finetuned": 0.65, "baseline": 0.6}),
+        "forgets": Evidence(**{**GOOD.__dict__, "finetuned": 0.9, "finetuned_general": 0.2}),
+        "evaluation of finetuned crashed": Evidence(**{**GOOD.__dict__, "finetuned": 0.9,
+                                                        "crashed": {"finetuned": "OSError: no weights"}}),
+        "smoke test": Evidence(**{**GOOD.__dict__, "finetuned": 0.9, "smoke_failures": ["differs"]}),
+    }
+    for reason, evidence in rejected.items():
+        version = _candidate(registry_env, evidence)
+        tags = client.get_model_version(NAME, version).tags
+        assert tags["tuneline.decision"] == "fail" and reason in tags["tuneline.reasons"]
+        assert registry.champion(NAME) == (v1, 0.6)
+        assert str(client.get_model_version_by_alias(NAME, "challenger").version) == version
 
-    v2 = _candidate(model_dir, score=0.4, baseline=0.2)  # beats the baseline, but worse than the champion
-    assert registry.champion(NAME) == (v1, 0.5)
-    tags = client.get_model_version(NAME, v2).tags
-    assert tags["tuneline.decision"] == "fail" and "worse than the champion" in tags["tuneline.reasons"]
+    better = _candidate(registry_env, Evidence(**{**GOOD.__dict__, "finetuned": 0.8}))
+    assert registry.champion(NAME) == (better, 0.8)
+    assert client.get_model_version(NAME, better).tags["tuneline.previous_champion"] == v1
+    assert (registry.download(NAME, "champion", tmp_path / "dl") / "config.json").read_text() == "{}"
 
-    v3 = _candidate(model_dir, score=0.1, baseline=0.2)  # worse than prompting
-    assert registry.champion(NAME) == (v1, 0.5)
-    assert "does not beat the best baseline" in client.get_model_version(NAME, v3).tags["tuneline.reasons"]
+    assert "rolled back from v" in registry.rollback(NAME, "bad answers in production")
+    assert registry.champion(NAME)[0] == v1
+    assert client.get_model_version(NAME, better).tags["tuneline.rolled_back"] == "bad answers in production"
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        registry.rollback(NAME, "again")
 
-    v4 = _candidate(model_dir, score=0.8, baseline=0.2)
-    assert registry.champion(NAME) == (v4, 0.8)
-    assert client.get_model_version(NAME, v4).tags["tuneline.previous_champion"] == v1
-
-    downloaded = registry.download(NAME, "champion", tmp_path / "dl")
-    assert (downloaded / "config.json").read_text() == "{}"
+    registry.promote_manually(NAME, better, "fixed upstream")
+    assert registry.champion(NAME)[0] == better
+    tags = client.get_model_version(NAME, better).tags
+    assert tags["tuneline.decision"] == "manual" and tags["tuneline.reasons"] == "promoted by hand: fixed upstream"
+    history = [v for k, v in client.get_registered_model(NAME).tags.items() if k.startswith("tuneline.history.")]
+    assert len(history) == 2 and any("rollback" in h for h in history)

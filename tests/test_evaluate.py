@@ -1,0 +1,43 @@
+"""The evaluate stage: base, baseline and fine-tuned side by side; a crashed evaluation is recorded, not hidden."""
+
+from __future__ import annotations
+
+import mlflow
+
+from evals.runner import write_tasks
+from flows.config import load_config
+from tasks.datasets import TaskSpec, prepare_data
+from tests.conftest import DEMO_DATA, ROOT
+
+
+def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_api, mlflow_sqlite, tmp_path):
+    from flows.evaluate import evaluate_stage
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.task.max_test_examples, config.task.max_answer_tokens = 4, 8
+    config.evaluation.general_limit = 8
+    config.evaluation.builtin_tasks = ["arc_easy"]  # needs the hub: must be skipped with a message offline
+    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", config.task.prompts, config.task.answer)
+    splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
+    tasks_dir = write_tasks("reviews", {k: splits[k] for k in ("train", "validation", "test")}, tmp_path / "t", 8)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a model folder without weights: loading it must fail
+
+    mlflow.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("eval")
+    with mlflow.start_run() as parent:
+        report = evaluate_stage(config, tiny_model, str(broken), {"best": "2-shot", "shots": 2}, str(tasks_dir),
+                                parent.info.run_id)
+
+    assert set(report["scores"]) == {"base", "baseline"}
+    assert "HF_HUB_OFFLINE is set" in report["builtin"]["skipped"]
+    assert set(report["crashed"]) == {"finetuned"}
+    base = report["scores"]["base"]
+    assert set(base) >= {"exact_match", "field_f1", "rougeL", "stderr", "general_acc"}
+    assert 0.0 <= base["general_acc"] <= 1.0
+    stage = mlflow.search_runs(filter_string="tags.`tuneline.stage` = 'evaluate'", output_format="list")[0]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(stage.info.run_id, "report")}
+    assert {"report/report.md", "report/comparison.png", "report/wins_losses.jsonl"} <= artifacts
+    report_md = mlflow.artifacts.load_text(f"runs:/{stage.info.run_id}/report/report.md")
+    assert "Crashed evaluations" in report_md and "finetuned" in report_md

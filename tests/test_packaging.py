@@ -1,0 +1,24 @@
+"""Packaging: the smoke test catches a served model that answers differently from the one being promoted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.local import free_port
+from tasks import packaging
+from tasks.models import load
+
+
+def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, tmp_path):
+    model, tok = load(Path(tiny_model))
+    model.model.norm.weight.data.neg_()  # negated logits: every greedy choice differs from the served model's
+    model.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    other = str(tmp_path / "other")
+    bento = packaging.build_bento.fn(tiny_model, "smoke-test", "1", "You answer briefly.")
+    prompts = ["Review: the kettle leaks", "Review: great shoes"]
+    faithful = packaging.smoke_compare.fn(tiny_model, bento, prompts, "You answer briefly.", 8, str(home), free_port())
+    assert faithful == []
+    unfaithful = packaging.smoke_compare.fn(other, bento, prompts, "You answer briefly.", 8, str(home), free_port())
+    assert len(unfaithful) == 2 and "served" in unfaithful[0]
+    assert not (Path(home) / "bento-smoke.pid").exists()  # the temporary service was stopped
