@@ -43,7 +43,7 @@ up: install
 	$(VENV)/bin/tuneline up
 
 down:
-	$(VENV)/bin/tuneline down
+	-test -x $(VENV)/bin/tuneline && $(VENV)/bin/tuneline down
 
-clean:
+clean: down
 	rm -rf .tuneline

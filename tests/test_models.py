@@ -62,3 +62,28 @@ def test_bad_sources_are_named(tmp_path, source, message):
 
 def test_store_key_is_filesystem_safe():
     assert store_key("hf:HuggingFaceTB/SmolLM2-135M-Instruct") == "hf--HuggingFaceTB--SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct",
+                                  pytest.param("gemma-3-270m", marks=pytest.mark.integration)])
+def test_shipped_gguf_converts_once_and_reloads_exactly(store, name):
+    """The offline default path: PyPI-shipped GGUF → dense safetensors folder, logits identical on reload."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import SHIPPED, _gguf_dir
+
+    spec = SHIPPED[name]
+    folder = provision(f"gguf:{name}", store)
+    info = model_info(folder)
+    assert info["instruct"] == spec.instruct and info["parameters"] > 1e8
+    assert not list(folder.glob("*.gguf")) and (folder / "model.safetensors").is_file()
+
+    converted, tok = load(folder)
+    original = AutoModelForCausalLM.from_pretrained(_gguf_dir(spec, store), gguf_file=spec.filename,
+                                                    dtype=torch.float32).eval()
+    ids = tok("The kettle leaks.", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(converted(**ids).logits, original(**ids).logits)
+    rendered = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert "S" in rendered and rendered.rstrip().endswith(("assistant", "model"))

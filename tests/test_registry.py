@@ -102,3 +102,13 @@ def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_pat
     assert tags["tuneline.decision"] == "manual" and tags["tuneline.reasons"] == "promoted by hand: fixed upstream"
     history = [v for k, v in client.get_registered_model(NAME).tags.items() if k.startswith("tuneline.history.")]
     assert len(history) == 2 and any("rollback" in h for h in history)
+
+
+def test_cli_rollback_without_champion_is_a_one_line_error(mlflow_sqlite):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "rollback", "--model", "nobody", "--reason", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: nobody has no champion to roll back"
