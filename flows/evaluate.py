@@ -90,7 +90,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         markdown = _report(rows, crashed, fixed, broke, baseline)
         mlflow.log_text(markdown, "report/report.md")
         create_markdown_artifact(key="evaluate", markdown=markdown)
-        print(f"evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
+        print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
               + (f"; crashed: {list(crashed)}" if crashed else ""))
     return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin}
 

@@ -6,7 +6,6 @@ One MLflow parent run per iteration with a nested run per stage; one Prefect flo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import mlflow
 from prefect import flow

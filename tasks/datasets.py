@@ -285,6 +285,19 @@ def read_examples(path: str | Path) -> list[Example]:
     return [Example(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
+    """Tokens of a chat example as the model sees it: rendered with its chat template, then tokenised."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 - the data stage runs without a model otherwise
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def count(messages: list[dict]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return count
+
+
 @task(name="prepare-data")
 def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
                  out_dir: str, on_bad_rows: str = "error", tokenizer_dir: str | None = None) -> dict:
@@ -293,16 +306,7 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
     The first task is the primary one: its validation and test splits are what selection, baselines and
     the gate score. Every task's train split goes into the mixture by weight.
     """
-    count_tokens = None
-    if tokenizer_dir:
-        from transformers import AutoTokenizer  # noqa: PLC0415 - the data stage runs without a model otherwise
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-        def count_tokens(messages: list[dict]) -> int:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            return len(tokenizer(text, add_special_tokens=False).input_ids)
-
+    count_tokens = token_counter(tokenizer_dir) if tokenizer_dir else None
     out = Path(out_dir)
     per_task, rejects, lengths, counts = {}, [], {}, {}
     for spec in specs:

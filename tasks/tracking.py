@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,7 +44,3 @@ def log_eval(name: str, result: dict, **params) -> None:
         mlflow.log_params(params)
         mlflow.log_metrics({"score": result["score"], "score_stderr": result["stderr"], "n": result["n"]})
         mlflow.log_text(samples_jsonl(result), "samples.jsonl")
-
-
-def log_json(obj, artifact_file: str) -> None:
-    mlflow.log_text(json.dumps(obj, indent=2, default=str), artifact_file)

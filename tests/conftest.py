@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import free_port  # noqa: F401 - re-exported for the tests
-
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "reviews.jsonl"
 

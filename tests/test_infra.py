@@ -9,11 +9,10 @@ import httpx
 import pytest
 
 from infra import local
-from tests.conftest import free_port
 
 
 def test_server_starts_is_reused_and_stops_by_pid(tmp_path):
-    server = local.Server("mlflow", free_port(), "/health")
+    server = local.Server("mlflow", local.free_port(), "/health")
     assert not server.healthy()
     try:
         assert "started" in local.start(server, tmp_path)

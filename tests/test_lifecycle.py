@@ -8,7 +8,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import DEMO_DATA, free_port
+from infra.local import free_port
+from tests.conftest import DEMO_DATA
 
 
 @pytest.fixture()
