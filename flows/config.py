@@ -91,12 +91,16 @@ class LoraConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    method: Literal["lora"] = "lora"
-    lora: LoraConfig = LoraConfig()
+    method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora needs CUDA
+    lora: LoraConfig = LoraConfig()  # r, alpha, dropout, target modules for lora, qlora and dora
     learning_rate: float = Field(2e-4, gt=0)
-    max_steps: int = Field(40, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_steps: int | None = Field(40, gt=0, description="None: train for `epochs`")
+    epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
     max_seq_length: int = Field(256, gt=16)
     seed: int = 42
 

@@ -23,6 +23,7 @@ from infra.local import configure_env
 from tasks import registry, tracking
 from tasks.datasets import SPLITS
 from tasks.models import provision_model
+from tasks.training import require_device
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -31,6 +32,7 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
     config = load_config(config_path)
     if serve is not None:
         config.deploy.serve = serve
+    require_device(config.finetune.method)  # before any work: a QLoRA config on a CPU-only machine stops here
     home = configure_env()
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
     tracking.use(mlflow.get_tracking_uri(), config.name, artifact_root=home / "mlflow" / "artifacts")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
@@ -28,6 +30,34 @@ def conversational(examples: list[Example]) -> Dataset:
     return Dataset.from_list(rows)
 
 
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one SFT run needs: the method and the hyperparameters that matter."""
+
+    method: str = "lora"  # lora | qlora | dora | full
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"  # peft picks every linear layer but the output head
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_steps: int | None = 40  # None: train for `epochs`
+    epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_seq_length: int = 256
+    seed: int = 42
+
+
+def require_device(method: str) -> None:
+    """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: say so before any work is done."""
+    if method == "qlora" and not torch.cuda.is_available():
+        raise RuntimeError("finetune.method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); "
+                           "none is available here: use lora or dora on this machine")
+
+
 def device_settings() -> dict:
     """SFTConfig defaults to bf16 and gradient checkpointing even on CPU, 17x slower there (STACK.md)."""
     if torch.cuda.is_available():
@@ -35,32 +65,59 @@ def device_settings() -> dict:
     return {"bf16": False, "activation_checkpointing": False, "use_cpu": True}
 
 
-@task(name="train-lora", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def train_lora(base_dir: str, train_path: str, out_dir: str, *, r: int, alpha: int, dropout: float,
-               target_modules: list[str] | str, learning_rate: float, max_steps: int, batch_size: int,
-               gradient_accumulation_steps: int, max_seq_length: int, seed: int) -> dict:
-    """LoRA SFT of `base_dir` on the chat examples in `train_path`; writes the adapter and the merged model."""
-    out = Path(out_dir)
-    model, tokenizer = load(Path(base_dir))
+def _load_for(method: str, base_dir: Path):
+    if method != "qlora":
+        return load(base_dir)
+    from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - CUDA path only
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: PLC0415
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, use_safetensors=True,
+                                                 dtype=torch.bfloat16, device_map={"": 0})
+    return prepare_model_for_kbit_training(model), AutoTokenizer.from_pretrained(base_dir)
+
+
+def _merged(trainer: SFTTrainer, spec: TrainSpec, base_dir: Path, adapter_dir: Path):
+    """Dense weights to register: exact for full and (Do)LoRA; QLoRA's adapter is merged into the fp32 base."""
+    if spec.method == "full":
+        return trainer.model
+    if spec.method == "qlora":  # merging into 4-bit weights would round them: reload the base densely
+        base, _ = load(base_dir)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return trainer.model.merge_and_unload()
+
+
+@task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
+def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict:
+    """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
+    require_device(spec.method)
+    out, base = Path(out_dir), Path(base_dir)
+    model, tokenizer = _load_for(spec.method, base)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
-        learning_rate=learning_rate,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        max_length=max_seq_length,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 10),
-        logging_steps=max(1, max_steps // 20),
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
+        max_steps=spec.max_steps or -1,
+        num_train_epochs=spec.epochs,
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        weight_decay=spec.weight_decay,
+        max_length=spec.max_seq_length,
+        logging_steps=max(1, (spec.max_steps or 100) // 20),
         save_strategy="no",
-        seed=seed,
-        report_to=["mlflow"],  # loss and learning-rate curves into the active (finetune) run
+        seed=spec.seed,
+        # Loss and learning-rate curves go into the active (finetune) run; with none, no stray run is made.
+        report_to=["mlflow"] if mlflow.active_run() else [],
         completion_only_loss=True,
         dataloader_num_workers=0,
         **device_settings(),
     )
-    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                             task_type="CAUSAL_LM")
+    peft_config = None if spec.method == "full" else LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+        use_dora=spec.method == "dora", task_type="CAUSAL_LM",
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
                          processing_class=tokenizer, peft_config=peft_config)
     started = time.perf_counter()
@@ -68,16 +125,16 @@ def train_lora(base_dir: str, train_path: str, out_dir: str, *, r: int, alpha: i
     seconds = time.perf_counter() - started
 
     adapter_dir, merged_dir = out / "adapter", out / "merged"
-    trainer.model.save_pretrained(adapter_dir)
-    merged = trainer.model.merge_and_unload() if isinstance(trainer.model, PeftModel) else trainer.model
-    merged.save_pretrained(merged_dir, safe_serialization=True)
+    if peft_config is not None:
+        trainer.model.save_pretrained(adapter_dir)
+    _merged(trainer, spec, base, adapter_dir).save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
-    info = model_info(Path(base_dir))
-    info.update(source=f"lora:{info['source']}", base=str(base_dir))
+    info = model_info(base)
+    info.update(source=f"{spec.method}:{info['source']}", base=str(base))
     (merged_dir / META_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {
-        "adapter": str(adapter_dir),
+        "adapter": str(adapter_dir) if peft_config is not None else None,
         "merged": str(merged_dir),
         "train_loss": float(result.training_loss),
         "train_seconds": seconds,
