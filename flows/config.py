@@ -103,6 +103,7 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_seq_length: int = Field(256, gt=16)
     seed: int = 42
+    save_steps: int | None = Field(10, gt=0, description="checkpoint every N steps; a restarted run resumes")
 
 
 class EvalConfig(_Strict):

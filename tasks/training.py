@@ -4,10 +4,11 @@ same chat template (and the same system prompt) that evaluation and serving use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -49,6 +50,17 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_seq_length: int = 256
     seed: int = 42
+    save_steps: int | None = None  # checkpoint every N steps; a restarted run resumes from the last one
+
+
+def run_key(base_dir: str, train_path: str, spec: TrainSpec) -> str:
+    """Names a run by its inputs: the same base, data and settings resume (or reuse) the same folder."""
+    digest = hashlib.sha256()
+    digest.update(Path(base_dir, META_FILE).read_bytes())
+    digest.update(Path(base_dir).resolve().as_posix().encode())
+    digest.update(Path(train_path).read_bytes())
+    digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def require_device(method: str) -> None:
@@ -63,6 +75,17 @@ def device_settings() -> dict:
     if torch.cuda.is_available():
         return {"bf16": True, "activation_checkpointing": True, "use_cpu": False}
     return {"bf16": False, "activation_checkpointing": False, "use_cpu": True}
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint a killed run left whole.
+
+    Written by hand because transformers' get_last_checkpoint takes the highest-numbered folder even when
+    the process died while writing it; the Trainer writes trainer_state.json last, so its presence marks a
+    complete checkpoint.
+    """
+    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def _load_for(method: str, base_dir: Path):
@@ -93,9 +116,12 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
     require_device(spec.method)
     out, base = Path(out_dir), Path(base_dir)
+    if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
+        return {**json.loads((out / "result.json").read_text()), "cached": True}
+    checkpoints = out / "checkpoints"
     model, tokenizer = _load_for(spec.method, base)
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(checkpoints),
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
@@ -106,7 +132,9 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
         weight_decay=spec.weight_decay,
         max_length=spec.max_seq_length,
         logging_steps=max(1, (spec.max_steps or 100) // 20),
-        save_strategy="no",
+        save_strategy="steps" if spec.save_steps else "no",
+        save_steps=spec.save_steps or 500,
+        save_total_limit=2,
         seed=spec.seed,
         # Loss and learning-rate curves go into the active (finetune) run; with none, no stray run is made.
         report_to=["mlflow"] if mlflow.active_run() else [],
@@ -120,8 +148,9 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
                          processing_class=tokenizer, peft_config=peft_config)
+    resume = last_complete_checkpoint(checkpoints)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
     adapter_dir, merged_dir = out / "adapter", out / "merged"
@@ -132,11 +161,14 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
     info = model_info(base)
     info.update(source=f"{spec.method}:{info['source']}", base=str(base))
     (merged_dir / META_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return {
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    summary = {
         "adapter": str(adapter_dir) if peft_config is not None else None,
         "merged": str(merged_dir),
         "train_loss": float(result.training_loss),
         "train_seconds": seconds,
         "steps": int(result.global_step),
+        "resumed_from": Path(resume).name if resume else None,
     }
+    (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
+    return {**summary, "cached": False}

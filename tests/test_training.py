@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,8 @@ import torch
 
 from tasks.datasets import TaskSpec, prepare_data
 from tasks.models import META_FILE, load
-from tasks.training import TrainSpec, require_device, train
-from tests.conftest import DEMO_DATA
+from tasks.training import TrainSpec, last_complete_checkpoint, require_device, train
+from tests.conftest import DEMO_DATA, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +47,39 @@ def test_qlora_on_cpu_fails_before_any_work(tiny_model, train_file, tmp_path):
     with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
         train.fn(tiny_model, train_file, str(tmp_path / "out"), TrainSpec(method="qlora"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, tmp_path):
+    """A real training process is killed mid-way; the next run resumes, losing no checkpointed step."""
+    out = tmp_path / "run"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from tasks.training import TrainSpec, train\n"
+        f"train.fn({tiny_model!r}, {train_file!r}, {str(out)!r}, TrainSpec(r=4, alpha=8, max_steps=400, "
+        "batch_size=2, max_seq_length=64, save_steps=1))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "training ended before it could be killed"
+            last = last_complete_checkpoint(out / "checkpoints")
+            if last and int(last.rsplit("-", 1)[1]) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up, possibly in the middle of writing the next checkpoint
+        proc.wait()
+    saved = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    assert 3 <= saved < 400
+
+    spec = TrainSpec(r=4, alpha=8, max_steps=saved + 2, batch_size=2, max_seq_length=64, save_steps=1)
+    result = train.fn(tiny_model, train_file, str(out), spec)
+    assert result["resumed_from"] == f"checkpoint-{saved}"
+    assert result["steps"] == saved + 2
+    assert not (out / "checkpoints").exists()
+
+    again = train.fn(tiny_model, train_file, str(out), spec)  # finished with these inputs: reused, not redone
+    assert again["cached"] and again["merged"] == result["merged"]
