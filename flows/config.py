@@ -104,6 +104,7 @@ class FinetuneConfig(_Strict):
     max_seq_length: int = Field(256, gt=16)
     seed: int = 42
     save_steps: int | None = Field(10, gt=0, description="checkpoint every N steps; a restarted run resumes")
+    packing: bool = False
 
 
 class EvalConfig(_Strict):

@@ -18,7 +18,7 @@ def train_spec(ft: FinetuneConfig) -> TrainSpec:
         target_modules=ft.lora.target_modules, learning_rate=ft.learning_rate, lr_scheduler=ft.lr_scheduler,
         warmup_ratio=ft.warmup_ratio, max_steps=ft.max_steps, epochs=ft.epochs, batch_size=ft.batch_size,
         gradient_accumulation_steps=ft.gradient_accumulation_steps, weight_decay=ft.weight_decay,
-        max_seq_length=ft.max_seq_length, seed=ft.seed, save_steps=ft.save_steps,
+        max_seq_length=ft.max_seq_length, seed=ft.seed, save_steps=ft.save_steps, packing=ft.packing,
     )
 
 
@@ -32,7 +32,8 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, train_path: str, runs
     with stage_run("finetune", parent_run_id, method=spec.method, base=base_dir, out_dir=out_dir) as run:
         result = train(base_dir, train_path, out_dir, spec)
         mlflow.set_tags({"tuneline.resumed_from": str(result["resumed_from"]), "tuneline.cached": str(result["cached"])})
-        mlflow.log_metrics({"final_train_loss": result["train_loss"], "train_seconds": result["train_seconds"]})
+        mlflow.log_metrics({k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
+                                                   "peak_memory_mb")})
         if result["adapter"]:
             mlflow.log_artifacts(result["adapter"], "adapter")
         how = "reused a finished run" if result["cached"] else \

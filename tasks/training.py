@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +52,7 @@ class TrainSpec:
     max_seq_length: int = 256
     seed: int = 42
     save_steps: int | None = None  # checkpoint every N steps; a restarted run resumes from the last one
+    packing: bool = False  # several short examples per sequence (best-fit); the loss stays on completions
 
 
 def run_key(base_dir: str, train_path: str, spec: TrainSpec) -> str:
@@ -61,6 +63,13 @@ def run_key(base_dir: str, train_path: str, spec: TrainSpec) -> str:
     digest.update(Path(train_path).read_bytes())
     digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory on CUDA; on a CPU the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def require_device(method: str) -> None:
@@ -139,6 +148,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
         # Loss and learning-rate curves go into the active (finetune) run; with none, no stray run is made.
         report_to=["mlflow"] if mlflow.active_run() else [],
         completion_only_loss=True,
+        packing=spec.packing,
         dataloader_num_workers=0,
         **device_settings(),
     )
@@ -149,9 +159,13 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
                          processing_class=tokenizer, peft_config=peft_config)
     resume = last_complete_checkpoint(checkpoints)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    # TRL logs a running count of the tokens trained on (padding excluded); its last value is the total.
+    tokens = max((float(log.get("num_tokens", 0)) for log in trainer.state.log_history), default=0.0)
 
     adapter_dir, merged_dir = out / "adapter", out / "merged"
     if peft_config is not None:
@@ -169,6 +183,8 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
         "train_seconds": seconds,
         "steps": int(result.global_step),
         "resumed_from": Path(resume).name if resume else None,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "peak_memory_mb": peak_memory_mb(),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
     return {**summary, "cached": False}

@@ -30,6 +30,7 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
                      max_seq_length=64, lr_scheduler="linear", warmup_ratio=0.5, weight_decay=0.01)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec)
     assert result["steps"] == 2 and result["train_loss"] > 0
+    assert result["tokens_per_second"] > 0 and result["peak_memory_mb"] > 0
     assert (result["adapter"] is None) == (method == "full")
     merged = Path(result["merged"])
     assert (merged / "model.safetensors").is_file()
@@ -39,6 +40,32 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
     assert not any("lora" in name for name, _ in tuned.named_parameters())  # merged, not an adapter
     changed = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
     assert changed
+
+
+def test_packing_trains_on_packed_sequences(tiny_model, train_file, tmp_path):
+    spec = TrainSpec(r=4, alpha=8, max_steps=2, batch_size=2, max_seq_length=128, packing=True)
+    result = train.fn(tiny_model, train_file, str(tmp_path), spec)
+    assert result["steps"] == 2 and result["tokens_per_second"] > 0
+
+
+def test_registered_model_reloads_with_identical_outputs(tiny_model, train_file, tmp_path, mlflow_sqlite):
+    """STACK.md: a PEFT model logged over a local base reloads corrupted; the merged folder must round-trip."""
+    import mlflow
+
+    from tasks import registry
+
+    result = train.fn(tiny_model, train_file, str(tmp_path / "run"),
+                      TrainSpec(r=4, alpha=8, learning_rate=1e-2, max_steps=2, batch_size=2, max_seq_length=64))
+    mlflow.create_experiment("rt", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("rt")
+    with mlflow.start_run() as run:
+        version = registry.register.fn("round-trip", result["merged"], run.info.run_id, {"exact_match": 0.0},
+                                       "exact_match")
+    trained, tok = load(Path(result["merged"]))
+    reloaded, _ = load(registry.download("round-trip", version, tmp_path / "dl"))
+    ids = tok(["The kettle leaks.", "Great shoes, would buy again"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(trained(**ids).logits, reloaded(**ids).logits)
 
 
 def test_qlora_on_cpu_fails_before_any_work(tiny_model, train_file, tmp_path):
