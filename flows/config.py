@@ -90,6 +90,14 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class FinetuneStage(_Strict):
+    """One step of sequential fine-tuning: train on one task, starting from the previous stage's weights."""
+
+    task: str
+    max_steps: int | None = Field(None, gt=0, description="default: finetune.max_steps")
+    learning_rate: float | None = Field(None, gt=0, description="default: finetune.learning_rate")
+
+
 class FinetuneConfig(_Strict):
     method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora needs CUDA
     lora: LoraConfig = LoraConfig()  # r, alpha, dropout, target modules for lora, qlora and dora
@@ -105,6 +113,9 @@ class FinetuneConfig(_Strict):
     seed: int = 42
     save_steps: int | None = Field(10, gt=0, description="checkpoint every N steps; a restarted run resumes")
     packing: bool = False
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better val loss")
+    stages: list[FinetuneStage] = Field(default_factory=list,
+                                        description="sequential fine-tuning; empty: one run on the task mixture")
 
 
 class EvalConfig(_Strict):
@@ -174,6 +185,11 @@ def load_config(path: str | Path) -> LifecycleConfig:
     names = [t.name for _, t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: extra_tasks: task names must be unique, got {names}")
+    for i, stage in enumerate(config.finetune.stages):
+        if stage.task not in names:
+            raise ConfigError(f"{path}: finetune.stages.{i}.task: unknown task {stage.task!r}; tasks are {names}")
+    if config.finetune.early_stopping_patience and not config.finetune.save_steps:
+        raise ConfigError(f"{path}: finetune.early_stopping_patience: needs finetune.save_steps (the evaluation interval)")
     for where, task in tasks:
         if task.data.startswith("hf:"):
             continue

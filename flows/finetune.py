@@ -7,37 +7,49 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from flows.config import FinetuneConfig, LifecycleConfig
+from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig
 from tasks.tracking import stage_run
 from tasks.training import TrainSpec, run_key, train
 
 
-def train_spec(ft: FinetuneConfig) -> TrainSpec:
+def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainSpec:
     return TrainSpec(
         method=ft.method, r=ft.lora.r, alpha=ft.lora.alpha, dropout=ft.lora.dropout,
-        target_modules=ft.lora.target_modules, learning_rate=ft.learning_rate, lr_scheduler=ft.lr_scheduler,
-        warmup_ratio=ft.warmup_ratio, max_steps=ft.max_steps, epochs=ft.epochs, batch_size=ft.batch_size,
+        target_modules=ft.lora.target_modules, learning_rate=(stage and stage.learning_rate) or ft.learning_rate,
+        lr_scheduler=ft.lr_scheduler, warmup_ratio=ft.warmup_ratio,
+        max_steps=(stage and stage.max_steps) or ft.max_steps, epochs=ft.epochs, batch_size=ft.batch_size,
         gradient_accumulation_steps=ft.gradient_accumulation_steps, weight_decay=ft.weight_decay,
         max_seq_length=ft.max_seq_length, seed=ft.seed, save_steps=ft.save_steps, packing=ft.packing,
+        early_stopping_patience=ft.early_stopping_patience,
     )
 
 
 @flow(name="finetune")
-def finetune_stage(config: LifecycleConfig, base_dir: str, train_path: str, runs_dir: str,
-                   parent_run_id: str) -> dict:
-    """Train in a folder named by the inputs, so a killed run resumes from its checkpoint when started again
-    and a finished one is reused."""
-    spec = train_spec(config.finetune)
-    out_dir = str(Path(runs_dir) / run_key(base_dir, train_path, spec))
-    with stage_run("finetune", parent_run_id, method=spec.method, base=base_dir, out_dir=out_dir) as run:
-        result = train(base_dir, train_path, out_dir, spec)
-        mlflow.set_tags({"tuneline.resumed_from": str(result["resumed_from"]), "tuneline.cached": str(result["cached"])})
-        mlflow.log_metrics({k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
-                                                   "peak_memory_mb")})
-        if result["adapter"]:
-            mlflow.log_artifacts(result["adapter"], "adapter")
-        how = "reused a finished run" if result["cached"] else \
-            f"resumed from {result['resumed_from']}" if result["resumed_from"] else "trained"
-        print(f"finetune: {how}: {result['steps']} steps, loss {result['train_loss']:.3f}, "
-              f"{result['train_seconds']:.0f}s")
+def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_dir: str, parent_run_id: str) -> dict:
+    """One run on the task mixture, or sequential stages each starting from the previous stage's weights.
+
+    Each run trains in a folder named by its inputs, so a killed run resumes from its checkpoint when
+    started again and a finished one is reused.
+    """
+    plan = [(stage.task, stage) for stage in config.finetune.stages] or [(None, None)]
+    with stage_run("finetune", parent_run_id, method=config.finetune.method, base=base_dir,
+                   stages=",".join(task or "mixture" for task, _ in plan)) as run:
+        current = base_dir
+        for step, (task, stage) in enumerate(plan):
+            files = splits["per_task"][task] if task else splits
+            spec = train_spec(config.finetune, stage)
+            out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
+            result = train(current, files["train"], out_dir, spec, files["validation"])
+            prefix = f"stage{step}_" if task else ""
+            mlflow.log_metrics({prefix + k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
+                                                               "peak_memory_mb")})
+            mlflow.set_tags({f"tuneline.{prefix}resumed_from": str(result["resumed_from"]),
+                             f"tuneline.{prefix}cached": str(result["cached"])})
+            if result["adapter"]:
+                mlflow.log_artifacts(result["adapter"], f"{prefix}adapter")
+            how = "reused a finished run" if result["cached"] else \
+                f"resumed from {result['resumed_from']}" if result["resumed_from"] else "trained"
+            print(f"finetune{' stage ' + str(step) + ' (' + task + ')' if task else ''}: {how}: {result['steps']} "
+                  f"steps, loss {result['train_loss']:.3f}, {result['train_seconds']:.0f}s")
+            current = result["merged"]
     return {**result, "run_id": run.info.run_id}

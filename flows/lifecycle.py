@@ -47,7 +47,8 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
         tasks_dir = str(write_tasks(config.task.name, split_files, run_dir / "eval_tasks", config.task.max_answer_tokens))
         chosen = select_stage(config, store, tasks_dir, pid)
         baseline = baseline_stage(config, chosen, tasks_dir, pid)
-        tuned = finetune_stage(config, chosen["model_dir"], splits["train"], str(home / "finetune"), pid)
+        files = {k: splits[k] for k in ("train", "validation", "per_task")}
+        tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
         champion = registry.champion(config.registered_model)
         champion_dir = str(registry.download(config.registered_model, champion[0], run_dir / "champion")) \
             if champion else None

@@ -308,7 +308,7 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
     """
     count_tokens = token_counter(tokenizer_dir) if tokenizer_dir else None
     out = Path(out_dir)
-    per_task, rejects, lengths, counts = {}, [], {}, {}
+    per_task, per_task_files, rejects, lengths, counts = {}, {}, [], {}, {}
     for spec in specs:
         outcome = to_examples(spec, on_bad_rows, count_tokens)
         parts = split(outcome.examples, validation, test, seed)
@@ -316,8 +316,8 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
         rejects += [{**r, "task": spec.name} for r in outcome.rejects]
         lengths[spec.name] = outcome.lengths
         counts[spec.name] = {name: len(parts[name]) for name in SPLITS} | {"rejected": len(outcome.rejects)}
-        for name in ("validation", "test"):
-            write_examples(out / spec.name / f"{name}.jsonl", parts[name])
+        per_task_files[spec.name] = {name: write_examples(out / spec.name / f"{name}.jsonl", parts[name])
+                                     for name in SPLITS}
     primary = per_task[specs[0].name]
     train = mix({name: parts["train"] for name, parts in per_task.items()}, weights, seed)
     rejects_path = out / "rejects.jsonl"
@@ -327,6 +327,7 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
         "validation": write_examples(out / "validation.jsonl", primary["validation"]),
         "test": write_examples(out / "test.jsonl", primary["test"]),
         "rejects": str(rejects_path),
+        "per_task": per_task_files,
         "counts": counts,
         "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task},
         "lengths": lengths,

@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from prefect import task
+from transformers import EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
 from tasks.datasets import Example, chat_messages, read_examples
@@ -53,6 +54,8 @@ class TrainSpec:
     seed: int = 42
     save_steps: int | None = None  # checkpoint every N steps; a restarted run resumes from the last one
     packing: bool = False  # several short examples per sequence (best-fit); the loss stays on completions
+    early_stopping_patience: int | None = None  # stop after N evaluations (every save_steps) without a lower
+    # validation loss, and keep the best checkpoint's weights
 
 
 def run_key(base_dir: str, train_path: str, spec: TrainSpec) -> str:
@@ -121,9 +124,12 @@ def _merged(trainer: SFTTrainer, spec: TrainSpec, base_dir: Path, adapter_dir: P
 
 
 @task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict:
+def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_path: str | None = None) -> dict:
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
     require_device(spec.method)
+    if spec.early_stopping_patience and not (val_path and spec.save_steps):
+        raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
+    early = bool(spec.early_stopping_patience)
     out, base = Path(out_dir), Path(base_dir)
     if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
         return {**json.loads((out / "result.json").read_text()), "cached": True}
@@ -150,14 +156,24 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
         completion_only_loss=True,
         packing=spec.packing,
         dataloader_num_workers=0,
+        eval_strategy="steps" if early else "no",
+        eval_steps=spec.save_steps if early else None,
+        per_device_eval_batch_size=spec.batch_size,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
         **device_settings(),
     )
     peft_config = None if spec.method == "full" else LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
         use_dora=spec.method == "dora", task_type="CAUSAL_LM",
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=conversational(read_examples(train_path)),
+        eval_dataset=conversational(read_examples(val_path)) if early else None,
+        processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[EarlyStoppingCallback(spec.early_stopping_patience)] if early else None,
+    )
     resume = last_complete_checkpoint(checkpoints)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -185,6 +201,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec) -> dict
         "resumed_from": Path(resume).name if resume else None,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
         "peak_memory_mb": peak_memory_mb(),
+        "best_eval_loss": trainer.state.best_metric,
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
     return {**summary, "cached": False}

@@ -110,3 +110,37 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
 
     again = train.fn(tiny_model, train_file, str(out), spec)  # finished with these inputs: reused, not redone
     assert again["cached"] and again["merged"] == result["merged"]
+
+
+def test_early_stopping_ends_a_diverging_run_and_keeps_the_best(tiny_model, train_file, tmp_path):
+    val = str(Path(train_file).with_name("validation.jsonl"))
+    spec = TrainSpec(r=4, alpha=8, learning_rate=5.0, max_steps=30, batch_size=2, max_seq_length=64,
+                     save_steps=1, early_stopping_patience=1, lr_scheduler="constant", warmup_ratio=0.0)
+    result = train.fn(tiny_model, train_file, str(tmp_path), spec, val)
+    assert result["steps"] < 30 and result["best_eval_loss"] is not None
+    with pytest.raises(ValueError, match="early stopping needs a validation file"):
+        train.fn(tiny_model, train_file, str(tmp_path / "x"), TrainSpec(early_stopping_patience=1, save_steps=None), val)
+
+
+def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite, tmp_path):
+    """Two stages: tickets, then reviews from the tickets stage's weights."""
+    import mlflow
+
+    from flows.config import FinetuneStage, load_config
+    from flows.finetune import finetune_stage
+    from tasks.models import model_info
+
+    config = load_config(ROOT / "configs" / "multitask.yaml")
+    config.finetune.max_steps, config.finetune.batch_size, config.finetune.max_seq_length = 2, 2, 96
+    config.finetune.stages = [FinetuneStage(task="tickets"), FinetuneStage(task="reviews", max_steps=3)]
+    specs = [TaskSpec(t.name, t.data, t.system_prompt, t.prompts, t.answer, fields=dict(t.fields))
+             for t in (config.task, *config.extra_tasks)]
+    splits = prepare_data.fn(specs, {"reviews": 1.0, "tickets": 1.0}, 0.1, 0.1, 13, str(tmp_path / "d"), "skip")
+    mlflow.create_experiment("seq", artifact_location=(tmp_path / "a").as_uri())
+    mlflow.set_experiment("seq")
+    with mlflow.start_run() as parent:
+        result = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
+    assert result["steps"] == 3
+    assert model_info(Path(result["merged"]))["source"] == "lora:lora:tiny:0"
+    metrics = mlflow.get_run(result["run_id"]).data.metrics
+    assert {"stage0_train_loss", "stage1_train_loss"} <= set(metrics)
