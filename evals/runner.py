@@ -58,7 +58,12 @@ def general_accuracy(model, tokenizer, tasks_dir: str | Path, *, limit: int | No
                               task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                               log_samples=False, random_seed=0)
     scores = results["results"][GENERAL]
-    return {"acc": float(scores["acc,none"]), "stderr": float(scores.get("acc_stderr,none") or 0.0)}
+    return {"acc": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none"))}
+
+
+def _stderr(value) -> float:
+    """lm-eval reports the string 'N/A' when a standard error cannot be estimated (fewer than two samples)."""
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def offline() -> str | None:
@@ -125,7 +130,7 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
     ]
     return {
         "score": float(scores[f"{METRIC},none"]),
-        "stderr": float(scores.get(f"{METRIC}_stderr,none") or 0.0),
+        "stderr": _stderr(scores.get(f"{METRIC}_stderr,none")),
         "n": len(samples),
         "metrics": {METRIC: float(scores[f"{METRIC},none"]), **text_metrics(samples)},
         "samples": samples,

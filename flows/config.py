@@ -111,6 +111,7 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_seq_length: int = Field(256, gt=16)
     seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     save_steps: int | None = Field(10, gt=0, description="checkpoint every N steps; a restarted run resumes")
     packing: bool = False
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better val loss")

@@ -20,7 +20,7 @@ def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainS
         max_steps=(stage and stage.max_steps) or ft.max_steps, epochs=ft.epochs, batch_size=ft.batch_size,
         gradient_accumulation_steps=ft.gradient_accumulation_steps, weight_decay=ft.weight_decay,
         max_seq_length=ft.max_seq_length, seed=ft.seed, save_steps=ft.save_steps, packing=ft.packing,
-        early_stopping_patience=ft.early_stopping_patience,
+        early_stopping_patience=ft.early_stopping_patience, device=ft.device,
     )
 
 

@@ -188,12 +188,13 @@ def model_info(folder: Path) -> dict:
     return json.loads((Path(folder) / META_FILE).read_text())
 
 
-def load(folder: Path, device: str = "cpu"):
-    """Model and tokenizer from a store folder, ready for generation or evaluation."""
+def load(folder: Path, device: str = "cpu", attention: str | None = None):
+    """Model and tokenizer from a store folder, ready for generation, evaluation or training."""
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **extra).to(device)
     model.eval()
     return model, tok
 

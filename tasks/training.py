@@ -52,6 +52,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_seq_length: int = 256
     seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda: bf16, activation checkpointing and SDPA attention on CUDA
     save_steps: int | None = None  # checkpoint every N steps; a restarted run resumes from the last one
     packing: bool = False  # several short examples per sequence (best-fit); the loss stays on completions
     early_stopping_patience: int | None = None  # stop after N evaluations (every save_steps) without a lower
@@ -82,9 +83,18 @@ def require_device(method: str) -> None:
                            "none is available here: use lora or dora on this machine")
 
 
-def device_settings() -> dict:
+def resolve_device(device: str) -> str:
+    """`auto` is CUDA when present, else the CPU; asking for CUDA without one is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("finetune.device is cuda, but no CUDA device is available here")
+    return device
+
+
+def device_settings(device: str) -> dict:
     """SFTConfig defaults to bf16 and gradient checkpointing even on CPU, 17x slower there (STACK.md)."""
-    if torch.cuda.is_available():
+    if device == "cuda":
         return {"bf16": True, "activation_checkpointing": True, "use_cpu": False}
     return {"bf16": False, "activation_checkpointing": False, "use_cpu": True}
 
@@ -100,16 +110,16 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
-def _load_for(method: str, base_dir: Path):
+def _load_for(method: str, base_dir: Path, device: str):
     if method != "qlora":
-        return load(base_dir)
+        return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None)
     from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - CUDA path only
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: PLC0415
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    quant = BitsAndBytesConfig(  # QLoRA: NF4 weights, double quantisation, bf16 computeload_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, use_safetensors=True,
-                                                 dtype=torch.bfloat16, device_map={"": 0})
+                                                 dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
     return prepare_model_for_kbit_training(model), AutoTokenizer.from_pretrained(base_dir)
 
 
@@ -134,7 +144,8 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
     if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
         return {**json.loads((out / "result.json").read_text()), "cached": True}
     checkpoints = out / "checkpoints"
-    model, tokenizer = _load_for(spec.method, base)
+    device = resolve_device(spec.device)
+    model, tokenizer = _load_for(spec.method, base, device)
     args = SFTConfig(
         output_dir=str(checkpoints),
         learning_rate=spec.learning_rate,
@@ -162,7 +173,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        **device_settings(),
+        **device_settings(device),
     )
     peft_config = None if spec.method == "full" else LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,

@@ -43,6 +43,8 @@ def test_demo_config_is_valid_and_resolves_data_against_its_folder():
         (lambda c: c["task"].update(prompt=[]), "task.prompt: Value error, prompt must be a non-empty template"),
         (lambda c: c["data"].update(on_bad_rows="ignore"), "data.on_bad_rows: Input should be 'error' or 'skip'"),
         (lambda c: c.update(extra_tasks=[dict(c["task"])]), "extra_tasks: task names must be unique"),
+        (lambda c: c["finetune"].update(stages=[{"task": "nope"}]), "finetune.stages.0.task: unknown task 'nope'"),
+        (lambda c: c["finetune"].update(method="prefix"), "finetune.method: Input should be 'lora', 'qlora'"),
     ],
 )
 def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
