@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.datasets import TaskSpec, prepare_data
+from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import META_FILE, load
 from tasks.training import TrainSpec, last_complete_checkpoint, require_device, train
 from tests.conftest import DEMO_DATA, ROOT
@@ -144,3 +144,10 @@ def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite,
     assert model_info(Path(result["merged"]))["source"] == "lora:lora:tiny:0"
     metrics = mlflow.get_run(result["run_id"]).data.metrics
     assert {"stage0_train_loss", "stage1_train_loss"} <= set(metrics)
+
+    # Without stages: one multi-task run on the weighted mixture of both tasks' training data.
+    config.finetune.stages = []
+    with mlflow.start_run() as parent:
+        mixed = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
+    assert mixed["steps"] == 2 and model_info(Path(mixed["merged"]))["source"] == "lora:tiny:0"
+    assert {e.task for e in read_examples(splits["train"])} == {"reviews", "tickets"}
