@@ -35,7 +35,9 @@ def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str,
             finetuned=metric("finetuned"), baseline=metric("baseline"), base_general=general.get("base"),
             finetuned_general=general.get("finetuned"), crashed=report["crashed"], smoke_failures=smoke,
         )
-        decision = registry.gate(evidence, current[1] if current else None,
+        # The champion re-scored on this iteration's test split when it could be; else its recorded score.
+        champion_score = metric("champion") if metric("champion") is not None else (current[1] if current else None)
+        decision = registry.gate(evidence, champion_score,
                                  registry.Rules(rules.min_improvement, rules.max_forgetting, rules.smoke_prompts > 0))
         registry.record(name, version, decision)
         mlflow.log_params({"version": version, "decision": "pass" if decision.passed else "fail"})
