@@ -55,13 +55,14 @@ def data_stage(config: LifecycleConfig, out_dir: str, tokenizer_dir: str, parent
         mlflow.log_artifact(result["rejects"], "data_card")
         mlflow.log_figure(_length_plot(result["lengths"], config.finetune.max_seq_length),
                           "data_card/token_lengths.png")
-        train = read_examples(result["train"])
-        mlflow.log_text("".join(e.to_json() + "\n" for e in train[:10]), "data_card/samples.jsonl")
         mlflow.log_text(json.dumps({"counts": result["counts"], "mixed_train": result["mixed_train"]}, indent=2),
                         "data_card/counts.json")
         for split_name in ("train", "validation", "test"):
-            frame = pd.DataFrame([e.__dict__ for e in read_examples(result[split_name])])
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=result[split_name], name=f"{split_name}"),
+            examples = read_examples(result[split_name])
+            if split_name == "train":
+                mlflow.log_text("".join(e.to_json() + "\n" for e in examples[:10]), "data_card/samples.jsonl")
+            frame = pd.DataFrame([e.__dict__ for e in examples])
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=result[split_name], name=split_name),
                              context=split_name)
         print(f"data: {result['counts']}; mixed train {result['mixed_train']} ({Path(result['rejects']).name})")
     return result
