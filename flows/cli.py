@@ -13,6 +13,8 @@ from infra import local
 
 app = typer.Typer(help="tuneline: an LLM fine-tuning lifecycle, scope to deployment.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+feedback_app = typer.Typer(help="Production feedback captured by the service.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 
 def _fail(message: str) -> None:
@@ -49,20 +51,14 @@ def down() -> None:
 @app.command()
 def check(config: Path) -> None:
     """Validate a lifecycle config without running it."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        _fail(str(exc))
+    cfg = _config(config)
     typer.echo(f"{config}: ok ({cfg.task.name}, {len(cfg.models.candidates)} candidate models)")
 
 
 @app.command()
 def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", help="override deploy.serve")) -> None:
     """Run one lifecycle iteration against the local stack (start it first with `tuneline up`)."""
-    try:
-        load_config(config)
-    except ConfigError as exc:
-        _fail(str(exc))
+    _config(config)
     _connect(prefect=True)
     from flows.lifecycle import lifecycle  # after the environment points Prefect and MLflow at the stack
 
@@ -75,6 +71,53 @@ def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", hel
         typer.echo(f"Service: {url}/v1/chat/completions   try:\n  curl -s {url}/v1/chat/completions "
                    "-H 'content-type: application/json' "
                    "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Review: Love it. Return JSON.\"}]}'")
+
+
+def _config(path: Path):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def deploy(version: str = typer.Argument(None, help="registered version; default: the champion"),
+           config: Path = typer.Option(Path("configs/demo.yaml"), help="lifecycle config: model name, port, limits")
+           ) -> None:
+    """Build VERSION of the registered model into a Bento, serve it on 127.0.0.1 and smoke-test it."""
+    cfg = _config(config)
+    cfg.deploy.serve = True
+    _connect(prefect=True)
+    import mlflow  # noqa: PLC0415 - after the environment points at the stack
+
+    from flows.deploy import deploy_stage  # noqa: PLC0415
+    from tasks import tracking  # noqa: PLC0415
+
+    home = local.configure_env()
+    tracking.use(mlflow.get_tracking_uri(), cfg.name, artifact_root=home / "mlflow" / "artifacts")
+    try:
+        result = deploy_stage(cfg, str(home), version=version)
+    except Exception as exc:  # MLflow's message names the missing model or version
+        _fail(f"deploy of {cfg.registered_model} {version or 'champion'}: {exc}")
+    if not result["served"]:
+        _fail(f"{cfg.registered_model}: {result['reason']}")
+    typer.echo(f"serving {result['model']} ({result['bento']}) at {result['url']}/v1/chat/completions")
+
+
+@feedback_app.command("export")
+def feedback_export(out: Path, since: int = typer.Option(0, help="only feedback with a larger id"),
+                    approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this"),
+                    task: str = typer.Option("feedback", help="task name written on each example")) -> None:
+    """Write the corrections users sent to the service as a JSONL dataset (id, system, user, assistant, task)."""
+    from tasks.feedback import export  # noqa: PLC0415
+
+    db = Path(os.environ.get("TUNELINE_FEEDBACK_DB", local.state_dir() / "feedback.db"))
+    try:
+        found = export(db, out, since, approve_at, task)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"{out}: {len(found.examples)} examples from feedback up to id {found.last_id} "
+               f"({found.skipped} rated without a correction, not exported)")
 
 
 @app.command()

@@ -141,6 +141,13 @@ class GateConfig(_Strict):
 class DeployConfig(_Strict):
     serve: bool = True
     port: int = Field(3000, gt=0, lt=65536)
+    max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
+    max_tokens: int = Field(256, gt=0, description="the default and the largest max_tokens a request may ask for")
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """What the service enforces, baked into the Bento."""
+        return {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens": self.max_tokens}
 
 
 class LifecycleConfig(_Strict):

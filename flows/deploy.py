@@ -1,4 +1,5 @@
-"""Stage 8, deploy: the champion from the MLflow registry becomes a Bento, served on 127.0.0.1 and smoke-tested."""
+"""Stage 8, deploy: a registered version (default: the champion) becomes a Bento, served on 127.0.0.1 and
+smoke-tested. Runs at the end of each lifecycle iteration and alone through `tuneline deploy [VERSION]`."""
 
 from __future__ import annotations
 
@@ -8,35 +9,46 @@ import mlflow
 from prefect import flow
 
 from flows.config import LifecycleConfig
+from flows.data import task_spec
 from tasks import packaging, registry
-from tasks.datasets import read_examples
+from tasks.datasets import to_examples
 from tasks.tracking import stage_run
 
 
+def _probe(config: LifecycleConfig) -> str:
+    """The first usable record of the task's data, rendered as training renders it: a realistic smoke prompt."""
+    spec = task_spec(config.task, config.data.seed, config.finetune.max_seq_length)
+    return to_examples(spec, on_bad_rows="skip").examples[0].user
+
+
 @flow(name="deploy")
-def deploy_stage(config: LifecycleConfig, test_path: str, home: str, parent_run_id: str,
-                 built: dict[str, str] | None = None) -> dict:
-    """Serve the current champion; `built` maps versions to Bentos the promote stage already built."""
+def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None = None, version: str | None = None,
+                 built: dict[str, str] | None = None, probe: str | None = None) -> dict:
+    """Serve `version` of the registered model (default: the champion); `built` maps versions to Bentos already
+    built by the promote stage. Outside a lifecycle run, the deploy is its own MLflow run."""
     name = config.registered_model
-    with stage_run("deploy", parent_run_id, registered_model=name):
-        current = registry.champion(name)
-        if current is None:
-            print(f"deploy: {name} has no champion yet; nothing to serve")
-            return {"served": False, "reason": "no champion"}
-        version = current[0]
+    run = stage_run("deploy", parent_run_id, registered_model=name) if parent_run_id else \
+        mlflow.start_run(run_name="deploy", tags={"tuneline.stage": "deploy"})
+    with run:
+        if version is None:
+            current = registry.champion(name)
+            if current is None:
+                print(f"deploy: {name} has no champion yet; nothing to serve")
+                return {"served": False, "reason": "no champion"}
+            version = current[0]
         tag = (built or {}).get(version)
         if tag is None:
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = registry.download(name, version, tmp)
-                tag = packaging.build_bento(str(model_dir), name, version, config.task.system_prompt)
+                tag = packaging.build_bento(str(model_dir), name, version, config.task.system_prompt,
+                                            config.deploy.limits)
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             return {"served": False, "bento": tag, "version": version}
         url = packaging.serve(tag, config.deploy.port, home)
-        probe = read_examples(test_path)[0]
-        reply = packaging.chat(url, probe.user, max_tokens=config.task.max_answer_tokens)
+        question = probe or _probe(config)
+        reply = packaging.chat(url, question, max_tokens=config.task.max_answer_tokens)
         answer = reply["choices"][0]["message"]["content"]
-        mlflow.log_text(f"Q: {probe.user}\nA: {answer}\nexpected: {probe.assistant}\n", "smoke_test.txt")
+        mlflow.log_text(f"Q: {question}\nA: {answer}\n", "smoke_test.txt")
         print(f"deploy: {name} v{version} served at {url}; answer to a test prompt: {answer!r}")
-    return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer,
-            "model": reply["model"]}
+    return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer, "model": reply["model"]}

@@ -21,7 +21,7 @@ from flows.promote import promote_stage
 from flows.select import select_stage
 from infra.local import configure_env
 from tasks import registry, tracking
-from tasks.datasets import SPLITS
+from tasks.datasets import SPLITS, read_examples
 from tasks.models import provision_model
 from tasks.training import require_device
 
@@ -55,7 +55,8 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
         report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid, champion_dir)
         verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits["test"], str(home), pid)
         built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
-        service = deploy_stage(config, splits["test"], str(home), pid, built)
+        probe = read_examples(splits["test"])[0].user
+        service = deploy_stage(config, str(home), pid, built=built, probe=probe)
 
     return {
         "mlflow_run_id": pid,

@@ -27,7 +27,7 @@ def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str,
                                     rules.metric)
         bento, smoke = None, None
         if rules.smoke_prompts:
-            bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt)
+            bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt, config.deploy.limits)
             prompts = [e.user for e in read_examples(test_path)[: rules.smoke_prompts]]
             smoke = packaging.smoke_compare(tuned_dir, bento, prompts, config.task.system_prompt,
                                             config.task.max_answer_tokens, home, free_port())

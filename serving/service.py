@@ -1,60 +1,342 @@
-"""The champion behind an OpenAI-style chat endpoint. Stands alone: imports nothing from flows/ or tasks/.
+"""The champion behind an OpenAI-compatible API. Stands alone: imports nothing from flows/ or tasks/.
 
-The model, its registry name and version and the system prompt it was trained with come from the BentoML
-model `tuneline-chat`, baked into the Bento at build time.
+Two BentoML services in one Bento:
+- `Chat` (the entry point) speaks OpenAI's schema, checks limits and the API key, renders the prompt with
+  the training chat template, records every answer and the feedback on it in SQLite;
+- `Generator` holds the weights; its batchable `generate` lets BentoML's adaptive batcher group the
+  concurrent requests `Chat` forwards into one `model.generate` call.
+The model, its registry name and version, its system prompt and the limits come from the BentoML model
+`tuneline-chat`, baked into the Bento at build time.
+
+Environment: TUNELINE_API_KEY (if set, `Authorization: Bearer <key>` is required on /v1 and /feedback),
+TUNELINE_FEEDBACK_DB (default $TUNELINE_HOME/feedback.db), TUNELINE_BATCHING=off (one generation at a time:
+the benchmark's sequential reference).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sqlite3
+import threading
 import time
+import typing as t
 import uuid
+from pathlib import Path
 
 import bentoml
 from bentoml.models import BentoModel
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL = BentoModel("tuneline-chat:latest")
+BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
+MAX_BODY_BYTES = 1_000_000
+TIMEOUT_S = 300
 
 
-@bentoml.service(name="tuneline-chat", traffic={"timeout": 300}, workers=1)
-class TunelineChat:
-    model_ref = BentoModel("tuneline-chat:latest")
+# ---------------------------------------------------------------- generation
+
+
+@bentoml.service(name="tuneline-generator", traffic={"timeout": TIMEOUT_S}, workers=1)
+class Generator:
+    """Token ids in, text out. Requests come from `Chat` only; they are already validated there."""
+
+    model_ref = MODEL
 
     def __init__(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = self.model_ref.path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_ref.path, use_safetensors=True).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.lock = threading.Lock()  # a stream and a batch at once would only fight over the same cores
+
+    def _sampling(self, request: dict) -> dict:
+        sample = request["temperature"] > 0
+        return {"do_sample": sample, "temperature": request["temperature"] if sample else None,
+                "top_p": request["top_p"] if sample else None, "top_k": None, "pad_token_id": self.pad}
+
+    def _finish(self, tokens: list[int], max_tokens: int) -> tuple[list[int], str]:
+        for i, token in enumerate(tokens[:max_tokens]):
+            if token in self.eos:
+                return tokens[:i], "stop"
+        return tokens[:max_tokens], "length" if len(tokens) >= max_tokens else "stop"
+
+    def _generate_group(self, group: list[dict]) -> list[dict]:
+        """One left-padded `generate` for requests that share sampling settings."""
+        width = max(len(r["ids"]) for r in group)
+        ids = [[self.pad] * (width - len(r["ids"])) + r["ids"] for r in group]
+        mask = [[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in group]
+        with self.lock, self.torch.no_grad():
+            out = self.model.generate(
+                input_ids=self.torch.tensor(ids), attention_mask=self.torch.tensor(mask),
+                max_new_tokens=max(r["max_tokens"] for r in group), **self._sampling(group[0]))
+        results = []
+        for row, request in zip(out[:, width:].tolist(), group):
+            tokens, finish = self._finish(row, request["max_tokens"])
+            results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True),
+                            "completion_tokens": len(tokens), "finish_reason": finish})
+        return results
+
+    @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=TIMEOUT_S * 1000)
+    def generate(self, requests: list[dict]) -> list[dict]:
+        # The batcher drops requests it expects to miss max_latency_ms (a 503); generation on CPU takes
+        # seconds, so the bound is the request timeout itself.
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request["temperature"], request["top_p"]), []).append(i)
+        results: list[dict] = [{}] * len(requests)
+        for members in groups.values():
+            for i, result in zip(members, self._generate_group([requests[i] for i in members])):
+                results[i] = result
+        return results
+
+    @bentoml.api
+    def stream(self, request: dict) -> t.Generator[str, None, None]:
+        """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason", "completion_tokens"}."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        produced: dict = {}
+
+        def run() -> None:
+            with self.lock, self.torch.no_grad():
+                out = self.model.generate(input_ids=self.torch.tensor([request["ids"]]), streamer=streamer,
+                                          max_new_tokens=request["max_tokens"], **self._sampling(request))
+            produced["tokens"] = out[0, len(request["ids"]):].tolist()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield json.dumps({"text": piece}) + "\n"
+        worker.join()
+        tokens, finish = self._finish(produced.get("tokens", []), request["max_tokens"])
+        yield json.dumps({"finish_reason": finish, "completion_tokens": len(tokens)}) + "\n"
+
+
+# ---------------------------------------------------------------- the OpenAI-compatible front
+
+
+class TextPart(BaseModel):
+    type: t.Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: t.Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat-completions request; fields this service does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here) is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+    @property
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    response_id: str = Field(min_length=1, max_length=100)
+    rating: int = Field(ge=1, le=5, description="1 (wrong) … 5 (right)")
+    correction: str | None = Field(None, max_length=20_000, description="the answer it should have given")
+    comment: str | None = Field(None, max_length=2_000)
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class Store:
+    """Every answer and the feedback on it, in SQLite (WAL): the next round's training data."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT NOT NULL,
+        messages TEXT NOT NULL, answer TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,
+        response_id TEXT NOT NULL REFERENCES responses(id), rating INTEGER NOT NULL, correction TEXT,
+        comment TEXT);
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(self.SCHEMA)
+        self.lock = threading.Lock()
+
+    def save_response(self, rid: str, model: str, messages: list[dict], answer: str) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+                            (rid, time.time(), model, json.dumps(messages), answer))
+
+    def save_feedback(self, fb: FeedbackRequest) -> int | None:
+        with self.lock:
+            if self.db.execute("SELECT 1 FROM responses WHERE id = ?", (fb.response_id,)).fetchone() is None:
+                return None
+            cursor = self.db.execute(
+                "INSERT INTO feedback (created, response_id, rating, correction, comment) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), fb.response_id, fb.rating, fb.correction, fb.comment))
+            return int(cursor.lastrowid)
+
+
+def require_key(authorization: str | None = Header(None)) -> None:
+    expected = os.environ.get("TUNELINE_API_KEY")
+    if expected and authorization != f"Bearer {expected}":
+        raise HTTPException(401, "missing or wrong API key: send `Authorization: Bearer <TUNELINE_API_KEY>`")
+
+
+app = FastAPI(title="tuneline chat", description="The promoted model, OpenAI-compatible.")
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next):
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        return _error(413, f"request body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    return await call_next(request)
+
+
+@app.exception_handler(RequestValidationError)
+async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":  # loc is ("body", character offset)
+        return _error(400, f"body: not valid JSON ({first['ctx'].get('error', 'decode error')} at character "
+                           f"{first['loc'][-1]})", "body")
+    where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    return _error(400, f"{where}: {first['msg']}", where)
+
+
+@app.exception_handler(HTTPException)
+async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+    return _error(exc.status_code, str(exc.detail), kind=kind)
+
+
+@bentoml.service(name="tuneline-chat", traffic={"timeout": TIMEOUT_S}, workers=1)
+@bentoml.asgi_app(app)
+class Chat:
+    model_ref = MODEL
+    generator = bentoml.depends(Generator)
+
+    def __init__(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         meta = self.model_ref.info.metadata
         self.model_id = f"{meta['registered_model']}/{meta['version']}"
+        self.created = int(time.time())
         self.system_prompt = meta.get("system_prompt", "")
-        self.torch = torch
+        self.max_prompt_tokens = int(meta.get("max_prompt_tokens", 1024))
+        self.max_tokens = int(meta.get("max_tokens", 256))
+        home = Path(os.environ.get("TUNELINE_HOME", "."))
+        self.store = Store(Path(os.environ.get("TUNELINE_FEEDBACK_DB", home / "feedback.db")))
 
-    def _prompt_ids(self, messages: list[dict]):
-        # Same rendering as training and evaluation: the tokenizer's chat template, the trained system prompt.
-        if self.system_prompt and (not messages or messages[0].get("role") != "system"):
+    def _prepare(self, body: ChatRequest) -> tuple[list[dict], dict]:
+        """The chat rendered as training rendered it (trained system prompt added if absent), limits checked."""
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        if not any(m["role"] == "user" for m in messages):
+            raise HTTPException(400, "messages: at least one message with role 'user' is required")
+        if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise HTTPException(400, f"messages: the prompt is {len(ids)} tokens; this service accepts at most "
+                                     f"{self.max_prompt_tokens}")
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.max_tokens
+        if max_tokens > self.max_tokens:
+            raise HTTPException(400, f"max_tokens: {max_tokens} is over this service's limit of {self.max_tokens}")
+        return messages, {"ids": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p}
 
-    @bentoml.api(route="/v1/chat/completions")
-    def chat_completions(self, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0,
-                         model: str = "") -> dict:
-        inputs = self._prompt_ids(messages)
-        with self.torch.no_grad():
-            out = self.model.generate(
-                **inputs, max_new_tokens=max_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            )
-        new = out[0][inputs["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        finished = len(new) < max_tokens or int(new[-1]) == self.tokenizer.eos_token_id
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop" if finished else "length"}],
-            "usage": {"prompt_tokens": int(inputs["input_ids"].shape[1]), "completion_tokens": int(len(new)),
-                      "total_tokens": int(inputs["input_ids"].shape[1] + len(new))},
-        }
+    def _completion(self, rid: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.get("/v1/models")
+    def models(self, _: None = Depends(require_key)) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
+                                            "owned_by": "tuneline"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, _: None = Depends(require_key)):
+        messages, request = self._prepare(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(self._stream(rid, messages, request, body.stops), media_type="text/event-stream")
+        [result] = await self.generator.to_async.generate([request])
+        text, stopped = _cut_at_stop(result["text"], body.stops)
+        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else result["completion_tokens"]
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
+        return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
+
+    async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str]):
+        """Server-sent events in OpenAI's chunk format; text that could begin a stop string is held back."""
+
+        def event(delta: dict, finish: str | None = None) -> str:
+            chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        text, sent, buffer, finish, stopped = "", 0, "", "length", False
+        hold = max((len(s) for s in stops), default=1) - 1
+        async for raw in self.generator.to_async.stream(request=request):
+            buffer += raw
+            *lines, buffer = buffer.split("\n")
+            for line in filter(None, lines):
+                item = json.loads(line)
+                if "finish_reason" in item:
+                    finish = item["finish_reason"]
+                elif not stopped:
+                    text, stopped = _cut_at_stop(text + item["text"], stops)
+            if stopped:
+                finish = "stop"
+                break
+            if len(text) - hold > sent:
+                yield event({"content": text[sent:len(text) - hold]})
+                sent = len(text) - hold
+        if len(text) > sent:
+            yield event({"content": text[sent:]})
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
+        yield event({}, finish)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/feedback")
+    def feedback(self, body: FeedbackRequest, _: None = Depends(require_key)) -> dict:
+        feedback_id = self.store.save_feedback(body)
+        if feedback_id is None:
+            raise HTTPException(404, f"response_id: no response {body.response_id!r} was served here")
+        return {"id": feedback_id, "response_id": body.response_id, "stored": True}

@@ -30,12 +30,13 @@ def _bentoml(*args: str) -> str:
 
 
 @task(name="build-bento")
-def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str) -> str:
-    """Put the model into BentoML's store with its registry identity, then build the Bento offline."""
+def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str,
+                limits: dict[str, int] | None = None) -> str:
+    """Put the model into BentoML's store with its registry identity and request limits, then build the Bento."""
+    metadata = {"registered_model": registered_model, "version": str(version), "system_prompt": system_prompt,
+                **(limits or {})}
     with bentoml.models.create(
-        BENTO_MODEL,
-        labels={"registered_model": registered_model, "version": str(version)},
-        metadata={"registered_model": registered_model, "version": str(version), "system_prompt": system_prompt},
+        BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
         for item in Path(model_dir).iterdir():
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
@@ -45,12 +46,18 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
 
 
 @task(name="serve-bento")
-def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: float = 180.0) -> str:
-    """`bentoml serve` the Bento on 127.0.0.1, replacing the process this project started under `name`."""
+def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: float = 180.0,
+          feedback_db: str | None = None) -> str:
+    """`bentoml serve` the Bento on 127.0.0.1, replacing the process this project started under `name`.
+
+    Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db."""
     home_path = Path(home)
     stop_started(name, home_path)
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
-    proc = spawn(name, cmd, os.environ.copy(), home_path, cwd=home_path)
+    env = {"TUNELINE_FEEDBACK_DB": str(home_path.resolve() / "feedback.db"), **os.environ}
+    if feedback_db:
+        env["TUNELINE_FEEDBACK_DB"] = feedback_db
+    proc = spawn(name, cmd, env, home_path, cwd=home_path)
     url = f"http://{HOST}:{port}"
 
     def ready() -> bool:
@@ -83,7 +90,7 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
 
     Returns one line per prompt answered differently (empty: the service is faithful to the model).
     """
-    url = serve.fn(bento_tag, port, home, name="bento-smoke")
+    url = serve.fn(bento_tag, port, home, name="bento-smoke", feedback_db=str(Path(home) / "smoke-answers.db"))
     try:
         model, tokenizer = load(Path(model_dir))
         failures = []
@@ -100,7 +107,9 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
 @task(name="chat-request", retries=2, retry_delay_seconds=2)
 def chat(url: str, content: str, max_tokens: int = 48) -> dict:
     """One chat request against the running service; the JSON reply."""
+    key = os.environ.get("TUNELINE_API_KEY")
     response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {key}"} if key else {},
                           json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
     response.raise_for_status()
     return response.json()

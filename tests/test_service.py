@@ -1,0 +1,155 @@
+"""The served Bento (serving/service.py) through a real `bentoml serve` process: the OpenAI client unchanged,
+streaming, limits and bad requests as 4xx, the API key, batching under concurrency, feedback into a dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from infra.local import free_port, stop_started
+from tasks import packaging
+
+KEY = "test-key-123"
+SYSTEM = "You answer briefly."
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, home, tmp_path_factory):
+    db = tmp_path_factory.mktemp("feedback") / "feedback.db"
+    bento = packaging.build_bento.fn(tiny_model, "svc-test", "7", SYSTEM, {"max_prompt_tokens": 64, "max_tokens": 16})
+    os.environ["TUNELINE_API_KEY"] = KEY  # read by the service process at request time
+    try:
+        url = packaging.serve.fn(bento, free_port(), str(home), name="bento-service-test", feedback_db=str(db))
+    finally:
+        del os.environ["TUNELINE_API_KEY"]
+    yield {"url": url, "db": db}
+    stop_started("bento-service-test", Path(home))
+
+
+@pytest.fixture()
+def client(service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service['url']}/v1", api_key=KEY, max_retries=0)
+
+
+def post(service, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(service["url"] + path, content=content, timeout=60,
+                      headers={"content-type": "application/json", **headers})
+
+
+def ask(client, content: str, **kwargs):
+    return client.chat.completions.create(model="svc-test/7", messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def test_openai_client_gets_a_completion_naming_the_served_version(client):
+    reply = ask(client, "Review: the kettle leaks", max_tokens=5)
+    assert reply.model == "svc-test/7" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].finish_reason == "length"  # the random tiny model never says EOS within 5 tokens
+    assert reply.usage.completion_tokens == 5 and reply.usage.prompt_tokens > 5
+    assert [m.id for m in client.models.list()] == ["svc-test/7"]
+
+
+def test_streaming_yields_the_same_text_as_a_plain_request(client):
+    plain = ask(client, "Review: great shoes", max_tokens=8).choices[0].message.content
+    chunks = list(ask(client, "Review: great shoes", max_tokens=8, stream=True))
+    assert len({c.id for c in chunks}) == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_cuts_the_answer_plain_and_streamed(client):
+    plain = ask(client, "Review: fine", max_tokens=12).choices[0].message.content
+    stop = plain[1:3] if len(plain) > 2 else plain[:1]
+    expected = plain[: plain.index(stop)]
+    cut = ask(client, "Review: fine", max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    streamed = list(ask(client, "Review: fine", max_tokens=12, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_settings_are_accepted(client):
+    reply = ask(client, "Review: ok", max_tokens=4, temperature=0.8, top_p=0.9)
+    assert reply.usage.completion_tokens <= 4
+
+
+@pytest.mark.parametrize(("body", "status", "names"), [
+    ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "x"}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "system", "content": "only a system prompt"}]}, 400, "role 'user'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 80}]}, 400, "at most 64"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": 42}]}, 400, "messages.0.content"),
+    ('{"messages": [', 400, "not valid JSON"),
+    ("x" * 1_000_001, 413, "limit"),
+])
+def test_bad_requests_get_a_4xx_naming_the_fault(service, body, status, names):
+    response = post(service, "/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    assert names in response.json()["error"]["message"]
+
+
+def test_api_key_is_required_except_for_health(service):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert post(service, "/v1/chat/completions", chat, key=None).status_code == 401
+    assert post(service, "/v1/chat/completions", chat, key="wrong").status_code == 401
+    assert post(service, "/feedback", {"response_id": "x", "rating": 1}, key=None).status_code == 401
+    assert httpx.get(service["url"] + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(service["url"] + "/readyz", timeout=10).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        ask(openai.OpenAI(base_url=f"{service['url']}/v1", api_key="wrong", max_retries=0), "hi", max_tokens=2)
+
+
+def test_concurrent_requests_are_batched_and_each_answered_and_recorded(client, service):
+    questions = [f"Review: item {i} " + "long " * (i % 5) for i in range(12)]
+    alone = [ask(client, q, max_tokens=6).choices[0].message.content for q in questions[:3]]
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda q: ask(client, q, max_tokens=6), questions))
+    assert len({r.id for r in replies}) == 12
+    assert [r.choices[0].message.content for r in replies[:3]] == alone  # left padding changes no greedy answer
+    with sqlite3.connect(service["db"]) as db:
+        stored = {row[0] for row in db.execute("SELECT id FROM responses")}
+    assert {r.id for r in replies} <= stored
+
+
+def test_feedback_round_trip_into_a_training_dataset(client, service, tmp_path, monkeypatch):
+    wrong = ask(client, "Review: the lid broke", max_tokens=4)
+    right = ask(client, "Review: lovely mug", max_tokens=4)
+    correction = '{"product": "lid", "sentiment": "negative"}'
+    assert post(service, "/feedback", {"response_id": wrong.id, "rating": 1, "correction": correction}).status_code == 200
+    assert post(service, "/feedback", {"response_id": right.id, "rating": 5}).status_code == 200
+    missing = post(service, "/feedback", {"response_id": "chatcmpl-nope", "rating": 2})
+    assert missing.status_code == 404 and "chatcmpl-nope" in missing.json()["error"]["message"]
+    assert post(service, "/feedback", {"response_id": right.id, "rating": 9}).status_code == 400
+
+    monkeypatch.setenv("TUNELINE_FEEDBACK_DB", str(service["db"]))
+    out = tmp_path / "feedback.jsonl"
+    result = CliRunner().invoke(app, ["feedback", "export", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    mine = [r for r in rows if r["user"] == "Review: the lid broke"]
+    assert mine == [{"id": mine[0]["id"], "system": SYSTEM, "user": "Review: the lid broke",
+                     "assistant": correction, "task": "feedback"}]
+    assert not any(r["user"] == "Review: lovely mug" for r in rows)  # approved, but not asked for
+
+    result = CliRunner().invoke(app, ["feedback", "export", str(out), "--approve-at", "4"])
+    served = right.choices[0].message.content
+    assert {"user": "Review: lovely mug", "assistant": served} in [
+        {"user": r["user"], "assistant": r["assistant"]} for r in map(json.loads, out.read_text().splitlines())]
+    last = int(result.output.split("up to id ")[1].split()[0])
+    CliRunner().invoke(app, ["feedback", "export", str(out), "--since", str(last)])
+    assert out.read_text() == ""  # nothing newer than the last round
