@@ -20,6 +20,8 @@ from lm_eval.tasks import TaskManager
 
 EVALS = Path(__file__).resolve().parent
 SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
+COT_TASK = EVALS / "tasks" / "chain_of_thought.yaml"
+RETRIEVED_TASK = EVALS / "tasks" / "retrieved_shots.yaml"
 GENERAL_TASK = EVALS / "tasks" / "general_mc.yaml"
 GENERAL_DATA = EVALS / "data" / "general.jsonl"
 GENERAL = "tuneline_general"
@@ -30,24 +32,38 @@ TEXT_METRICS = {"field_f1": EVALS / "metrics" / "json_fields.py", "rougeL": EVAL
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
 
-def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int) -> Path:
-    """One lm-eval task per scored split (`<task>_validation`, `<task>_test`); returns the folder holding them."""
+def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
+                reasoning_tokens: int = 192) -> Path:
+    """One lm-eval task per scored split (`<task>_validation`, `<task>_test`) and its chain-of-thought variant
+    (`…_cot`, with `reasoning_tokens` more to generate); returns the folder holding them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_files = {name: str(Path(path).resolve()) for name, path in splits.items()}
     for split in ("validation", "test"):
-        spec = {
-            "include": str(SHARED_TASK),
-            "task": f"{task}_{split}",
-            "dataset_kwargs": {"data_files": data_files},
-            "test_split": split,
-            "generation_kwargs": {"do_sample": False, "max_gen_toks": max_answer_tokens},
-        }
-        (out / f"{task}_{split}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        _write_task(out, f"{task}_{split}", SHARED_TASK, data_files, split,
+                    {"do_sample": False, "max_gen_toks": max_answer_tokens})
+        _write_task(out, f"{task}_{split}_cot", COT_TASK, data_files, split,
+                    {"do_sample": False, "until": ["\n\n\n"], "max_gen_toks": max_answer_tokens + reasoning_tokens})
     general = {"include": str(GENERAL_TASK), "task": GENERAL,
                "dataset_kwargs": {"data_files": {"test": str(GENERAL_DATA)}}}
     (out / f"{GENERAL}.yaml").write_text(yaml.safe_dump(general, sort_keys=False))
     return out
+
+
+def write_retrieved_tasks(task: str, files: dict[str, str], out_dir: str | Path, max_answer_tokens: int) -> Path:
+    """`<task>_<split>_retrieved` for each split in `files`, whose records carry their own retrieved `shots`."""
+    out = Path(out_dir)
+    data_files = {name: str(Path(path).resolve()) for name, path in files.items()}
+    for split in files:
+        _write_task(out, f"{task}_{split}_retrieved", RETRIEVED_TASK, data_files, split,
+                    {"do_sample": False, "max_gen_toks": max_answer_tokens}, fewshot_split=split)
+    return out
+
+
+def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str, generation: dict, **extra) -> None:
+    spec = {"include": str(shared), "task": name, "dataset_kwargs": {"data_files": data_files},
+            "test_split": split, **extra, "generation_kwargs": generation}
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def general_accuracy(model, tokenizer, tasks_dir: str | Path, *, limit: int | None = None, batch_size: int = 8,
@@ -100,8 +116,11 @@ def _metric(path: Path):
 
 
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
-             limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
-    """Score a loaded model on one generated task; returns score, stderr, n, text metrics and every sample."""
+             chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+    """Score a loaded model on one generated task; returns score, stderr, n, text metrics and every sample.
+
+    `chat`: render with the model's chat template and the system prompt (shots as earlier turns), as training
+    and serving do; otherwise plain text continuation with neither."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = simple_evaluate(
         model=lm,
@@ -109,15 +128,16 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         num_fewshot=shots,
         limit=limit,
         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-        apply_chat_template=True,
-        fewshot_as_multiturn=True,
-        system_instruction=system_prompt or None,
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+        system_instruction=(system_prompt or None) if chat else None,
         log_samples=True,
         bootstrap_iters=1000,
         random_seed=0,
         fewshot_random_seed=1234,
     )
     scores = results["results"][task]
+    key = next(k for k in scores if k.startswith(f"{METRIC},"))  # "exact_match,<filter>"
     samples = [
         {
             "doc_id": s["doc_id"],
@@ -129,10 +149,10 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         for s in results["samples"][task]
     ]
     return {
-        "score": float(scores[f"{METRIC},none"]),
-        "stderr": _stderr(scores.get(f"{METRIC}_stderr,none")),
+        "score": float(scores[key]),
+        "stderr": _stderr(scores.get(key.replace(",", "_stderr,", 1))),
         "n": len(samples),
-        "metrics": {METRIC: float(scores[f"{METRIC},none"]), **text_metrics(samples)},
+        "metrics": {METRIC: float(scores[key]), **text_metrics(samples)},
         "samples": samples,
     }
 

@@ -1,31 +1,53 @@
-"""Stage 4, baseline: prompt engineering on the chosen model. The best baseline is the bar to clear."""
+"""Stage 4, baseline: prompt engineering on the chosen model (zero- and k-shot, chain of thought,
+retrieval-picked shots; each with and without the chat template). The best prompt is the bar to clear."""
 
 from __future__ import annotations
 
 import mlflow
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
+from evals.runner import write_retrieved_tasks
 from flows.config import LifecycleConfig
+from tasks.retrieval import attach_shots
 from tasks.scoring import score
 from tasks.tracking import log_eval, stage_run
 
 
 @flow(name="baseline")
-def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, parent_run_id: str) -> dict:
-    task = config.task
+def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits: dict[str, str],
+                   parent_run_id: str) -> dict:
+    task, plan = config.task, config.baseline.variants()
     results = {}
-    with stage_run("baseline", parent_run_id, model=chosen["source"], shots=str(config.baseline.shots)):
-        for shots in config.baseline.shots:
-            if shots == 0:  # selection already scored exactly this prompt on this split
+    with stage_run("baseline", parent_run_id, model=chosen["source"], prompts=len(plan)):
+        if config.baseline.retrieval_shots:  # validation for choosing, test for the evaluate stage
+            files = attach_shots(splits["train"], {s: splits[s] for s in ("validation", "test")},
+                                 config.baseline.retrieval_shots, tasks_dir)
+            write_retrieved_tasks(task.name, files, tasks_dir, task.max_answer_tokens)
+        for v in plan:
+            if v["kind"] == "fewshot" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
                 result = chosen["result"]
             else:
-                result = score(chosen["model_dir"], tasks_dir, f"{task.name}_validation",
-                               system_prompt=task.system_prompt, shots=shots, limit=task.max_validation_examples,
-                               batch_size=config.evaluation.batch_size)
-            log_eval(f"baseline {shots}-shot", result, shots=shots, split="validation")
-            results[f"{shots}-shot"] = {"shots": shots, "score": result["score"], "stderr": result["stderr"]}
-        best_name = max(results, key=lambda name: results[name]["score"])
-        mlflow.log_metrics({f"score_{name}": r["score"] for name, r in results.items()})
-        mlflow.log_params({"best_baseline": best_name})
-        print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})}; best {best_name}")
-    return {"best": best_name, "shots": results[best_name]["shots"], "all": results}
+                result = score(chosen["model_dir"], tasks_dir, f"{task.name}_validation{v['suffix']}",
+                               system_prompt=task.system_prompt, shots=v["shots"], chat=v["chat"],
+                               limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
+            log_eval(f"baseline {v['name']}", result, kind=v["kind"], shots=v["shots"], chat_template=v["chat"],
+                     split="validation")
+            results[v["name"]] = {**v, "score": result["score"], "stderr": result["stderr"],
+                                  "field_f1": result["metrics"]["field_f1"]}
+        best = max(results.values(), key=lambda r: r["score"])  # first of equals: the simpler prompt
+        mlflow.log_metrics({f"score_{name.replace(',', '').replace(' ', '_')}": r["score"]
+                            for name, r in results.items()})
+        mlflow.log_params({"best_baseline": best["name"]})
+        table = "\n".join(f"| {name} | {r['score']:.3f} ± {r['stderr']:.3f} | {r['field_f1']:.3f} |"
+                          for name, r in results.items())
+        create_markdown_artifact(
+            key="baseline",
+            markdown=f"## Prompt baselines on {chosen['source']} (validation split)\n\n"
+                     f"| prompt | exact match ± se | field F1 |\n|---|---|---|\n{table}\n\n"
+                     f"Bar for fine-tuning: **{best['name']}** (best exact match; ties keep the simpler prompt). "
+                     "Each prompt's samples are in its MLflow run.",
+        )
+        print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})}; best {best['name']}")
+    variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}
+    return {"best": best["name"], "variant": variant, "all": results}

@@ -60,8 +60,18 @@ class TaskConfig(_Strict):
         return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
 
 
+class BudgetConfig(_Strict):
+    """Selection picks the best validation score among the candidates within these limits (None: no limit)."""
+
+    max_parameters: int | None = Field(None, gt=0)
+    min_tokens_per_s: float | None = Field(None, gt=0, description="greedy generation speed on this machine")
+    max_memory_mb: float | None = Field(None, gt=0, description="peak process memory while generating")
+
+
 class ModelsConfig(_Strict):
     candidates: list[str] = Field(min_length=1)
+    budget: BudgetConfig = BudgetConfig()
+    cost_tokens: int = Field(32, gt=0, description="tokens generated to measure each candidate's speed")
 
     @field_validator("candidates")
     @classmethod
@@ -73,7 +83,25 @@ class ModelsConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
-    shots: list[int] = Field(default_factory=lambda: [0, 3])
+    """The prompt-engineering baselines scored on the chosen model; the best is the bar fine-tuning must clear."""
+
+    shots: list[int] = Field(default_factory=lambda: [0, 3], description="k-shot with random training examples")
+    chain_of_thought: bool = True
+    reasoning_tokens: int = Field(192, gt=0, description="extra tokens a chain-of-thought reply may use")
+    retrieval_shots: int = Field(3, ge=0, description="k nearest training examples by MiniLM embedding; 0: off")
+    without_chat_template: bool = Field(True, description="also score each prompt as plain text, no system prompt")
+
+    def variants(self) -> list[dict]:
+        """Every prompt to score, simplest first (a tie keeps the simpler prompt)."""
+        kinds = [("fewshot", k, "", f"{k}-shot") for k in self.shots]
+        if self.chain_of_thought:
+            kinds.append(("cot", 0, "_cot", "chain of thought"))
+        if self.retrieval_shots:
+            kinds.append(("retrieved", self.retrieval_shots, "_retrieved", f"{self.retrieval_shots} retrieved shots"))
+        return [{"name": f"{label}, {'chat' if chat else 'plain'}", "kind": kind, "shots": shots, "suffix": suffix,
+                 "chat": chat}
+                for chat in ([True, False] if self.without_chat_template else [True])
+                for kind, shots, suffix, label in kinds]
 
     @field_validator("shots")
     @classmethod

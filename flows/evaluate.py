@@ -51,22 +51,26 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
     task, gate_metric = config.task, config.gate.metric
     common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
                   batch_size=config.evaluation.batch_size)
-    plan = {"base": (base_dir, 0)}
-    if baseline["shots"]:
-        plan["baseline"] = (base_dir, baseline["shots"])
-    plan["finetuned"] = (tuned_dir, 0)
+    plain = {"kind": "fewshot", "shots": 0, "suffix": "", "chat": True}  # the prompt training and serving use
+    prompt = baseline["variant"]
+    plan = {"base": (base_dir, plain)}
+    if prompt != {**prompt, **plain}:  # the best baseline is not simply the base model zero-shot
+        plan["baseline"] = (base_dir, prompt)
+    plan["finetuned"] = (tuned_dir, plain)
     if champion_dir:
-        plan["champion"] = (champion_dir, 0)
+        plan["champion"] = (champion_dir, plain)
 
     results, general, crashed = {}, {}, {}
     with stage_run("evaluate", parent_run_id, split="test", gate_metric=gate_metric):
-        for name, (folder, shots) in plan.items():
+        for name, (folder, v) in plan.items():
             try:
-                results[name] = score(folder, tasks_dir, f"{task.name}_test", shots=shots, **common)
+                results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],
+                                      chat=v["chat"], **common)
             except Exception as exc:  # recorded for the gate, which fails on any crash; the report goes on
                 crashed[name] = f"{type(exc).__name__}: {exc}"
                 continue
-            log_eval(f"test {name}", results[name], shots=shots, split="test")
+            log_eval(f"test {name}", results[name], prompt=v.get("name", "0-shot, chat"), shots=v["shots"],
+                     chat_template=v["chat"], split="test")
             if name != "baseline":
                 try:
                     general[name] = score_general(folder, tasks_dir, limit=config.evaluation.general_limit,
@@ -118,7 +122,7 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
 def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict) -> str:
     lines = ["## Evaluation on the test split", "",
              "| model | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
-    label = {"baseline": f"best baseline ({baseline['best']})", "base": "base (0-shot)"}
+    label = {"baseline": f"best baseline ({baseline['best']})", "base": "base (0-shot, chat)"}
     for name, r in rows.items():
         general = "–" if r["general_acc"] is None else f"{r['general_acc']:.3f}"
         lines.append(f"| {label.get(name, name)} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | "

@@ -44,9 +44,10 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
         # Token lengths are counted with the first candidate's tokenizer; selection reuses the converted model.
         splits = data_stage(config, str(run_dir / "data"), provision_model(config.models.candidates[0], store), pid)
         split_files = {name: splits[name] for name in SPLITS}
-        tasks_dir = str(write_tasks(config.task.name, split_files, run_dir / "eval_tasks", config.task.max_answer_tokens))
-        chosen = select_stage(config, store, tasks_dir, pid)
-        baseline = baseline_stage(config, chosen, tasks_dir, pid)
+        tasks_dir = str(write_tasks(config.task.name, split_files, run_dir / "eval_tasks", config.task.max_answer_tokens,
+                                    config.baseline.reasoning_tokens))
+        chosen = select_stage(config, store, tasks_dir, splits["validation"], pid)
+        baseline = baseline_stage(config, chosen, tasks_dir, split_files, pid)
         files = {k: splits[k] for k in ("train", "validation", "per_task")}
         tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
         champion = registry.champion(config.registered_model)

@@ -1,4 +1,5 @@
-"""Stage 3, select: every candidate model scored zero-shot on the validation split; the best one goes on."""
+"""Stage 3, select: every candidate model scored zero-shot on the validation split and measured for cost
+(parameters, generation tokens/s, peak memory); the configured rule picks one."""
 
 from __future__ import annotations
 
@@ -7,38 +8,43 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
+from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
 from tasks.scoring import score
+from tasks.selection import Budget, choose, measure_cost
 from tasks.tracking import log_eval, stage_run
 
 
 @flow(name="select")
-def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, parent_run_id: str) -> dict:
-    task = config.task
+def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation_path: str, parent_run_id: str) -> dict:
+    task, models = config.task, config.models
+    probe = chat_messages(read_examples(validation_path)[0], with_answer=False)  # a real prompt for the timing
     rows = []
-    with stage_run("select", parent_run_id, candidates=",".join(config.models.candidates)):
-        for source in config.models.candidates:
+    with stage_run("select", parent_run_id, candidates=",".join(models.candidates),
+                   **{f"budget_{k}": v for k, v in models.budget.model_dump().items() if v is not None}):
+        for source in models.candidates:
             folder = provision_model(source, store)
             info = model_info(folder)
+            cost = measure_cost(folder, probe, models.cost_tokens)
             result = score(folder, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
                            shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
-            log_eval(f"candidate {source}", result, source=source, parameters=info["parameters"],
-                     instruct=info["instruct"], shots=0, split="validation")
-            rows.append({"source": source, "model_dir": folder, "parameters": info["parameters"],
-                         "instruct": info["instruct"], "score": result["score"], "stderr": result["stderr"],
-                         "result": result})
-        # Best score; on a tie the smaller model is cheaper to train and serve.
-        best = max(rows, key=lambda r: (r["score"], -r["parameters"]))
+            log_eval(f"candidate {source}", result, metrics=cost, source=source, instruct=info["instruct"], shots=0,
+                     split="validation")
+            rows.append({"source": source, "model_dir": folder, "instruct": info["instruct"], **cost,
+                         "score": result["score"], "stderr": result["stderr"], "result": result})
+        best, reason = choose(rows, Budget(**models.budget.model_dump()))
         mlflow.log_params({"chosen": best["source"]})
         mlflow.log_metric("chosen_score", best["score"])
+        mlflow.set_tag("tuneline.reason", reason)
         table = "\n".join(
             f"| {r['source']} | {'instruct' if r['instruct'] else 'base'} | {r['parameters'] / 1e6:.1f}M "
-            f"| {r['score']:.3f} ± {r['stderr']:.3f} |" for r in rows
+            f"| {r['tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['score']:.3f} ± {r['stderr']:.3f} |"
+            for r in rows
         )
         create_markdown_artifact(
             key="select",
-            markdown=f"## Model selection\n\n| model | kind | params | validation score |\n|---|---|---|---|\n"
-                     f"{table}\n\nChosen: **{best['source']}** (best score; ties go to the smaller model).",
+            markdown="## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation exact match |\n"
+                     f"|---|---|---|---|---|---|\n{table}\n\nChosen: **{best['source']}**: {reason}.",
         )
-        print(f"select: chose {best['source']} ({best['score']:.3f})")
+        print(f"select: chose {best['source']}: {reason}")
     return best

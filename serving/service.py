@@ -239,7 +239,8 @@ async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 @app.exception_handler(HTTPException)
 async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(exc.status_code,
+                                                                                          "invalid_request_error")
     return _error(exc.status_code, str(exc.detail), kind=kind)
 
 
@@ -296,7 +297,10 @@ class Chat:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(self._stream(rid, messages, request, body.stops), media_type="text/event-stream")
-        [result] = await self.generator.to_async.generate([request])
+        try:
+            [result] = await self.generator.to_async.generate([request])
+        except Exception as exc:  # overloaded, timed out or restarting: the client may retry; never a bare 500
+            raise HTTPException(503, f"generation failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else result["completion_tokens"]
         await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
@@ -313,7 +317,15 @@ class Chat:
         yield event({"role": "assistant", "content": ""})
         text, sent, buffer, finish, stopped = "", 0, "", "length", False
         hold = max((len(s) for s in stops), default=1) - 1
-        async for raw in self.generator.to_async.stream(request=request):
+        pieces = self.generator.to_async.stream(request=request)
+        while True:
+            try:
+                raw = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # the status line is sent already: report the failure as the last event
+                yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(exc).__name__}', 'type': 'server_error', 'code': 503}})}\n\n"
+                return
             buffer += raw
             *lines, buffer = buffer.split("\n")
             for line in filter(None, lines):

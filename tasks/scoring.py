@@ -12,11 +12,12 @@ from tasks.models import load
 
 @task(name="score-model")
 def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
-          batch_size: int) -> dict:
-    """lm-eval score of the model in `model_dir` on a generated task, with the chat template and system prompt."""
+          batch_size: int, chat: bool = True) -> dict:
+    """lm-eval score of the model in `model_dir` on a generated task (chat template and system prompt unless
+    `chat` is off)."""
     model, tokenizer = load(Path(model_dir))
     return runner.evaluate(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt, shots=shots,
-                           limit=limit, batch_size=batch_size)
+                           chat=chat, limit=limit, batch_size=batch_size)
 
 
 @task(name="score-general")

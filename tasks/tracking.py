@@ -38,9 +38,10 @@ def stage_run(stage: str, parent_run_id: str, **params):
         yield run
 
 
-def log_eval(name: str, result: dict, **params) -> None:
+def log_eval(name: str, result: dict, metrics: dict[str, float] | None = None, **params) -> None:
     """One evaluation as its own nested run: score, stderr, n, params and every sample's prompt and reply."""
     with mlflow.start_run(run_name=name, nested=True):
         mlflow.log_params(params)
-        mlflow.log_metrics({"score": result["score"], "score_stderr": result["stderr"], "n": result["n"]})
+        mlflow.log_metrics({"score": result["score"], "score_stderr": result["stderr"], "n": result["n"],
+                            **result.get("metrics", {}), **(metrics or {})})
         mlflow.log_text(samples_jsonl(result), "samples.jsonl")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from trl import SFTConfig, SFTTrainer
 
 from evals import runner
-from serving.service import TunelineChat
+from serving.service import Chat, ChatRequest
 from tasks.datasets import Example, write_examples
 from tasks.models import load
 from tasks.training import conversational
@@ -36,9 +36,9 @@ def test_train_eval_and_serve_render_identically(tiny_model, tmp_path):
                                 batch_size=1)["samples"][0]["prompt"]
 
     # Serving: the service's own rendering of a request that carries only the user message.
-    service = SimpleNamespace(system_prompt=SYSTEM, tokenizer=tok)
-    ids = TunelineChat.inner._prompt_ids(service, [{"role": "user", "content": EXAMPLE.user}])["input_ids"][0]
-    served = tok.decode(ids)
+    service = SimpleNamespace(system_prompt=SYSTEM, tokenizer=tok, max_prompt_tokens=1024, max_tokens=8)
+    request = ChatRequest(messages=[{"role": "user", "content": EXAMPLE.user}])
+    served = tok.decode(Chat.inner._prepare(service, request)[1]["ids"])
 
     assert trained == evaluated == served
     assert served.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and served.endswith("<|im_start|>assistant\n")

@@ -19,7 +19,8 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     config.evaluation.builtin_tasks = ["arc_easy"]  # needs the hub: must be skipped with a message offline
     spec = TaskSpec("reviews", str(DEMO_DATA), "sys", config.task.prompts, config.task.answer)
     splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
-    tasks_dir = write_tasks("reviews", {k: splits[k] for k in ("train", "validation", "test")}, tmp_path / "t", 8)
+    tasks_dir = write_tasks("reviews", {k: splits[k] for k in ("train", "validation", "test")}, tmp_path / "t", 8,
+                            reasoning_tokens=8)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # a model folder without weights: loading it must fail
@@ -27,8 +28,9 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     mlflow.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("eval")
     with mlflow.start_run() as parent:
-        report = evaluate_stage(config, tiny_model, str(broken), {"best": "2-shot", "shots": 2}, str(tasks_dir),
-                                parent.info.run_id)
+        cot = {"name": "chain of thought, plain", "kind": "cot", "shots": 0, "suffix": "_cot", "chat": False}
+        report = evaluate_stage(config, tiny_model, str(broken), {"best": cot["name"], "variant": cot},
+                                str(tasks_dir), parent.info.run_id)
 
     assert set(report["scores"]) == {"base", "baseline"}
     assert "HF_HUB_OFFLINE is set" in report["builtin"]["skipped"]

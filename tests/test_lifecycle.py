@@ -19,7 +19,7 @@ def tiny_config(tmp_path, home) -> str:
     demo["registered_model"] = "tiny-assistant"
     demo["task"].update(data=str(DEMO_DATA), max_validation_examples=4, max_test_examples=6, max_answer_tokens=12)
     demo["models"]["candidates"] = ["tiny:0", "tiny:1"]
-    demo["baseline"]["shots"] = [0, 1]
+    demo["baseline"].update(shots=[0, 1], retrieval_shots=1, reasoning_tokens=8)
     demo["finetune"].update(max_steps=3, batch_size=4, max_seq_length=128)
     # Random tiny models score 0 everywhere; a negative margin lets this run exercise the promoting path.
     # The rejecting path is covered with real scores in test_registry.py.

@@ -1,0 +1,93 @@
+"""Serving throughput: the Bento with adaptive batching vs the same Bento generating one request at a time
+(TUNELINE_BATCHING=off), at 1, 8 and 32 concurrent clients, in one run (ratios within one run: these machines
+are noisy). Also checks that batched greedy answers equal the one-at-a-time answers.
+
+Run:  .venv/bin/python bench/serve_throughput.py [--model gguf:smollm2-135m-instruct|tiny:0] [--requests 16]
+
+Each client sends requests one after another (a demo review, max_tokens 48, greedy) until the level has sent
+at least `--requests` (and every client at least one), so the concurrency holds for the whole measurement.
+Requests/s = all requests / wall time of the level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+
+from infra.local import configure_env, free_port, stop_started  # noqa: E402
+from tasks import packaging  # noqa: E402
+from tasks.models import provision  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = "Extract product, sentiment, rating and issue from the review. Answer with JSON only."
+
+
+async def level(url: str, prompts: list[str], clients: int, rounds: int, max_tokens: int) -> dict:
+    latencies, answers = [], {}
+
+    async def client(http: httpx.AsyncClient, first: int) -> None:
+        for r in range(rounds):
+            prompt = prompts[(first * rounds + r) % len(prompts)]
+            started = time.perf_counter()
+            response = await http.post(f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            answers[prompt] = response.json()["choices"][0]["message"]["content"]
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+        wall = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"rps": len(latencies) / wall, "p50": statistics.median(latencies), "p95": cuts[18], "answers": answers}
+
+
+def measure(bento: str, batching: bool, prompts: list[str], args, home: Path) -> dict[int, dict]:
+    os.environ["TUNELINE_BATCHING"] = "on" if batching else "off"
+    name = "bench-batched" if batching else "bench-sequential"
+    url = packaging.serve.fn(bento, free_port(), str(home), name=name, feedback_db=str(home / "bench-answers.db"))
+    try:
+        asyncio.run(level(url, prompts, 2, 1, args.max_tokens))  # warm-up (and the batcher's first estimates)
+        return {c: asyncio.run(level(url, prompts, c, -(-args.requests // c), args.max_tokens)) for c in (1, 8, 32)}
+    finally:
+        stop_started(name, home)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gguf:smollm2-135m-instruct")
+    parser.add_argument("--requests", type=int, default=16, help="at least this many requests per level")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    home = configure_env()
+    model_dir = provision(args.model, home / "models")
+    bento = packaging.build_bento.fn(str(model_dir), "bench", "0", SYSTEM, {"max_tokens": args.max_tokens})
+    reviews = [json.loads(line)["review"] for line in (ROOT / "data" / "reviews.jsonl").read_text().splitlines()]
+    prompts = [f"Review: {text}\nReturn the JSON." for text in reviews[:64]]
+
+    batched = measure(bento, True, prompts, args, home)
+    sequential = measure(bento, False, prompts, args, home)
+    print(f"model {args.model}, max_tokens {args.max_tokens}, at least {args.requests} requests per level\n")
+    print("| clients | batched req/s | p50 s | p95 s | sequential req/s | p50 s | p95 s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in (1, 8, 32):
+        b, s = batched[c], sequential[c]
+        print(f"| {c} | {b['rps']:.2f} | {b['p50']:.2f} | {b['p95']:.2f} | {s['rps']:.2f} | {s['p50']:.2f} | "
+              f"{s['p95']:.2f} | {b['rps'] / s['rps']:.2f}× |")
+    same = sum(batched[32]["answers"][p] == sequential[32]["answers"].get(p) for p in batched[32]["answers"])
+    print(f"\ngreedy answers identical batched vs one at a time: {same}/{len(batched[32]['answers'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""An lm-eval few-shot sampler that returns the shots stored on the question itself (its `shots` field)."""
+
+from lm_eval.api.samplers import ContextSampler
+
+
+class ListedShots(ContextSampler):
+    def sample(self, n, eval_doc=None, df=None, **kwargs):
+        if eval_doc is None:
+            raise ValueError("retrieved shots need the question: set fewshot_split to the scored split")
+        shots = eval_doc["shots"]
+        if len(shots) < n:
+            raise ValueError(f"example {eval_doc['id']}: {len(shots)} retrieved shots, {n} asked for")
+        return shots[len(shots) - n:]  # the n nearest (stored farthest first)

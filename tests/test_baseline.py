@@ -1,0 +1,98 @@
+"""Prompt baselines: k-shot prompts hold k shots from the train split only; retrieval picks the nearest
+training examples; the baseline stage scores every prompt variant and records each as a nested MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from evals.runner import write_retrieved_tasks, write_tasks
+from flows.config import load_config
+from tasks.datasets import TaskSpec, prepare_data, read_examples
+from tasks.retrieval import attach_shots, encoder, nearest
+from tasks.scoring import score
+from tests.conftest import DEMO_DATA, ROOT
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> dict:
+    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
+    out = tmp_path_factory.mktemp("baseline-data")
+    found = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip")
+    tasks_dir = write_tasks("reviews", {k: found[k] for k in ("train", "validation", "test")}, out / "tasks", 4,
+                            reasoning_tokens=4)
+    return {**found, "tasks_dir": str(tasks_dir), "out": out}
+
+
+def users(path: str) -> set[str]:
+    return {e.user for e in read_examples(path)}
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_k_shot_prompts_hold_k_shots_from_the_train_split_only(tiny_model, splits, chat):
+    result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=3,
+                      chat=chat, limit=4, batch_size=4)
+    train, held_out = users(splits["train"]), users(splits["validation"]) | users(splits["test"])
+    question = {i: e.user for i, e in enumerate(read_examples(splits["validation"]))}
+    for sample in result["samples"]:
+        prompt = sample["prompt"]
+        assert sum(u in prompt for u in train) == 3
+        assert [u for u in held_out if u in prompt] == [question[sample["doc_id"]]]  # only the question itself
+        assert ("<|im_start|>system\nsys" in prompt) == chat  # plain text has neither template nor system prompt
+
+
+def test_nearest_ranks_by_meaning():
+    pool = ["the kettle leaks water everywhere", "great running shoes, very light", "my teapot is leaking",
+            "the phone battery dies by noon"]
+    assert [sorted(hits) for hits in nearest(pool, ["kettle leaking", "shoes for jogging"], 2)][0] == [0, 2]
+    assert nearest(pool, ["shoes for jogging"], 1) == [[1]]
+
+
+def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits):
+    files = attach_shots.fn(splits["train"], {"validation": splits["validation"], "test": splits["test"]}, 2,
+                            str(splits["out"] / "tasks"))
+    train = read_examples(splits["train"])
+    vectors = encoder().encode([e.user for e in train], normalize_embeddings=True)
+    rows = [json.loads(line) for line in open(files["validation"], encoding="utf-8")]
+    for row in rows[:5]:
+        query = encoder().encode([row["user"]], normalize_embeddings=True)[0]
+        brute = [train[i].id for i in np.argsort(-(vectors @ query))[:2]]
+        assert [s["id"] for s in row["shots"]] == brute[::-1]  # nearest last, next to the question
+    write_retrieved_tasks("reviews", files, splits["tasks_dir"], 4)
+    result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_retrieved", system_prompt="sys", shots=2,
+                      limit=3, batch_size=3)
+    for sample in result["samples"]:
+        shots = rows[sample["doc_id"]]["shots"]
+        prompt = sample["prompt"]
+        assert prompt.index(shots[0]["user"]) < prompt.index(shots[1]["user"]) < prompt.index(rows[sample["doc_id"]]["user"])
+        assert not users(splits["test"]) & {u for u in users(splits["train"]) if u in prompt}
+
+
+def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits, prefect_api, mlflow_sqlite):
+    from flows.baseline import baseline_stage
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.task.name, config.task.system_prompt = "reviews", "sys"
+    config.task.max_validation_examples, config.task.max_answer_tokens = 3, 4
+    config.baseline.shots, config.baseline.retrieval_shots = [0, 2], 2
+    zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
+                    batch_size=3)
+    chosen = {"source": "tiny:0", "model_dir": tiny_model, "result": zero}
+    mlflow.create_experiment("baseline", artifact_location=(splits["out"] / "artifacts").as_uri())
+    mlflow.set_experiment("baseline")
+    with mlflow.start_run() as parent:
+        found = baseline_stage(config, chosen, splits["tasks_dir"],
+                               {k: splits[k] for k in ("train", "validation", "test")}, parent.info.run_id)
+
+    expected = [f"{p}, {mode}" for mode in ("chat", "plain")
+                for p in ("0-shot", "2-shot", "chain of thought", "2 retrieved shots")]
+    assert list(found["all"]) == expected
+    assert found["best"] in expected and found["variant"]["name"] == found["best"]
+    runs = {r.info.run_name: r for r in mlflow.search_runs(output_format="list")}
+    assert {f"baseline {name}" for name in expected} <= set(runs)
+    assert runs["baseline chain of thought, plain"].data.params["chat_template"] == "False"
+    cot = mlflow.artifacts.load_text(f"runs:/{runs['baseline chain of thought, chat'].info.run_id}/samples.jsonl")
+    assert "step by step" in json.loads(cot.splitlines()[0])["prompt"]
