@@ -153,3 +153,4 @@ def test_feedback_round_trip_into_a_training_dataset(client, service, tmp_path, 
     last = int(result.output.split("up to id ")[1].split()[0])
     CliRunner().invoke(app, ["feedback", "export", str(out), "--since", str(last)])
     assert out.read_text() == ""  # nothing newer than the last round
+
