@@ -36,10 +36,11 @@ def attach_shots(train_path: str, split_paths: dict[str, str], k: int, out_dir: 
     """Each example of the given splits, written again with a `shots` field: its k nearest training examples,
     farthest first, so the closest one sits next to the question. Shots only ever come from the train split."""
     train = read_examples(train_path)
+    splits = {split: read_examples(path) for split, path in split_paths.items()}
+    queries = [e.user for examples in splits.values() for e in examples]
+    picks = iter(nearest([e.user for e in train], queries, k))  # one pass: the pool is embedded once
     out = {}
-    for split, path in split_paths.items():
-        examples = read_examples(path)
-        picks = nearest([e.user for e in train], [e.user for e in examples], k)
+    for split, examples in splits.items():
         target = Path(out_dir) / f"retrieved_{split}.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("w", encoding="utf-8") as f:
