@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import mlflow
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from evals.runner import write_retrieved_tasks
 from flows.config import LifecycleConfig
 from tasks.retrieval import attach_shots
 from tasks.scoring import score
-from tasks.tracking import log_eval, stage_run
+from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="baseline")
@@ -41,12 +40,12 @@ def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits
         mlflow.log_params({"best_baseline": best["name"]})
         table = "\n".join(f"| {name} | {r['score']:.3f} ± {r['stderr']:.3f} | {r['field_f1']:.3f} |"
                           for name, r in results.items())
-        create_markdown_artifact(
-            key="baseline",
-            markdown=f"## Prompt baselines on {chosen['source']} (validation split)\n\n"
-                     f"| prompt | exact match ± se | field F1 |\n|---|---|---|\n{table}\n\n"
-                     f"Bar for fine-tuning: **{best['name']}** (best exact match; ties keep the simpler prompt). "
-                     "Each prompt's samples are in its MLflow run.",
+        publish(
+            "baseline",
+            f"## Prompt baselines on {chosen['source']} (validation split)\n\n"
+            f"| prompt | exact match ± se | field F1 |\n|---|---|---|\n{table}\n\n"
+            f"Bar for fine-tuning: **{best['name']}** (best exact match; ties keep the simpler prompt). "
+            "Each prompt's samples are in its MLflow run.",
         )
         print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})}; best {best['name']}")
     variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}

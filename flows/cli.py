@@ -34,10 +34,19 @@ def _connect(prefect: bool) -> None:
 
 
 @app.command()
-def up() -> None:
-    """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline)."""
-    for line in local.up():
-        typer.echo(line)
+def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
+                                      help="config whose deployments the runner serves (repeatable)"),
+       runner: bool = typer.Option(True, "--runner/--no-runner", help="also register and serve the deployments")
+       ) -> None:
+    """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline), and
+    a runner that registers each config's deployments (with its schedules) and executes their runs."""
+    for path in config if runner else []:
+        _config(path)
+    try:
+        for line in local.up(configs=[str(p) for p in config] if runner else []):
+            typer.echo(line)
+    except (RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
     typer.echo(f"Prefect UI: {local.PREFECT.url}   MLflow UI: {local.MLFLOW.url}")
 
 
@@ -86,21 +95,13 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
            ) -> None:
     """Build VERSION of the registered model into a Bento, serve it on 127.0.0.1 and smoke-test it."""
     cfg = _config(config)
-    cfg.deploy.serve = True
     _connect(prefect=True)
-    import mlflow  # noqa: PLC0415 - after the environment points at the stack
+    from flows.deploy import deploy_version  # noqa: PLC0415 - after the environment points at the stack
 
-    from flows.deploy import deploy_stage  # noqa: PLC0415
-    from tasks import tracking  # noqa: PLC0415
-
-    home = local.configure_env()
-    tracking.use(mlflow.get_tracking_uri(), cfg.name, artifact_root=home / "mlflow" / "artifacts")
     try:
-        result = deploy_stage(cfg, str(home), version=version)
+        result = deploy_version(str(config.resolve()), version)
     except Exception as exc:  # MLflow's message names the missing model or version
         _fail(f"deploy of {cfg.registered_model} {version or 'champion'}: {exc}")
-    if not result["served"]:
-        _fail(f"{cfg.registered_model}: {result['reason']}")
     typer.echo(f"serving {result['model']} ({result['bento']}) at {result['url']}/v1/chat/completions")
 
 

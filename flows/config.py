@@ -178,6 +178,29 @@ class DeployConfig(_Strict):
         return {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens": self.max_tokens}
 
 
+class FeedbackConfig(_Strict):
+    """How production feedback becomes the next round's training data (flows/feedback.py)."""
+
+    approve_at: int | None = Field(None, ge=1, le=5,
+                                   description="also train on uncorrected replies rated at least this (1-5)")
+    min_examples: int = Field(1, gt=0, description="fewer new examples: the round ends with 'no new feedback'")
+
+
+class ScheduleConfig(_Strict):
+    """Prefect schedules `tuneline up` gives this config's deployments (cron, in `timezone`); None: on demand."""
+
+    lifecycle: str | None = None
+    feedback: str | None = None
+    timezone: str = "UTC"
+
+    @field_validator("lifecycle", "feedback")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"{value!r}: expected a 5-field cron expression, like '0 3 * * *'")
+        return value
+
+
 class LifecycleConfig(_Strict):
     """One iteration of the lifecycle."""
 
@@ -192,6 +215,8 @@ class LifecycleConfig(_Strict):
     evaluation: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     deploy: DeployConfig = DeployConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _field_path(loc: tuple) -> str:

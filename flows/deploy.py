@@ -8,11 +8,11 @@ import tempfile
 import mlflow
 from prefect import flow
 
-from flows.config import LifecycleConfig
+from flows.config import LifecycleConfig, load_config
 from flows.data import task_spec
-from tasks import packaging, registry
+from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
-from tasks.tracking import stage_run
+from tasks.tracking import publish, stage_run
 
 
 def _probe(config: LifecycleConfig) -> str:
@@ -34,6 +34,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
             current = registry.champion(name)
             if current is None:
                 print(f"deploy: {name} has no champion yet; nothing to serve")
+                publish("deploy", f"## Deploy: nothing served\n\n{name} has no champion yet.")
                 return {"served": False, "reason": "no champion"}
             version = current[0]
         tag = (built or {}).get(version)
@@ -44,11 +45,26 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                                             config.deploy.limits)
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
+            publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
             return {"served": False, "bento": tag, "version": version}
         url = packaging.serve(tag, config.deploy.port, home)
         question = probe or _probe(config)
         reply = packaging.chat(url, question, max_tokens=config.task.max_answer_tokens)
         answer = reply["choices"][0]["message"]["content"]
         mlflow.log_text(f"Q: {question}\nA: {answer}\n", "smoke_test.txt")
+        publish("deploy", f"## Deploy: {name} v{version} served\n\nBento `{tag}` at {url}/v1/chat/completions\n\n"
+                          f"Smoke prompt: {question!r}\n\nAnswer: `{answer}`")
         print(f"deploy: {name} v{version} served at {url}; answer to a test prompt: {answer!r}")
     return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer, "model": reply["model"]}
+
+
+@flow(name="deploy-version", log_prints=True)
+def deploy_version(config_path: str, version: str | None = None) -> dict:
+    """Serve `version` of the config's registered model (default: the champion) on deploy.port, 127.0.0.1."""
+    config = load_config(config_path)
+    config.deploy.serve = True
+    home = tracking.open_experiment(config.name)
+    result = deploy_stage(config, str(home), version=version)
+    if not result["served"]:
+        raise RuntimeError(f"{config.registered_model}: {result['reason']}")
+    return result

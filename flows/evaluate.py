@@ -5,19 +5,22 @@ test split, plus the general benchmark for forgetting. A crashed evaluation is r
 from __future__ import annotations
 
 import json
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display: plots are files for MLflow
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
 from prefect import flow  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from flows.config import LifecycleConfig  # noqa: E402
 from evals import runner  # noqa: E402
+from flows.config import LifecycleConfig, load_config  # noqa: E402
+from flows.data import prepare  # noqa: E402
+from tasks import registry, tracking  # noqa: E402
 from tasks.scoring import score, score_builtin, score_general  # noqa: E402
-from tasks.tracking import log_eval, stage_run  # noqa: E402
+from tasks.tracking import log_eval, publish, stage_run  # noqa: E402
 
 TEXT_METRICS = ("exact_match", "field_f1", "rougeL")
 
@@ -93,7 +96,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         mlflow.log_figure(_plot(rows, gate_metric), "report/comparison.png")
         markdown = _report(rows, crashed, fixed, broke, baseline)
         mlflow.log_text(markdown, "report/report.md")
-        create_markdown_artifact(key="evaluate", markdown=markdown)
+        publish("evaluate", markdown)
         print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
               + (f"; crashed: {list(crashed)}" if crashed else ""))
     return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin}
@@ -132,3 +135,36 @@ def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict) -
     if crashed:
         lines += ["", "**Crashed evaluations:**"] + [f"- {k}: {v}" for k, v in crashed.items()]
     return "\n".join(lines) + "\n"
+
+
+@flow(name="evaluate-version", log_prints=True)
+def evaluate_version(config_path: str, version: str | None = None) -> dict:
+    """Score one registered version (default: the champion) on the config's test split and the general
+    benchmark; the scores are written on the version, so a pending fine-tune can be judged before promotion."""
+    config = load_config(config_path)
+    name, task = config.registered_model, config.task
+    home = tracking.open_experiment(config.name)
+    version = version or (registry.champion(name) or (None,))[0]
+    if version is None:
+        raise ValueError(f"{name} has no champion; name a version to evaluate")
+    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    with mlflow.start_run(run_name=f"evaluate {name} v{version}", tags={"tuneline.kind": "evaluate-version"}) as parent:
+        _, tasks_dir = prepare(config, run_dir, str(home / "models"), parent.info.run_id)
+        folder = str(registry.download(name, version, run_dir / "model"))
+        with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
+            result = score(folder, tasks_dir, f"{task.name}_test", system_prompt=task.system_prompt, shots=0,
+                           limit=task.max_test_examples, batch_size=config.evaluation.batch_size)
+            general = score_general(folder, tasks_dir, limit=config.evaluation.general_limit,
+                                    batch_size=config.evaluation.batch_size)
+            log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
+                     split="test")
+            client = MlflowClient()
+            for metric, value in {**result["metrics"], "general_acc": general["acc"]}.items():
+                client.set_model_version_tag(name, version, f"tuneline.metric.{metric}", f"{value:.6f}")
+            client.set_model_version_tag(name, version, registry.SCORE_TAG,
+                                         f"{result['metrics'][config.gate.metric]:.6f}")
+            rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in {**result["metrics"], "general acc": general["acc"]}.items())
+            publish("evaluate-version", f"## {name} v{version} on the test split\n\n| metric | value |\n|---|---|\n{rows}")
+    print(f"evaluate-version: {name} v{version}: {config.gate.metric} {result['metrics'][config.gate.metric]:.3f}, "
+          f"general {general['acc']:.3f}")
+    return {"version": version, **result["metrics"], "general_acc": general["acc"]}

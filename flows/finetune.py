@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
 from prefect import flow
 
-from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig
-from tasks.tracking import stage_run
-from tasks.training import TrainSpec, run_key, train
+from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig, load_config
+from flows.data import prepare
+from tasks import registry, tracking
+from tasks.models import provision_model
+from tasks.tracking import publish, stage_run
+from tasks.training import TrainSpec, require_device, run_key, train
 
 
 def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainSpec:
@@ -32,6 +37,7 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_di
     started again and a finished one is reused.
     """
     plan = [(stage.task, stage) for stage in config.finetune.stages] or [(None, None)]
+    rows = []
     with stage_run("finetune", parent_run_id, method=config.finetune.method, base=base_dir,
                    stages=",".join(task or "mixture" for task, _ in plan)) as run:
         current = base_dir
@@ -51,5 +57,34 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_di
                 f"resumed from {result['resumed_from']}" if result["resumed_from"] else "trained"
             print(f"finetune{' stage ' + str(step) + ' (' + task + ')' if task else ''}: {how}: {result['steps']} "
                   f"steps, loss {result['train_loss']:.3f}, {result['train_seconds']:.0f}s")
+            rows.append(f"| {task or 'mixture'} | {how} | {result['steps']} | {result['train_loss']:.3f} "
+                        f"| {result['train_seconds']:.0f} | {result['tokens_per_second']:.0f} |")
             current = result["merged"]
+        publish("finetune", f"## Fine-tuning ({config.finetune.method})\n\n| data | run | steps | final loss | "
+                            "seconds | tokens/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+                            + "\n\nThe adapter and the loss curve are in the MLflow run.")
     return {**result, "run_id": run.info.run_id}
+
+
+@flow(name="finetune-model", log_prints=True)
+def finetune_model(config_path: str, model: str | None = None, max_steps: int | None = None) -> dict:
+    """Fine-tune alone: the config's data and method on `model` (default: its first candidate), without
+    selection, baselines or the gate. The result is registered as a new version with decision `pending`;
+    `champion` does not move (evaluate-version, then promote-version, take it from there)."""
+    config = load_config(config_path)
+    if max_steps is not None:
+        config.finetune.max_steps = max_steps
+    require_device(config.finetune.method)
+    source = model or config.models.candidates[0]
+    home = tracking.open_experiment(config.name)
+    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    store = str(home / "models")
+    with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
+        splits, _ = prepare(config, run_dir, store, parent.info.run_id)
+        base = provision_model(source, store)
+        files = {k: splits[k] for k in ("train", "validation", "per_task")}
+        tuned = finetune_stage(config, base, files, str(home / "finetune"), parent.info.run_id)
+        version = registry.register(config.registered_model, tuned["merged"], tuned["run_id"], {}, config.gate.metric)
+        MlflowClient().set_model_version_tag(config.registered_model, version, "tuneline.decision", "pending")
+    print(f"finetune-model: {config.registered_model} v{version} registered from {source}; champion unchanged")
+    return {"version": version, "model": source, "train_loss": tuned["train_loss"], "mlflow_run_id": parent.info.run_id}

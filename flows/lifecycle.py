@@ -10,44 +10,41 @@ import time
 import mlflow
 from prefect import flow
 
-from evals.runner import write_tasks
 from flows.baseline import baseline_stage
 from flows.config import load_config
-from flows.data import data_stage
+from flows.data import prepare
 from flows.deploy import deploy_stage
 from flows.evaluate import evaluate_stage
 from flows.finetune import finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
-from infra.local import configure_env
 from tasks import registry, tracking
 from tasks.datasets import SPLITS, read_examples
-from tasks.models import provision_model
 from tasks.training import require_device
 
 
 @flow(name="lifecycle", log_prints=True)
-def lifecycle(config_path: str, serve: bool | None = None) -> dict:
-    """Run one iteration of the config at `config_path`; `serve` overrides the config's deploy.serve."""
+def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str] | None = None,
+              parent_run_id: str | None = None) -> dict:
+    """Run one iteration of the config at `config_path`.
+
+    serve: override the config's deploy.serve. corrections: chat-example JSONL files from production feedback,
+    added to the training split. parent_run_id: nest this iteration's MLflow run under that run."""
     config = load_config(config_path)
     if serve is not None:
         config.deploy.serve = serve
     require_device(config.finetune.method)  # before any work: a QLoRA config on a CPU-only machine stops here
-    home = configure_env()
+    home = tracking.open_experiment(config.name)
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
-    tracking.use(mlflow.get_tracking_uri(), config.name, artifact_root=home / "mlflow" / "artifacts")
 
-    with mlflow.start_run(run_name=f"{config.name} {run_dir.name}") as parent:
+    with mlflow.start_run(run_name=f"{config.name} {run_dir.name}", nested=parent_run_id is not None,
+                          parent_run_id=parent_run_id) as parent:
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
         store = str(home / "models")
-        # Token lengths are counted with the first candidate's tokenizer; selection reuses the converted model.
-        splits = data_stage(config, str(run_dir / "data"), provision_model(config.models.candidates[0], store), pid)
-        split_files = {name: splits[name] for name in SPLITS}
-        tasks_dir = str(write_tasks(config.task.name, split_files, run_dir / "eval_tasks", config.task.max_answer_tokens,
-                                    config.baseline.reasoning_tokens))
+        splits, tasks_dir = prepare(config, run_dir, store, pid, corrections)
         chosen = select_stage(config, store, tasks_dir, splits["validation"], pid)
-        baseline = baseline_stage(config, chosen, tasks_dir, split_files, pid)
+        baseline = baseline_stage(config, chosen, tasks_dir, {name: splits[name] for name in SPLITS}, pid)
         files = {k: splits[k] for k in ("train", "validation", "per_task")}
         tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
         champion = registry.champion(config.registered_model)
@@ -62,6 +59,7 @@ def lifecycle(config_path: str, serve: bool | None = None) -> dict:
     return {
         "mlflow_run_id": pid,
         "model": chosen["source"],
+        "data": {"train": splits["train"], "counts": splits["counts"], "mixed_train": splits["mixed_train"]},
         "baseline": baseline["all"],
         "test": report["scores"],
         "promotion": verdict,

@@ -11,7 +11,7 @@ from flows.config import LifecycleConfig
 from infra.local import free_port
 from tasks import packaging, registry
 from tasks.datasets import read_examples
-from tasks.tracking import stage_run
+from tasks.tracking import publish, stage_run
 
 
 @flow(name="promote")
@@ -42,10 +42,35 @@ def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str,
         registry.record(name, version, decision)
         mlflow.log_params({"version": version, "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag("tuneline.reasons", "; ".join(decision.reasons))
-        create_markdown_artifact(
-            key="promote",
-            markdown=f"## Gate: {name} v{version} — {'PASS' if decision.passed else 'FAIL'}\n\n"
-                     + "\n".join(f"- {r}" for r in decision.reasons),
+        publish(
+            "promote",
+            f"## Gate: {name} v{version} — {'PASS' if decision.passed else 'FAIL'}\n\n"
+            + "\n".join(f"- {r}" for r in decision.reasons),
         )
         print(f"promote: {name} v{version} {decision.summary}")
     return {"version": version, "passed": decision.passed, "reasons": decision.reasons, "bento": bento}
+
+
+def _by_hand(model: str, outcome: str) -> None:
+    """A decision made by a person: recorded on the registry by `registry`, shown in the Prefect UI here."""
+    uri = mlflow.get_tracking_uri()
+    link = f"\n\n[{model} in the MLflow registry]({uri.rstrip('/')}/#/models/{model})" if uri.startswith("http") else ""
+    key = "".join(c if c.isalnum() else "-" for c in model.lower())
+    create_markdown_artifact(key=f"{key}-champion", markdown=f"## {outcome}{link}\n")
+    print(outcome)
+
+
+@flow(name="promote-version", log_prints=True)
+def promote_version(model: str, version: str, reason: str) -> str:
+    """Make `version` of registered `model` the champion by hand, bypassing the gate; `reason` is recorded."""
+    outcome = registry.promote_manually(model, version, reason)
+    _by_hand(model, outcome)
+    return outcome
+
+
+@flow(name="rollback", log_prints=True)
+def rollback_champion(model: str, reason: str) -> str:
+    """Move `champion` of registered `model` back to the version it replaced; `reason` is recorded."""
+    outcome = registry.rollback(model, reason)
+    _by_hand(model, outcome)
+    return outcome

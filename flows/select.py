@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import mlflow
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
 from tasks.scoring import score
 from tasks.selection import Budget, choose, measure_cost
-from tasks.tracking import log_eval, stage_run
+from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="select")
@@ -41,10 +40,10 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             f"| {r['tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['score']:.3f} ± {r['stderr']:.3f} |"
             for r in rows
         )
-        create_markdown_artifact(
-            key="select",
-            markdown="## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation exact match |\n"
-                     f"|---|---|---|---|---|---|\n{table}\n\nChosen: **{best['source']}**: {reason}.",
+        publish(
+            "select",
+            "## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation exact match |\n"
+            f"|---|---|---|---|---|---|\n{table}\n\nChosen: **{best['source']}**: {reason}.",
         )
         print(f"select: chose {best['source']}: {reason}")
     return best

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -70,6 +71,7 @@ def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
         env["PREFECT_HOME"] = str(home / "prefect")
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}"
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+        env["PREFECT_UI_API_URL"] = f"{server.url}/api"  # else the UI's browser side calls port 4200
         return [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(server.port)], env
     # The server's job executor (huey consumers for GenAI scorers) busy-polls several cores; tuneline needs none.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -162,11 +164,51 @@ def client_env() -> dict[str, str]:
     }
 
 
-def up(home: Path | None = None) -> list[str]:
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments' entrypoints are paths under it
+
+
+def _deployments(names: list[str]) -> list[dict]:
+    reply = httpx.post(f"{PREFECT.url}/api/deployments/filter", timeout=10,
+                       json={"deployments": {"name": {"any_": names}}})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> str:
+    """(Re)start the process that registers and executes the configs' Prefect deployments; wait until it polls.
+
+    Restarted on every `up`, so a changed config or schedule takes effect."""
+    from infra.deployments import deployments  # noqa: PLC0415 - imports every flow: only when a runner is wanted
+
+    stop_started("runner", home)
+    expected = {(d.name, d.flow_name) for path in configs for d in deployments(path)}
+    env = {**TELEMETRY_OFF, **client_env(), **os.environ, "TUNELINE_HOME": str(home),
+           "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(home / "bentoml"))}
+    started = time.time()
+    proc = spawn("runner", [sys.executable, "-m", "infra.deployments", *configs], env, home, cwd=ROOT)
+
+    def polling() -> bool:  # every deployment registered, and this runner has asked the server for work
+        try:
+            found = _deployments(sorted({n for n, _ in expected}))
+        except httpx.HTTPError:
+            return False
+        polled = [d for d in found if d.get("last_polled")
+                  and datetime.fromisoformat(d["last_polled"]).timestamp() >= started - 1]
+        return len(polled) >= len(expected)
+
+    wait_until("runner", polling, proc, home, timeout_s)
+    return f"runner: started (pid {proc.pid}); {len(expected)} deployments: " + \
+        ", ".join(sorted(f"{flow}/{name}" for name, flow in expected))
+
+
+def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
     home = configure_env(home)
-    return [start(PREFECT, home), start(MLFLOW, home)]
+    lines = [start(PREFECT, home), start(MLFLOW, home)]
+    if configs:
+        lines.append(start_runner([str(Path(c).resolve()) for c in configs], home))
+    return lines
 
 
 def down(home: Path | None = None) -> list[str]:
     home = home or state_dir()
-    return [stop_started(name, home) for name in ("bento", PREFECT.name, MLFLOW.name)]
+    return [stop_started(name, home) for name in ("bento", "runner", PREFECT.name, MLFLOW.name)]

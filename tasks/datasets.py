@@ -300,11 +300,14 @@ def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
 
 @task(name="prepare-data")
 def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
-                 out_dir: str, on_bad_rows: str = "error", tokenizer_dir: str | None = None) -> dict:
+                 out_dir: str, on_bad_rows: str = "error", tokenizer_dir: str | None = None,
+                 corrections: list[str] = ()) -> dict:
     """Write the splits of every task (per task, and the mixed train file); return paths, counts and stats.
 
     The first task is the primary one: its validation and test splits are what selection, baselines and
-    the gate score. Every task's train split goes into the mixture by weight.
+    the gate score. Every task's train split goes into the mixture by weight. `corrections` (chat-example
+    JSONL from production feedback) join the training file only, minus any whose prompt is a validation or
+    test question: the held-out splits stay comparable from round to round.
     """
     count_tokens = token_counter(tokenizer_dir) if tokenizer_dir else None
     out = Path(out_dir)
@@ -320,6 +323,22 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
                                      for name in SPLITS}
     primary = per_task[specs[0].name]
     train = mix({name: parts["train"] for name, parts in per_task.items()}, weights, seed)
+    held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test") for e in parts[name]}
+    fed_back = 0
+    for path in corrections:
+        for e in read_examples(path):
+            where = f"{path} id {e.id}"
+            n = count_tokens(chat_messages(e, with_answer=True)) if count_tokens else None
+            if normalise(e.user) in held_out:
+                rejects.append({"where": where, "reason": "its prompt is a validation/test question", "task": e.task})
+            elif n is not None and specs[0].max_tokens is not None and n > specs[0].max_tokens:
+                rejects.append({"where": where, "reason": f"over-long: {n} tokens > max_tokens {specs[0].max_tokens}",
+                                "task": e.task})
+            else:
+                train.append(e)
+                fed_back += 1
+    if fed_back:
+        random.Random(seed).shuffle(train)
     rejects_path = out / "rejects.jsonl"
     rejects_path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))
     return {
@@ -329,6 +348,7 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
         "rejects": str(rejects_path),
         "per_task": per_task_files,
         "counts": counts,
-        "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task},
+        "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task}
+        | ({"feedback": fed_back} if corrections else {}),
         "lengths": lengths,
     }

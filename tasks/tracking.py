@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from prefect.artifacts import create_markdown_artifact
 
 from evals.runner import samples_jsonl
+from infra.local import configure_env
 
 
 def use(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
@@ -26,6 +29,34 @@ def use(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
         return mlflow.set_experiment(experiment).experiment_id
     except MlflowException as exc:
         raise ConnectionError(f"MLflow tracking server at {tracking_uri} is not usable: {exc.message}") from exc
+
+
+def open_experiment(name: str) -> Path:
+    """Telemetry off, BentoML under the state folder, MLflow on the experiment `name`; returns the state folder."""
+    home = configure_env()
+    use(mlflow.get_tracking_uri(), name, artifact_root=home / "mlflow" / "artifacts")
+    return home
+
+
+def run_url(run) -> str:
+    """Where a reviewer opens `run`: its page in the MLflow UI, or its id when tracking is a local file."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"runs:/{run.info.run_id} in {uri}"
+
+
+def publish(stage: str, markdown: str) -> None:
+    """A stage's decision and figures as a Prefect markdown artifact, ending with a link to its MLflow run.
+
+    Keyed by experiment and stage, so the Prefect UI keeps each config's history of that stage's reports."""
+    run = mlflow.active_run()
+    experiment = mlflow.get_experiment(run.info.experiment_id).name
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{experiment}-{stage}".lower()).strip("-")
+    link = run_url(run)
+    target = f"[MLflow run {run.info.run_id[:8]}]({link})" if link.startswith("http") else link
+    create_markdown_artifact(key=key, markdown=f"{markdown.rstrip()}\n\n{target}\n",
+                             description=f"{experiment}: {stage}")
 
 
 @contextmanager

@@ -1,0 +1,67 @@
+"""Prefect deployments of the lifecycle and of each stage that makes sense alone, served by one runner process.
+
+`tuneline up` starts this module (`python -m infra.deployments CONFIG...`) beside the servers. It registers one
+deployment per flow and config, named `<flow>/<config name>`, whose typed parameters are the forms in the
+Prefect UI, with the schedules the config asks for; then it executes the runs that the UI, the API or a
+schedule create, one at a time (on two cores, two trainings at once would only slow both down).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType
+from prefect.schedules import Cron
+
+from flows.config import LifecycleConfig, load_config
+from flows.deploy import deploy_version
+from flows.evaluate import evaluate_version
+from flows.feedback import retrain_from_feedback
+from flows.finetune import finetune_model
+from flows.lifecycle import lifecycle
+from flows.promote import promote_version, rollback_champion
+
+TAG = "tuneline"
+
+
+def _schedule(cron: str | None, config: LifecycleConfig) -> dict:
+    return {"schedules": [Cron(cron, timezone=config.schedule.timezone)]} if cron else {}
+
+
+def deployments(config_path: str) -> list:
+    """Every deployment of one config: its path (or registered model) is the default of each form."""
+    config = load_config(config_path)
+    path, name = str(Path(config_path).resolve()), config.name
+    # Module entrypoints: a file-path entrypoint puts flows/ on sys.path, where flows/evaluate.py would
+    # shadow Hugging Face's `evaluate` package.
+    common = {"tags": [TAG, name], "entrypoint_type": EntrypointType.MODULE_PATH}
+    on_config = {"parameters": {"config_path": path}, **common}
+    on_model = {"parameters": {"model": config.registered_model}, **common}
+    return [
+        lifecycle.to_deployment(name, **on_config, **_schedule(config.schedule.lifecycle, config),
+                                description="One full iteration: data → select → baseline → finetune → evaluate "
+                                            "→ promote → deploy."),
+        retrain_from_feedback.to_deployment(name, **on_config, **_schedule(config.schedule.feedback, config),
+                                            description="The service's corrections since the last round → "
+                                                        "training data → one lifecycle iteration."),
+        finetune_model.to_deployment(name, **on_config,
+                                     description="Fine-tune one model on the config's data; registers a pending "
+                                                 "version, champion unchanged."),
+        evaluate_version.to_deployment(name, **on_config,
+                                       description="Score a registered version (default: champion) on the test split."),
+        deploy_version.to_deployment(name, **on_config,
+                                     description="Serve a registered version (default: champion) on 127.0.0.1."),
+        promote_version.to_deployment(name, **on_model, description="Make a version champion by hand, with a reason."),
+        rollback_champion.to_deployment(name, **on_model, description="Move champion back to the version it replaced."),
+    ]
+
+
+def names(config_path: str) -> list[str]:
+    """`<flow>/<deployment>` of every deployment `deployments(config_path)` registers."""
+    return [f"{d.flow_name}/{d.name}" for d in deployments(config_path)]
+
+
+if __name__ == "__main__":
+    serve(*[d for path in sys.argv[1:] for d in deployments(path)], limit=1, print_starting_message=True)
