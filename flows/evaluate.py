@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -50,7 +51,8 @@ def _plot(rows: dict[str, dict], metric: str):
 
 @flow(name="evaluate")
 def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: dict, tasks_dir: str,
-                   parent_run_id: str, champion_dir: str | None = None) -> dict:
+                   parent_run_id: str, champion: bool = False) -> dict:
+    """Each model in the plan on the test split; `champion`: also the registry's current champion, if any."""
     task, gate_metric = config.task, config.gate.metric
     common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
                   batch_size=config.evaluation.batch_size)
@@ -60,11 +62,13 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
     if prompt != {**prompt, **plain}:  # the best baseline is not simply the base model zero-shot
         plan["baseline"] = (base_dir, prompt)
     plan["finetuned"] = (tuned_dir, plain)
-    if champion_dir:
-        plan["champion"] = (champion_dir, plain)
 
     results, general, crashed = {}, {}, {}
     with stage_run("evaluate", parent_run_id, split="test", gate_metric=gate_metric):
+        current = registry.champion(config.registered_model) if champion else None
+        if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
+            plan["champion"] = (str(registry.download(config.registered_model, current[0],
+                                                      Path(tasks_dir).parent / "champion")), plain)
         for name, (folder, v) in plan.items():
             try:
                 results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],

@@ -18,7 +18,7 @@ from flows.evaluate import evaluate_stage
 from flows.finetune import finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
-from tasks import registry, tracking
+from tasks import tracking
 from tasks.datasets import SPLITS, read_examples
 from tasks.training import require_device
 
@@ -38,7 +38,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
 
     with mlflow.start_run(run_name=f"{config.name} {run_dir.name}", nested=parent_run_id is not None,
-                          parent_run_id=parent_run_id) as parent:
+                          parent_run_id=parent_run_id, tags={"tuneline.kind": "lifecycle"}) as parent:
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
         store = str(home / "models")
@@ -47,10 +47,8 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         baseline = baseline_stage(config, chosen, tasks_dir, {name: splits[name] for name in SPLITS}, pid)
         files = {k: splits[k] for k in ("train", "validation", "per_task")}
         tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
-        champion = registry.champion(config.registered_model)
-        champion_dir = str(registry.download(config.registered_model, champion[0], run_dir / "champion")) \
-            if champion else None
-        report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid, champion_dir)
+        report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid,
+                                champion=True)
         verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits["test"], str(home), pid)
         built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
         probe = read_examples(splits["test"])[0].user

@@ -40,6 +40,8 @@ def configure_env(home: Path | None = None) -> Path:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
+    # Persisted task results (the cache of scores and cost measurements) live with the rest of the state.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "results"))
     return home
 
 

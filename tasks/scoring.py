@@ -7,10 +7,11 @@ from pathlib import Path
 from prefect import task
 
 from evals import runner
+from tasks.caching import by_content
 from tasks.models import load
 
 
-@task(name="score-model")
+@task(name="score-model", cache_key_fn=by_content, persist_result=True)
 def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
           batch_size: int, chat: bool = True) -> dict:
     """lm-eval score of the model in `model_dir` on a generated task (chat template and system prompt unless
@@ -20,7 +21,7 @@ def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str,
                            chat=chat, limit=limit, batch_size=batch_size)
 
 
-@task(name="score-general")
+@task(name="score-general", cache_key_fn=by_content, persist_result=True)
 def score_general(model_dir: str, tasks_dir: str, *, limit: int | None, batch_size: int) -> dict:
     """Accuracy on the general multiple-choice benchmark (the forgetting check)."""
     model, tokenizer = load(Path(model_dir))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prefect import task
 
+from tasks.caching import by_content
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -54,7 +56,7 @@ def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
     return best, reason
 
 
-@task(name="measure-cost")
+@task(name="measure-cost", cache_key_fn=by_content, persist_result=True)
 def measure_cost(model_dir: str, messages: list[dict], new_tokens: int = 32) -> dict:
     """Parameters, greedy generation tokens/s and peak process memory of one model, in a fresh process."""
     done = subprocess.run([sys.executable, "-m", "tasks.selection", model_dir, json.dumps(messages), str(new_tokens)],

@@ -17,6 +17,7 @@ def home(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tuneline-home")
     os.environ["TUNELINE_HOME"] = str(path)
     os.environ["BENTOML_HOME"] = str(path / "bentoml")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(path / "prefect-results")
     for key, value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "BENTOML_DO_NOT_TRACK": "true",
                        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

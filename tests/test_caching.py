@@ -1,0 +1,43 @@
+"""Prefect caching by content (tasks/caching.py): a rerun with the same weights and data, written under new
+folders, reuses the persisted score; a change to either is scored again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import flow
+
+from evals.runner import write_tasks
+from tasks.scoring import score
+
+
+def _splits(folder: Path, answers: list[str]) -> dict[str, str]:
+    folder.mkdir(parents=True)
+    files = {}
+    for split in ("train", "validation", "test"):
+        rows = [{"id": f"{split}-{i}", "system": "", "user": f"Review {i}: fine", "assistant": a, "task": "t"}
+                for i, a in enumerate(answers)]
+        files[split] = str(folder / f"{split}.jsonl")
+        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def test_score_is_reused_for_the_same_content_under_new_paths_and_redone_when_it_changes(tiny_model, prefect_api,
+                                                                                          tmp_path):
+    first = write_tasks("t", _splits(tmp_path / "run1", ["a", "b", "c"]), tmp_path / "run1" / "tasks", 4)
+    same = write_tasks("t", _splits(tmp_path / "run2", ["a", "b", "c"]), tmp_path / "run2" / "tasks", 4)
+    changed = write_tasks("t", _splits(tmp_path / "run3", ["a", "b", "x"]), tmp_path / "run3" / "tasks", 4)
+    model_copy = shutil.copytree(tiny_model, tmp_path / "merged-again")
+
+    @flow
+    def three_runs():
+        settings = dict(system_prompt="", shots=0, limit=3, batch_size=2)
+        return [score(model, str(tasks), "t_validation", **settings, return_state=True)
+                for model, tasks in ((tiny_model, first), (str(model_copy), same), (str(model_copy), changed))]
+
+    computed, reused, redone = three_runs()
+    assert (computed.name, reused.name, redone.name) == ("Completed", "Cached", "Completed")
+    assert reused.result()["samples"] == computed.result()["samples"]
+    assert [s["target"] for s in redone.result()["samples"]][-1] == "x"

@@ -1,0 +1,284 @@
+"""`tuneline up` as a user runs it: real Prefect and MLflow servers and the runner serving the deployments.
+
+Runs are triggered through the Prefect REST API and execute on the runner; a correction sent to the served
+model reaches the next feedback round's training data; both UIs are then checked in headless Chromium.
+The tests in this file run in order on one stack (module fixture), as a user's day would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from infra.local import free_port
+from tests.conftest import DEMO_DATA, ROOT
+
+NAME, MODEL = "ops-demo", "ops-assistant"
+STAGES = ("data", "select", "baseline", "finetune", "evaluate", "promote", "deploy")
+CORRECTION = '{"product": "kettle", "sentiment": "positive", "rating": 5, "issue": "none"}'
+DEPLOYMENTS = ("lifecycle", "feedback", "finetune-model", "evaluate-version", "deploy-version", "promote-version",
+               "rollback")
+
+
+class Stack:
+    """The servers `tuneline up` started for this module, and the calls a user or a script makes on them."""
+
+    def __init__(self, home: Path, config: Path, env: dict[str, str]):
+        self.home, self.config, self.env = home, config, env
+        self.prefect = f"http://127.0.0.1:{env['TUNELINE_PREFECT_PORT']}"
+        self.mlflow = f"http://127.0.0.1:{env['TUNELINE_MLFLOW_PORT']}"
+        self.service = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['deploy']['port']}"
+        self.runs: dict[str, str] = {}  # what earlier tests ran: name -> Prefect flow run id
+
+    def tuneline(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).parent / "tuneline"), *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
+        reply = httpx.request(method, f"{self.prefect}/api{path}", timeout=30, **kwargs)
+        reply.raise_for_status()
+        return reply
+
+    def trigger(self, deployment: str, parameters: dict | None = None, timeout_s: float = 900) -> dict:
+        """Create a flow run of `<flow>/<deployment>` through the REST API and wait until it is final."""
+        found = self.api("GET", f"/deployments/name/{deployment}").json()
+        run = self.api("POST", f"/deployments/{found['id']}/create_flow_run",
+                       json={"parameters": parameters or {}}).json()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/flow_runs/{run['id']}").json()
+            if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                return run
+            time.sleep(3)
+        raise TimeoutError(f"{deployment}: flow run {run['id']} still {run['state']['type']} after {timeout_s}s")
+
+    def logs(self, flow_run_id: str, expect: str = "", timeout_s: float = 60) -> str:
+        """The run's log lines; they reach the API in batches, so wait (a while) until `expect` is among them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+            text = "\n".join(row["message"] for row in rows)
+            if expect in text or time.monotonic() > deadline:
+                return text
+            time.sleep(2)
+
+    def mlflow_client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.mlflow, registry_uri=self.mlflow)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    home = tmp_path_factory.mktemp("ops-home")
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo.update(name=NAME, registered_model=MODEL)
+    demo["task"].update(data=str(DEMO_DATA), max_validation_examples=4, max_test_examples=6, max_answer_tokens=12)
+    demo["models"]["candidates"] = ["tiny:0"]
+    demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
+    demo["finetune"].update(max_steps=2, batch_size=4, max_seq_length=128)
+    demo["evaluation"]["general_limit"] = 20
+    demo["gate"].update(min_improvement=-1.0, max_forgetting=1.0)  # random tiny weights: let the gate pass
+    demo["deploy"]["port"] = free_port()
+    demo["schedule"] = {"lifecycle": None, "feedback": "30 2 * * *", "timezone": "UTC"}
+    config = home / "ops.yaml"
+    config.write_text(yaml.safe_dump(demo))
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TUNELINE_FEEDBACK_DB"}}
+    env.update(TUNELINE_HOME=str(home), BENTOML_HOME=str(home / "bentoml"), TUNELINE_PREFECT_PORT=str(free_port()),
+               TUNELINE_MLFLOW_PORT=str(free_port()))
+    stack = Stack(home, config, env)
+    up = stack.tuneline("up", "--config", str(config))
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield stack
+    finally:
+        down = stack.tuneline("down", timeout=120)
+        assert "runner: stopped" in down.stdout, down.stdout + down.stderr
+
+
+def test_up_registers_every_deployment_with_its_form_and_schedule(stack):
+    for flow_name in DEPLOYMENTS:
+        deployment = stack.api("GET", f"/deployments/name/{flow_name}/{NAME}").json()
+        assert deployment["status"] == "READY", flow_name
+        schema = deployment["parameter_openapi_schema"]["properties"]
+        default_key = "model" if flow_name in {"promote-version", "rollback"} else "config_path"
+        assert deployment["parameters"][default_key] in {str(stack.config), MODEL}
+        assert default_key in schema  # typed parameters: the form in the Prefect UI
+    lifecycle = stack.api("GET", f"/deployments/name/lifecycle/{NAME}").json()
+    assert lifecycle["parameter_openapi_schema"]["properties"]["serve"]["anyOf"][0]["type"] == "boolean"
+    feedback = stack.api("GET", f"/deployments/name/feedback/{NAME}").json()
+    assert [s["schedule"]["cron"] for s in feedback["schedules"]] == ["30 2 * * *"]
+    assert not lifecycle["schedules"]
+
+
+def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
+    run = stack.trigger(f"lifecycle/{NAME}")
+    assert run["state"]["type"] == "COMPLETED", stack.logs(run["id"])[-3000:]
+    stack.runs["lifecycle"] = run["id"]
+
+    client = stack.mlflow_client()
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == "1" and champion.tags["tuneline.decision"] == "pass"
+    assert "no current champion" in champion.tags["tuneline.reasons"]
+    assert "smoke test passed" in champion.tags["tuneline.reasons"]
+    assert {"tuneline.metric.exact_match", "tuneline.metric.field_f1", "tuneline.metric.rougeL"} <= set(champion.tags)
+    evaluate = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
+                                  "tags.`tuneline.stage` = 'evaluate'")[0]
+    assert {"base_exact_match", "finetuned_exact_match", "base_general_acc", "finetuned_general_acc"} \
+        <= set(evaluate.data.metrics)
+
+    reply = httpx.post(f"{stack.service}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "Review: the kettle is great"}], "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == f"{MODEL}/1" and body["usage"]["completion_tokens"] >= 1
+
+
+def test_each_stage_publishes_a_markdown_artifact_linking_its_mlflow_run(stack):
+    client = stack.mlflow_client()
+    experiment = client.get_experiment_by_name(NAME)
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`tuneline.kind` = 'lifecycle'")
+    stage_runs = {r.data.tags["tuneline.stage"]: r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        if "tuneline.stage" in r.data.tags}
+    assert set(STAGES) <= set(stage_runs)
+    for stage in STAGES:
+        [artifact] = stack.api("POST", "/artifacts/latest/filter",
+                               json={"artifacts": {"key": {"any_": [f"{NAME}-{stage}"]}}}).json()
+        assert artifact["type"] == "markdown"
+        link = f"{stack.mlflow}/#/experiments/{experiment.experiment_id}/runs/{stage_runs[stage]}"
+        assert link in artifact["data"], (stage, artifact["data"])
+
+
+def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(stack):
+    question = "Review: My Acme kettle boils fast and looks great."
+    answer = httpx.post(f"{stack.service}/v1/chat/completions", timeout=60,
+                        json={"messages": [{"role": "user", "content": question}], "max_tokens": 4}).json()
+    sent = httpx.post(f"{stack.service}/feedback", timeout=30,
+                      json={"response_id": answer["id"], "rating": 1, "correction": CORRECTION})
+    assert sent.status_code == 200, sent.text
+
+    run = stack.trigger(f"feedback/{NAME}", {"serve": False})
+    assert run["state"]["type"] == "COMPLETED", stack.logs(run["id"])[-3000:]
+
+    client = stack.mlflow_client()
+    experiment = client.get_experiment_by_name(NAME).experiment_id
+    [round_run] = client.search_runs([experiment], "tags.`tuneline.kind` = 'feedback-round'")
+    assert round_run.data.params["new_examples"] == "1" and round_run.info.status == "FINISHED"
+    [iteration] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{round_run.info.run_id}'")
+    [data_run] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{iteration.info.run_id}' "
+                                                  "and tags.`tuneline.stage` = 'data'")
+    assert data_run.data.metrics["mixed_train_feedback"] == 1
+    newest = sorted(stack.home.glob(f"runs/{NAME}/*/data/train.jsonl"))[-1]  # the round's iteration
+    rows = [json.loads(line) for line in newest.read_text().splitlines()]
+    fed = [r for r in rows if r["task"] == "feedback"]
+    assert [(r["user"], r["assistant"]) for r in fed] == [(question, CORRECTION)]
+    # The round's iteration is a second iteration: it scored the champion beside its model and replaced it.
+    v2 = client.get_model_version_by_alias(MODEL, "champion")
+    assert v2.version == "2" and v2.tags["tuneline.previous_champion"] == "1"
+    assert "not worse than the champion" in v2.tags["tuneline.reasons"]
+
+    again = stack.trigger(f"feedback/{NAME}")
+    assert again["state"]["type"] == "COMPLETED"
+    assert "no new feedback" in stack.logs(again["id"], expect="no new feedback")
+    assert len(client.search_runs([experiment], "tags.`tuneline.kind` = 'feedback-round'")) == 1
+    stack.runs["feedback"] = run["id"]
+
+
+# ------------------------------------------------------------------------------------------- the UIs, in Chromium
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium through its chromedriver (flags from STACK.md: no background networking)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager's usage statistics
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1500,950"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the pages are saved: $TUNELINE_SCREENSHOTS (the README's come from here), else a temp folder."""
+    folder = Path(os.environ.get("TUNELINE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _page_shows(driver, url: str, texts: list[str], timeout_s: float = 60) -> str:
+    """Open `url` and wait until the rendered page (a single-page app) shows every one of `texts`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    try:
+        WebDriverWait(driver, timeout_s, poll_frequency=1).until(lambda _: all(t in body() for t in texts))
+    except Exception:
+        missing = [t for t in texts if t not in body()]
+        pytest.fail(f"{url} never showed {missing}; it shows: {body()[:1500]!r}")
+    return body()
+
+
+def test_prefect_ui_lists_the_deployments_and_the_completed_lifecycle_run(stack, browser, screenshots):
+    _page_shows(browser, f"{stack.prefect}/deployments", [NAME, *DEPLOYMENTS, "At 02:30 AM every day"])
+    browser.save_screenshot(str(screenshots / "prefect-deployments.png"))
+    run = stack.api("GET", f"/flow_runs/{stack.runs['lifecycle']}").json()
+    _page_shows(browser, f"{stack.prefect}/runs/flow-run/{run['id']}", [run["name"], "Completed", "lifecycle"])
+    browser.save_screenshot(str(screenshots / "prefect-lifecycle-run.png"))
+
+
+def test_mlflow_ui_shows_the_run_its_stage_runs_and_the_champion(stack, browser, screenshots):
+    from selenium.webdriver.common.by import By
+
+    client = stack.mlflow_client()
+    experiment = client.get_experiment_by_name(NAME).experiment_id
+    [first] = client.search_runs([experiment], "tags.`tuneline.kind` = 'lifecycle' and tags.mlflow.parentRunId "
+                                               "IS NULL")
+    name = first.info.run_name
+    _page_shows(browser, f"{stack.mlflow}/#/experiments/{experiment}/runs", [name, "feedback round 1"])
+    # Nested runs are folded under their parent: unfold the iteration and find every stage's run.
+    browser.find_element(By.XPATH, f"//a[contains(., '{name}')]/preceding::button"
+                                   "[contains(@data-component-id, 'runnamecellrenderer')][1]").click()
+    body = _page_shows(browser, browser.current_url, [name])
+    missing = [stage for stage in STAGES if f"\n{stage}\n" not in f"\n{body}\n"]
+    assert not missing, f"stage runs not shown under {name}: {missing}"
+    browser.save_screenshot(str(screenshots / "mlflow-runs.png"))
+    _page_shows(browser, f"{stack.mlflow}/#/models/{MODEL}", [MODEL, "Version 1", "Version 2", "@ champion"])
+    browser.save_screenshot(str(screenshots / "mlflow-registry.png"))
+
+
+def test_prefect_restart_keeps_history_and_the_next_run_works(stack):
+    from infra.local import stop_started
+
+    def finished() -> set[str]:  # scheduled future runs are re-created when the deployments are re-registered
+        runs = stack.api("POST", "/flow_runs/filter", json={}).json()
+        return {r["id"] for r in runs if r["state"]["type"] != "SCHEDULED"}
+
+    before = finished()
+    assert "stopped" in stop_started("prefect", stack.home)  # the server only; its database stays on disk
+    up = stack.tuneline("up", "--config", str(stack.config))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "prefect: started" in up.stdout and "mlflow: reusing" in up.stdout, up.stdout
+    assert before <= finished() and stack.runs["lifecycle"] in before
+    run = stack.trigger(f"feedback/{NAME}")
+    assert run["state"]["type"] == "COMPLETED" and "no new feedback" in stack.logs(run["id"], expect="no new feedback")
+    assert stack.mlflow_client().get_model_version_by_alias(MODEL, "champion").version == "2"
