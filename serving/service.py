@@ -25,6 +25,7 @@ import typing as t
 import uuid
 from pathlib import Path
 
+import aiohttp
 import bentoml
 from bentoml.models import BentoModel
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -298,13 +299,26 @@ class Chat:
         if body.stream:
             return StreamingResponse(self._stream(rid, messages, request, body.stops), media_type="text/event-stream")
         try:
-            [result] = await self.generator.to_async.generate([request])
+            [result] = await self._generate(request)
         except Exception as exc:  # overloaded, timed out or restarting: the client may retry; never a bare 500
             raise HTTPException(503, f"generation failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else result["completion_tokens"]
         await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
+
+    async def _generate(self, request: dict, attempts: int = 4) -> list[dict]:
+        """The generator call, retried when the connection between the two services drops.
+
+        Under a burst (200 clients at once) BentoML's client to the generator process sometimes finds a
+        pooled connection closed (aiohttp ServerDisconnectedError / ClientOSError) before the request was
+        read; greedy generation is idempotent, so sending it again is safe and the client never sees it."""
+        for attempt in range(attempts - 1):
+            try:
+                return await self.generator.to_async.generate([request])
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.2 * 2**attempt)
+        return await self.generator.to_async.generate([request])
 
     async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str]):
         """Server-sent events in OpenAI's chunk format; text that could begin a stop string is held back."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,3 +139,23 @@ def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
     assert result["counts"]["reviews"]["rejected"] == 2
     rejected = sum(c["rejected"] for c in result["counts"].values())
     assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == rejected
+
+
+def test_corrections_join_the_training_split_only_and_never_a_held_out_question(tmp_path):
+    reviews = spec(DEMO_DATA, name="reviews", labels={})
+    plain = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "a"), on_bad_rows="skip")
+    held_out = read_examples(plain["test"])[0]
+    corrections = tmp_path / "round-001.jsonl"
+    corrections.write_text(
+        Example("feedback-1", "sys", "Review: a brand new question", '{"sentiment": "negative"}', "feedback").to_json()
+        + "\n" + Example("feedback-2", "sys", held_out.user, "leaked answer", "feedback").to_json() + "\n")
+    result = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "b"), on_bad_rows="skip",
+                             corrections=[str(corrections)])
+    train = read_examples(result["train"])
+    assert [e.id for e in train if e.task == "feedback"] == ["feedback-1"]
+    assert len(train) == len(read_examples(plain["train"])) + 1
+    assert [read_examples(result[s]) for s in ("validation", "test")] == \
+        [read_examples(plain[s]) for s in ("validation", "test")]  # held-out splits unchanged between rounds
+    assert result["mixed_train"]["feedback"] == 1
+    rejects = [json.loads(line) for line in Path(result["rejects"]).read_text().splitlines()]
+    assert any("feedback-2" in r["where"] and "validation/test question" in r["reason"] for r in rejects)
