@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-all up down bench clean
+.PHONY: install browser demo test test-faults test-all up down bench clean
 
 install: $(STAMP)
 
@@ -41,7 +41,10 @@ demo: install
 	$(VENV)/bin/tuneline run configs/demo.yaml --serve
 
 test: install browser
-	$(VENV)/bin/pytest -x -q tests -m "not integration"
+	$(VENV)/bin/pytest -x -q tests -m "not integration and not faults"
+
+test-faults: install
+	$(VENV)/bin/pytest -x -q tests -m faults
 
 test-all: install browser
 	$(VENV)/bin/pytest -q tests
