@@ -87,4 +87,5 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
         version = registry.register(config.registered_model, tuned["merged"], tuned["run_id"], {}, config.gate.metric)
         MlflowClient().set_model_version_tag(config.registered_model, version, "tuneline.decision", "pending")
     print(f"finetune-model: {config.registered_model} v{version} registered from {source}; champion unchanged")
-    return {"version": version, "model": source, "train_loss": tuned["train_loss"], "mlflow_run_id": parent.info.run_id}
+    return {"version": version, "model": source, "steps": tuned["steps"], "train_loss": tuned["train_loss"],
+            "mlflow_run_id": parent.info.run_id}

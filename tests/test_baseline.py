@@ -77,7 +77,7 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.task.name, config.task.system_prompt = "reviews", "sys"
     config.task.max_validation_examples, config.task.max_answer_tokens = 3, 4
-    config.baseline.shots, config.baseline.retrieval_shots = [0, 2], 2
+    config.baseline.shots, config.baseline.retrieval_shots, config.baseline.chain_of_thought = [0, 2], 2, True
     zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
                     batch_size=3)
     chosen = {"source": "tiny:0", "model_dir": tiny_model, "result": zero}

@@ -1,0 +1,59 @@
+"""The stages that run alone (the deployments besides `lifecycle`): fine-tune a pending version, evaluate it,
+promote it by hand, roll back, serve the champion; on a real ephemeral Prefect and a real MLflow on SQLite."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from infra.local import free_port, stop_started
+from tests.conftest import DEMO_DATA, ROOT
+
+
+@pytest.fixture()
+def config(tmp_path) -> str:
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo.update(name="alone", registered_model="alone-model")
+    demo["task"].update(data=str(DEMO_DATA), max_validation_examples=4, max_test_examples=4, max_answer_tokens=6)
+    demo["models"]["candidates"] = ["tiny:0", "tiny:1"]
+    demo["finetune"].update(max_steps=4, batch_size=4, max_seq_length=128)
+    demo["evaluation"]["general_limit"] = 10
+    demo["deploy"]["port"] = free_port()
+    path = tmp_path / "alone.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    return str(path)
+
+
+def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_api, mlflow_sqlite):
+    from flows.deploy import deploy_version
+    from flows.evaluate import evaluate_version
+    from flows.finetune import finetune_model
+    from flows.promote import promote_version, rollback_champion
+
+    client = MlflowClient()
+    first = finetune_model(config, model="tiny:1", max_steps=2)
+    assert first["version"] == "1" and first["model"] == "tiny:1"
+    pending = client.get_model_version("alone-model", "1")
+    assert pending.tags["tuneline.decision"] == "pending" and "champion" not in pending.aliases
+    assert first["steps"] == 2  # the form's max_steps overrides the config's 4
+
+    scores = evaluate_version(config, version="1")
+    tags = client.get_model_version("alone-model", "1").tags
+    assert float(tags["tuneline.metric.exact_match"]) == pytest.approx(scores["exact_match"], abs=1e-6)
+    assert float(tags["tuneline.metric.general_acc"]) == pytest.approx(scores["general_acc"], abs=1e-6)
+
+    with pytest.raises(ValueError, match="no champion"):
+        evaluate_version(config)  # no version named and none promoted yet
+
+    assert "champion is now v1" in promote_version("alone-model", "1", "reviewed by hand")
+    finetune_model(config)  # the config's first candidate, its own max_steps: v2, still pending
+    assert "champion is now v2 (was v1)" in promote_version("alone-model", "2", "better on spot checks")
+    assert "rolled back from v2 to v1" in rollback_champion("alone-model", "complaints")
+    assert str(client.get_model_version_by_alias("alone-model", "champion").version) == "1"
+
+    try:
+        served = deploy_version(config)  # the champion, on the config's port
+        assert served["served"] and served["model"] == "alone-model/1"
+    finally:
+        stop_started("bento", home)
