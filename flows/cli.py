@@ -110,11 +110,10 @@ def feedback_export(out: Path, since: int = typer.Option(0, help="only feedback 
                     approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this"),
                     task: str = typer.Option("feedback", help="task name written on each example")) -> None:
     """Write the corrections users sent to the service as a JSONL dataset (id, system, user, assistant, task)."""
-    from tasks.feedback import export  # noqa: PLC0415
+    from tasks.feedback import export, feedback_db  # noqa: PLC0415
 
-    db = Path(os.environ.get("TUNELINE_FEEDBACK_DB", local.state_dir() / "feedback.db"))
     try:
-        found = export(db, out, since, approve_at, task)
+        found = export(feedback_db(), out, since, approve_at, task)
     except FileNotFoundError as exc:
         _fail(str(exc))
     typer.echo(f"{out}: {len(found.examples)} examples from feedback up to id {found.last_id} "

@@ -8,27 +8,18 @@ when its lifecycle finished, so the corrections of a failed round are picked up 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import mlflow
 import pandas as pd
 from prefect import flow
 
 from flows.config import load_config
 from flows.lifecycle import lifecycle
-from infra.local import state_dir
 from tasks import tracking
 from tasks.datasets import write_examples
-from tasks.feedback import Harvest, harvest
+from tasks.feedback import Harvest, feedback_db, harvest
 from tasks.tracking import publish
 
 ROUND = "feedback-round"
-
-
-def feedback_db() -> Path:
-    """Where the service writes answers and feedback (the same rule as serving/service.py)."""
-    return Path(os.environ.get("TUNELINE_FEEDBACK_DB", state_dir() / "feedback.db"))
 
 
 def finished_rounds(experiment: str) -> list:

@@ -11,7 +11,7 @@ from flows.config import LifecycleConfig
 from infra.local import free_port
 from tasks import packaging, registry
 from tasks.datasets import read_examples
-from tasks.tracking import publish, stage_run
+from tasks.tracking import artifact_key, publish, stage_run
 
 
 @flow(name="promote")
@@ -55,8 +55,7 @@ def _by_hand(model: str, outcome: str) -> None:
     """A decision made by a person: recorded on the registry by `registry`, shown in the Prefect UI here."""
     uri = mlflow.get_tracking_uri()
     link = f"\n\n[{model} in the MLflow registry]({uri.rstrip('/')}/#/models/{model})" if uri.startswith("http") else ""
-    key = "".join(c if c.isalnum() else "-" for c in model.lower())
-    create_markdown_artifact(key=f"{key}-champion", markdown=f"## {outcome}{link}\n")
+    create_markdown_artifact(key=artifact_key(model, "champion"), markdown=f"## {outcome}{link}\n")
     print(outcome)
 
 

@@ -58,10 +58,5 @@ def deployments(config_path: str) -> list:
     ]
 
 
-def names(config_path: str) -> list[str]:
-    """`<flow>/<deployment>` of every deployment `deployments(config_path)` registers."""
-    return [f"{d.flow_name}/{d.name}" for d in deployments(config_path)]
-
-
 if __name__ == "__main__":
     serve(*[d for path in sys.argv[1:] for d in deployments(path)], limit=1, print_starting_message=True)

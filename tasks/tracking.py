@@ -46,13 +46,18 @@ def run_url(run) -> str:
     return f"runs:/{run.info.run_id} in {uri}"
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from free-form names."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
 def publish(stage: str, markdown: str) -> None:
     """A stage's decision and figures as a Prefect markdown artifact, ending with a link to its MLflow run.
 
     Keyed by experiment and stage, so the Prefect UI keeps each config's history of that stage's reports."""
     run = mlflow.active_run()
     experiment = mlflow.get_experiment(run.info.experiment_id).name
-    key = re.sub(r"[^a-z0-9-]+", "-", f"{experiment}-{stage}".lower()).strip("-")
+    key = artifact_key(experiment, stage)
     link = run_url(run)
     target = f"[MLflow run {run.info.run_id[:8]}]({link})" if link.startswith("http") else link
     create_markdown_artifact(key=key, markdown=f"{markdown.rstrip()}\n\n{target}\n",
