@@ -42,7 +42,10 @@ TIMEOUT_S = 300
 # ---------------------------------------------------------------- generation
 
 
-@bentoml.service(name="tuneline-generator", traffic={"timeout": TIMEOUT_S}, workers=1)
+# runner_connection: BentoML's default (a new pool every 100 calls, closing the old one under calls still in
+# flight) broke a few requests in every burst of 200; one pool a day for two processes on one host.
+@bentoml.service(name="tuneline-generator", traffic={"timeout": TIMEOUT_S}, workers=1,
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 86400.0})
 class Generator:
     """Token ids in, text out. Requests come from `Chat` only; they are already validated there."""
 
@@ -308,16 +311,21 @@ class Chat:
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
     async def _generate(self, request: dict, attempts: int = 4) -> list[dict]:
-        """The generator call, retried when the connection between the two services drops.
+        """The generator call, sent again when the connection between the two services drops under it.
 
-        Under a burst (200 clients at once) BentoML's client to the generator process sometimes finds a
-        pooled connection closed (aiohttp ServerDisconnectedError / ClientOSError) before the request was
-        read; greedy generation is idempotent, so sending it again is safe and the client never sees it."""
+        BentoML's client replaces its connection pool every `runner_connection` max_requests / max_age and
+        closes the old one with calls still on it: those fail with a connection error, and calls queued for a
+        pooled connection are cancelled (a CancelledError this request did not ask for). The Generator's
+        config makes that rare; when it happens, greedy generation is idempotent and the call is repeated."""
         for attempt in range(attempts - 1):
             try:
                 return await self.generator.to_async.generate([request])
             except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.2 * 2**attempt)
+                pass
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # this request itself was cancelled: client gone, timeout, shutdown
+            await asyncio.sleep(0.2 * 2**attempt)
         return await self.generator.to_async.generate([request])
 
     async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,12 @@ def post(service, path: str, body, key: str | None = KEY) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return httpx.post(service["url"] + path, content=content, timeout=60,
                       headers={"content-type": "application/json", **headers})
+
+
+def service_errors(home: Path) -> list[str]:
+    """The exception lines the service logged: what a failed request's bare status hides."""
+    log = (Path(home) / "logs" / "bento-service-test.log").read_text(errors="replace")
+    return re.findall(r"^\w[\w.]*(?:Error|Exception|Cancelled\w*)\b.*$", log, re.M)[-10:]
 
 
 def ask(client, content: str, **kwargs):
@@ -157,27 +164,31 @@ def test_feedback_round_trip_into_a_training_dataset(client, service, tmp_path, 
 
 
 
-def test_200_concurrent_clients_all_answered_and_no_feedback_lost(service):
-    """Fault test: a burst of 200 clients, each asking and then rating; every request succeeds and every
-    rating is in the store."""
+@pytest.mark.faults
+def test_a_burst_of_300_clients_is_all_answered_and_no_feedback_lost(service, home):
+    """Fault test: 300 clients at once, each asking and then rating; every request succeeds and every rating
+    is in the store. Over 100 generator calls are in flight at once: with BentoML's default client pool
+    (replaced every 100 calls) this lost requests as 500s and 503s."""
     def one(i: int) -> tuple[int, int]:
         with httpx.Client(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as http:
             reply = http.post(service["url"] + "/v1/chat/completions",
-                              json={"messages": [{"role": "user", "content": f"Review: burst {i}"}], "max_tokens": 2})
+                              json={"messages": [{"role": "user", "content": f"Review: burst {i}"}], "max_tokens": 16})
             if reply.status_code != 200:
                 return reply.status_code, reply.text[:300]
             rated = http.post(service["url"] + "/feedback", json={"response_id": reply.json()["id"], "rating": 1 + i % 5,
                                                                   "correction": f"burst answer {i}"})
             return reply.status_code, rated.status_code
 
-    with ThreadPoolExecutor(200) as pool:
-        statuses = list(pool.map(one, range(200)))
-    assert statuses == [(200, 200)] * 200, sorted(set(statuses))
+    with ThreadPoolExecutor(300) as pool:
+        statuses = list(pool.map(one, range(300)))
+    failed = Counter(s for s in statuses if s != (200, 200))
+    assert not failed, f"{failed}; the service's errors: {service_errors(home)}"
     with sqlite3.connect(service["db"]) as db:
         stored = {row[0] for row in db.execute("SELECT correction FROM feedback WHERE correction LIKE 'burst answer %'")}
-    assert stored == {f"burst answer {i}" for i in range(200)}
+    assert stored == {f"burst answer {i}" for i in range(300)}
 
 
+@pytest.mark.faults
 def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(service):
     """Fault test: schemathesis generates requests from the service's own OpenAPI schema, valid ones and ones
     that break it; none may get a server error."""
