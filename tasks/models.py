@@ -147,9 +147,13 @@ def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct
     return folder
 
 
+def _cached_tokenizer(source: str, store: Path) -> Path:
+    return Path(store) / "tokenizers" / store_key(source)
+
+
 def provision_tokenizer(source: str, store: Path) -> Path:
     """Just the tokenizer of a source, cached: converting a GGUF vocabulary is the slow part."""
-    target = Path(store) / "tokenizers" / store_key(source)
+    target = _cached_tokenizer(source, store)
     if (target / "tokenizer_config.json").is_file():
         return target
     kind, ref = _parse(source)
@@ -168,7 +172,7 @@ def provision_tokenizer(source: str, store: Path) -> Path:
 
 def _convert_tokenizer_aside(source: str, store: Path) -> subprocess.Popen | None:
     """`provision_tokenizer` in a child process, unless the tokenizer is in the store already."""
-    if (Path(store) / "tokenizers" / store_key(source) / "tokenizer_config.json").is_file():
+    if (_cached_tokenizer(source, store) / "tokenizer_config.json").is_file():
         return None
     return subprocess.Popen([sys.executable, "-m", "tasks.models", source, str(store)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
