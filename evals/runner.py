@@ -14,7 +14,9 @@ from pathlib import Path
 
 import evaluate as hf_evaluate
 import yaml
+from lm_eval import evaluator as lm_evaluator
 from lm_eval import simple_evaluate
+from lm_eval.loggers.utils import add_env_info
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
@@ -30,6 +32,19 @@ METRIC = "exact_match"
 TEXT_METRICS = {"field_f1": EVALS / "metrics" / "json_fields.py", "rougeL": EVALS / "metrics" / "rouge_l.py"}
 
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
+@functools.cache
+def _environment() -> dict:
+    found: dict = {}
+    add_env_info(found)
+    return found
+
+
+# By hand, as lm-eval has no switch for it: simple_evaluate records the environment in every result through
+# torch's collect_env, which runs `pip list` and other subprocesses (~1.2 s a call on 2 cores). An iteration
+# scores a dozen times in one process and never reads it, so it is collected once per process.
+lm_evaluator.add_env_info = lambda storage: storage.update(_environment())
 
 
 def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int,

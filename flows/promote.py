@@ -1,7 +1,10 @@
-"""Stage 7, promote: register the fine-tuned model, smoke-test it as a built service, and let the gate decide
-whether it becomes `champion`. Every rule's outcome is recorded on the version."""
+"""Stage 7, promote: register the fine-tuned model and let the gate decide whether it becomes `champion`. A
+version that passes the metric rules is then built as a Bento and smoke-tested as a served service (the
+slowest rule, so it runs last and only when it can change the outcome). Every rule's outcome is recorded."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import mlflow
 from prefect import flow
@@ -25,20 +28,21 @@ def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str,
         version = registry.register(name, tuned_dir, finetune_run_id,
                                     {k: v for k, v in scores.get("finetuned", {}).items() if k != "general_acc"},
                                     rules.metric)
-        bento, smoke = None, None
-        if rules.smoke_prompts:
-            bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt, config.deploy.limits)
-            prompts = [e.user for e in read_examples(test_path)[: rules.smoke_prompts]]
-            smoke = packaging.smoke_compare(tuned_dir, bento, prompts, config.task.system_prompt,
-                                            config.task.max_answer_tokens, home, free_port())
         evidence = registry.Evidence(
             finetuned=metric("finetuned"), baseline=metric("baseline"), base_general=general.get("base"),
-            finetuned_general=general.get("finetuned"), crashed=report["crashed"], smoke_failures=smoke,
+            finetuned_general=general.get("finetuned"), crashed=report["crashed"],
         )
         # The champion re-scored on this iteration's test split when it could be; else its recorded score.
         champion_score = metric("champion") if metric("champion") is not None else (current[1] if current else None)
-        decision = registry.gate(evidence, champion_score,
-                                 registry.Rules(rules.min_improvement, rules.max_forgetting, rules.smoke_prompts > 0))
+        gate_rules = registry.Rules(rules.min_improvement, rules.max_forgetting, require_smoke=rules.smoke_prompts > 0)
+        bento = None
+        passes_the_rest = registry.gate(evidence, champion_score, replace(gate_rules, require_smoke=False)).passed
+        if rules.smoke_prompts and passes_the_rest:
+            bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt, config.deploy.limits)
+            prompts = [e.user for e in read_examples(test_path)[: rules.smoke_prompts]]
+            evidence = replace(evidence, smoke_failures=packaging.smoke_compare(
+                tuned_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens, home, free_port()))
+        decision = registry.gate(evidence, champion_score, gate_rules)
         registry.record(name, version, decision)
         mlflow.log_params({"version": version, "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag("tuneline.reasons", "; ".join(decision.reasons))

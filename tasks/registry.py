@@ -83,10 +83,12 @@ def gate(evidence: Evidence, champion_score: float | None, rules: Rules) -> Deci
         else:
             reasons.append(f"general benchmark change {-drop:+.3f} (allowed drop <= {rules.max_forgetting:.3f})")
     if evidence.smoke_failures is None:
-        if rules.require_smoke:
-            fail("smoke test did not run")
-        else:
+        if not rules.require_smoke:
             reasons.append("smoke test skipped by config")
+        elif not passed:  # promote builds and serves only a version that passed every other rule
+            reasons.append("smoke test not run: the rules above failed")
+        else:
+            fail("smoke test did not run")
     elif evidence.smoke_failures:
         fail(f"smoke test: the served model answered {len(evidence.smoke_failures)} prompt(s) differently "
              f"from in-process generation (first: {evidence.smoke_failures[0]})")

@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from prefect import task
-from transformers import EarlyStoppingCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
 from tasks.datasets import Example, chat_messages, read_examples
@@ -40,7 +40,7 @@ class TrainSpec:
     method: str = "lora"  # lora | qlora | dora | full
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"  # peft picks every linear layer but the output head
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -110,16 +110,19 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
+def qlora_quantization() -> BitsAndBytesConfig:
+    """QLoRA's base weights: 4-bit NF4 with double quantisation, computing in bf16."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def _load_for(method: str, base_dir: Path, device: str):
     if method != "qlora":
         return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None)
     from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - CUDA path only
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: PLC0415
 
-    quant = BitsAndBytesConfig(  # QLoRA: NF4 weights, double quantisation, bf16 computeload_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, use_safetensors=True,
-                                                 dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qlora_quantization(), dtype=torch.bfloat16,
+                                                 use_safetensors=True, device_map={"": 0}, attn_implementation="sdpa")
     return prepare_model_for_kbit_training(model), AutoTokenizer.from_pretrained(base_dir)
 
 

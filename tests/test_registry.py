@@ -112,3 +112,38 @@ def test_cli_rollback_without_champion_is_a_one_line_error(mlflow_sqlite):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: nobody has no champion to roll back"
+
+
+def test_gate_reports_the_smoke_test_as_not_run_when_other_rules_failed():
+    failing = Evidence(**{**GOOD.__dict__, "finetuned": 0.35, "smoke_failures": None})
+    decision = registry.gate(failing, None, RULES)
+    assert not decision.passed
+    assert decision.reasons[-1] == "smoke test not run: the rules above failed"
+
+
+def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, home, prefect_api, mlflow_sqlite,
+                                                                   tmp_path):
+    """Building and serving a Bento takes a minute: only a version that passed every other rule gets one."""
+    import bentoml
+
+    from flows.config import load_config
+    from flows.promote import promote_stage
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model = "never-built"
+    scores = {"baseline": {"exact_match": 0.5, "general_acc": None},
+              "base": {"exact_match": 0.1, "general_acc": 0.5},
+              "finetuned": {"exact_match": 0.4, "general_acc": 0.5}}
+    mlflow.create_experiment("promote", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("promote")
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
+        pass
+    verdict = promote_stage(config, tiny_model, finetune.info.run_id, {"scores": scores, "crashed": {}},
+                            str(tmp_path / "no-test-split-needed.jsonl"), str(home), parent.info.run_id)
+    assert not verdict["passed"] and verdict["bento"] is None
+    assert "smoke test not run: the rules above failed" in verdict["reasons"]
+    built = [m for m in bentoml.models.list() if m.info.labels.get("registered_model") == "never-built"]
+    assert built == []
+    tags = MlflowClient().get_model_version("never-built", verdict["version"]).tags
+    assert tags["tuneline.decision"] == "fail" and "does not beat the best baseline" in tags["tuneline.reasons"]

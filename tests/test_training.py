@@ -13,7 +13,7 @@ import torch
 
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import META_FILE, load
-from tasks.training import TrainSpec, last_complete_checkpoint, require_device, train
+from tasks.training import TrainSpec, last_complete_checkpoint, qlora_quantization, require_device, train
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -74,6 +74,15 @@ def test_qlora_on_cpu_fails_before_any_work(tiny_model, train_file, tmp_path):
     with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
         train.fn(tiny_model, train_file, str(tmp_path / "out"), TrainSpec(method="qlora"))
     assert not (tmp_path / "out").exists()
+
+
+def test_qlora_loads_its_base_in_4bit_nf4_with_bf16_compute():
+    """The CUDA path cannot run here; its quantisation settings can be checked (a lost `load_in_4bit` once
+    made "qlora" train an unquantised bf16 model)."""
+    quant = qlora_quantization()
+    assert quant.load_in_4bit and not quant.load_in_8bit
+    assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, tmp_path):
