@@ -9,6 +9,7 @@ import time
 
 import mlflow
 from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.baseline import baseline_stage
 from flows.config import load_config
@@ -37,8 +38,11 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
     home = tracking.open_experiment(config.name)
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
 
-    with mlflow.start_run(run_name=f"{config.name} {run_dir.name}", nested=parent_run_id is not None,
-                          parent_run_id=parent_run_id, tags={"tuneline.kind": "lifecycle"}) as parent:
+    # The stage subflows run in this process, whose liveness the lifecycle's own heartbeat already reports;
+    # a heartbeat thread per subflow would cost up to a second each to stop (Prefect's sleeps 1 s at a time).
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            mlflow.start_run(run_name=f"{config.name} {run_dir.name}", nested=parent_run_id is not None,
+                             parent_run_id=parent_run_id, tags={"tuneline.kind": "lifecycle"}) as parent:
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
         store = str(home / "models")
