@@ -37,6 +37,9 @@ MODEL = BentoModel("tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
 MAX_BODY_BYTES = 1_000_000
 TIMEOUT_S = 300
+# Below this, sampling picks the greedy token all but always, and logits / temperature overflows float32 near
+# 1e-38 (torch.multinomial then fails on inf/nan): such temperatures are decoded greedily.
+GREEDY_BELOW = 1e-3
 
 
 # ---------------------------------------------------------------- generation
@@ -64,7 +67,7 @@ class Generator:
         self.lock = threading.Lock()  # a stream and a batch at once would only fight over the same cores
 
     def _sampling(self, request: dict) -> dict:
-        sample = request["temperature"] > 0
+        sample = request["temperature"] >= GREEDY_BELOW
         return {"do_sample": sample, "temperature": request["temperature"] if sample else None,
                 "top_p": request["top_p"] if sample else None, "top_k": None, "pad_token_id": self.pad}
 
@@ -152,7 +155,7 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here) is greedy")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here) is greedy; so is anything under 0.001")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False

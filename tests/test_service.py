@@ -91,6 +91,15 @@ def test_sampling_settings_are_accepted(client):
     assert reply.usage.completion_tokens <= 4
 
 
+def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(client):
+    """Found by the schema fuzzer: temperature 1e-300 made logits / temperature overflow to inf and sampling
+    fail with a 503."""
+    greedy = ask(client, "Review: ok", max_tokens=6).choices[0].message.content
+    assert ask(client, "Review: ok", max_tokens=6, temperature=1e-300).choices[0].message.content == greedy
+    streamed = ask(client, "Review: ok", max_tokens=6, temperature=5e-324, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == greedy
+
+
 @pytest.mark.parametrize(("body", "status", "names"), [
     ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "x"}, 400, "messages"),
