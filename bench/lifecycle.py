@@ -85,6 +85,9 @@ def main() -> None:
                            "gate": summary["promotion"]["passed"], "test": summary["test"]}
             print(f"{label}: {wall:.0f}s, stages {({k: round(v) for k, v in stages.items()})}")
     finally:
+        from prefect.logging.handlers import APILogHandler  # noqa: PLC0415
+
+        APILogHandler().flush()  # else the last run logs are sent at exit, to a stopped server
         for line in local.down(home):
             print(line)
 

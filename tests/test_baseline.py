@@ -51,7 +51,7 @@ def test_nearest_ranks_by_meaning():
     assert nearest(pool, ["shoes for jogging"], 1) == [[1]]
 
 
-def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits):
+def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, prefect_api):
     files = attach_shots.fn(splits["train"], {"validation": splits["validation"], "test": splits["test"]}, 2,
                             str(splits["out"] / "tasks"))
     train = read_examples(splits["train"])

@@ -1,5 +1,6 @@
 """Prefect caching by content (tasks/caching.py): a rerun with the same weights and data, written under new
-folders, reuses the persisted score; a change to either is scored again."""
+folders, reuses the persisted score; a change to either is scored again. Retrieval's ranking is kept by its
+texts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from evals.runner import write_tasks
+from tasks.retrieval import rank_nearest
 from tasks.scoring import score
 
 
@@ -41,3 +43,16 @@ def test_score_is_reused_for_the_same_content_under_new_paths_and_redone_when_it
     assert (computed.name, reused.name, redone.name) == ("Completed", "Cached", "Completed")
     assert reused.result()["samples"] == computed.result()["samples"]
     assert [s["target"] for s in redone.result()["samples"]][-1] == "x"
+
+
+def test_retrieval_ranking_is_reused_for_the_same_texts_and_redone_when_they_change(prefect_api):
+    pool = ["the kettle leaks", "light running shoes", "teapot leaking at the spout"]
+
+    @flow
+    def ranking(queries: list[str]):  # one flow run each: the rerun is a later iteration
+        return rank_nearest(pool, queries, 2, return_state=True)
+
+    computed, reused, redone = (ranking(q) for q in (["kettle leaking"], ["kettle leaking"], ["shoes for jogging"]))
+    assert (computed.name, reused.name, redone.name) == ("Completed", "Cached", "Completed")
+    assert reused.result() == computed.result() and sorted(computed.result()[0]) == [0, 2]
+    assert redone.result()[0][0] == 1
