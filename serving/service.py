@@ -155,7 +155,8 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default here) is greedy; so is anything under 0.001")
+    temperature: float = Field(0.0, ge=0.0, le=2.0,
+                               description="0 (the default here) is greedy; so is anything under 0.001")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False

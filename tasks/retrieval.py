@@ -22,20 +22,17 @@ def encoder():
     return SentenceTransformer(str(get_model_path()), device="cpu")
 
 
+@task(name="rank-nearest", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def nearest(pool: list[str], queries: list[str], k: int) -> list[list[int]]:
-    """Indices into `pool` of the k texts most similar (cosine) to each query, nearest first."""
+    """Indices into `pool` of the k texts most similar (cosine) to each query, nearest first.
+
+    Kept by Prefect on the texts: a rerun on the same ones loads and runs no encoder (12 s of a warm demo run)."""
     from sentence_transformers.util import semantic_search  # noqa: PLC0415
 
     model = encoder()
     found = semantic_search(model.encode(queries, convert_to_tensor=True, normalize_embeddings=True),
                             model.encode(pool, convert_to_tensor=True, normalize_embeddings=True), top_k=k)
     return [[hit["corpus_id"] for hit in hits] for hits in found]
-
-
-@task(name="rank-nearest", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
-def rank_nearest(pool: list[str], queries: list[str], k: int) -> list[list[int]]:
-    """`nearest`, kept by Prefect: a rerun on the same texts loads and runs no encoder (12 s of a warm demo run)."""
-    return nearest(pool, queries, k)
 
 
 @task(name="retrieve-shots")
@@ -45,7 +42,7 @@ def attach_shots(train_path: str, split_paths: dict[str, str], k: int, out_dir: 
     train = read_examples(train_path)
     splits = {split: read_examples(path) for split, path in split_paths.items()}
     queries = [e.user for examples in splits.values() for e in examples]
-    picks = iter(rank_nearest([e.user for e in train], queries, k))  # one pass: the pool is embedded once
+    picks = iter(nearest([e.user for e in train], queries, k))  # one pass: the pool is embedded once
     out = {}
     for split, examples in splits.items():
         target = Path(out_dir) / f"retrieved_{split}.jsonl"

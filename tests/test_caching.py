@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from evals.runner import write_tasks
-from tasks.retrieval import rank_nearest
+from tasks.retrieval import nearest
 from tasks.scoring import score
 
 
@@ -50,7 +50,7 @@ def test_retrieval_ranking_is_reused_for_the_same_texts_and_redone_when_they_cha
 
     @flow
     def ranking(queries: list[str]):  # one flow run each: the rerun is a later iteration
-        return rank_nearest(pool, queries, 2, return_state=True)
+        return nearest(pool, queries, 2, return_state=True)
 
     computed, reused, redone = (ranking(q) for q in (["kettle leaking"], ["kettle leaking"], ["shoes for jogging"]))
     assert (computed.name, reused.name, redone.name) == ("Completed", "Cached", "Completed")
