@@ -1,5 +1,6 @@
 """Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue),
-support tickets for multi-task runs, and the general multiple-choice benchmark in evals/data/ (forgetting).
+and support tickets for multi-task runs. (The general suite for the forgetting check has its own generator:
+evals/data/make_general.py.)
 
 Run: python data/make_demo_data.py   (deterministic: the same seed writes byte-identical files)
 
@@ -132,49 +133,6 @@ def make_ticket(rng: random.Random, idx: int) -> dict:
     return {"id": f"tkt-{idx:05d}", "ticket": text, "queue": queue, "priority": "high" if urgent else "normal"}
 
 
-# The general benchmark for forgetting checks: multiple-choice items that need no task data.
-CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Canada": "Ottawa",
-            "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Poland": "Warsaw",
-            "Greece": "Athens", "Chile": "Santiago", "India": "New Delhi", "Germany": "Berlin", "Cuba": "Havana"}
-OPPOSITES = {"hot": "cold", "up": "down", "early": "late", "full": "empty", "heavy": "light", "open": "closed",
-             "fast": "slow", "wet": "dry", "loud": "quiet", "old": "new", "rich": "poor", "strong": "weak"}
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-
-
-def _mc(rng: random.Random, question: str, answer: str, distractors: list[str]) -> dict:
-    choices = [answer, *rng.sample(sorted(set(distractors) - {answer}), 3)]
-    rng.shuffle(choices)
-    return {"question": question, "choices": choices, "answer": choices.index(answer)}
-
-
-def make_general(rng: random.Random) -> list[dict]:
-    items = []
-    for country, capital in CAPITALS.items():
-        items.append(_mc(rng, f"What is the capital of {country}?", capital, list(CAPITALS.values())))
-    for word, opposite in OPPOSITES.items():
-        items.append(_mc(rng, f"What is the opposite of '{word}'?", opposite, list(OPPOSITES.values())))
-    for i, day in enumerate(DAYS):
-        items.append(_mc(rng, f"Which day comes after {day}?", DAYS[(i + 1) % 7], DAYS))
-    while len(items) < 240:
-        a, b = rng.randrange(2, 60), rng.randrange(2, 60)
-        kind = rng.choice(["sum", "difference", "larger"])
-        if kind == "sum":
-            ans, q = a + b, f"What is {a} + {b}?"
-        elif kind == "difference":
-            a, b = max(a, b), min(a, b)
-            ans, q = a - b, f"What is {a} - {b}?"
-        else:
-            if a == b:
-                continue
-            ans, q = max(a, b), f"Which number is larger, {a} or {b}?"
-        wrong = [ans + d for d in (-10, -2, -1, 1, 2, 10) if ans + d >= 0]
-        if kind == "larger":
-            wrong = [min(a, b), a + b, abs(a - b), ans + 1]
-        if q not in {item["question"] for item in items}:
-            items.append(_mc(rng, q, str(ans), [str(w) for w in wrong]))
-    return [{"id": f"gen-{i:04d}", **item} for i, item in enumerate(items)]
-
-
 def _write(out: Path, rows: list[dict]) -> None:
     with out.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -186,7 +144,6 @@ def main() -> None:
     rng = random.Random(SEED)
     _write(HERE / "reviews.jsonl", [make_review(rng, i) for i in range(N_REVIEWS)])
     _write(HERE / "tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
-    _write(HERE.parent / "evals" / "data" / "general.jsonl", make_general(rng))
 
 
 if __name__ == "__main__":

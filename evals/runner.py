@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import evaluate as hf_evaluate
@@ -24,9 +25,10 @@ EVALS = Path(__file__).resolve().parent
 SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
 COT_TASK = EVALS / "tasks" / "chain_of_thought.yaml"
 RETRIEVED_TASK = EVALS / "tasks" / "retrieved_shots.yaml"
+LIKELIHOOD_TASK = EVALS / "tasks" / "answer_likelihood.yaml"
 GENERAL_TASK = EVALS / "tasks" / "general_mc.yaml"
 GENERAL_DATA = EVALS / "data" / "general.jsonl"
-GENERAL = "tuneline_general"
+GENERAL = "tuneline_general"  # prefix of each general suite's task name
 METRIC = "exact_match"
 # Local `evaluate` modules (hub metrics cannot load offline): extra metrics over the replies lm-eval produced.
 TEXT_METRICS = {"field_f1": EVALS / "metrics" / "json_fields.py", "rougeL": EVALS / "metrics" / "rouge_l.py"}
@@ -47,10 +49,16 @@ def _environment() -> dict:
 lm_evaluator.add_env_info = lambda storage: storage.update(_environment())
 
 
+def suite_task(path: str | Path) -> str:
+    """The lm-eval task name of a general (forgetting) suite: `tuneline_general_<file stem>`."""
+    return f"{GENERAL}_{re.sub(r'[^a-z0-9]+', '_', Path(path).stem.lower()).strip('_')}"
+
+
 def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
-                reasoning_tokens: int = 192) -> Path:
-    """One lm-eval task per scored split (`<task>_validation`, `<task>_test`) and its chain-of-thought variant
-    (`…_cot`, with `reasoning_tokens` more to generate); returns the folder holding them."""
+                reasoning_tokens: int = 192, general: tuple[str, ...] = (str(GENERAL_DATA),)) -> Path:
+    """One lm-eval task per scored split (`<task>_validation`, `<task>_test`), its chain-of-thought variant
+    (`…_cot`, with `reasoning_tokens` more to generate), and one task per general suite in `general`;
+    returns the folder holding them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_files = {name: str(Path(path).resolve()) for name, path in splits.items()}
@@ -59,9 +67,12 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
                     {"do_sample": False, "max_gen_toks": max_answer_tokens})
         _write_task(out, f"{task}_{split}_cot", COT_TASK, data_files, split,
                     {"do_sample": False, "until": ["\n\n\n"], "max_gen_toks": max_answer_tokens + reasoning_tokens})
-    general = {"include": str(GENERAL_TASK), "task": GENERAL,
-               "dataset_kwargs": {"data_files": {"test": str(GENERAL_DATA)}}}
-    (out / f"{GENERAL}.yaml").write_text(yaml.safe_dump(general, sort_keys=False))
+    _write_task(out, f"{task}_validation_likelihood", LIKELIHOOD_TASK, data_files, "validation", {})
+    for path in general:
+        name = suite_task(path)
+        spec = {"include": str(GENERAL_TASK), "task": name,
+                "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}}}
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
 
 
@@ -81,15 +92,32 @@ def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str
     (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def general_accuracy(model, tokenizer, tasks_dir: str | Path, *, limit: int | None = None, batch_size: int = 8,
-                     device: str = "cpu") -> dict:
-    """Accuracy on the general multiple-choice benchmark: the forgetting check."""
+def general_accuracy(model, tokenizer, tasks_dir: str | Path, suite: str, *, limit: int | None = None,
+                     batch_size: int = 8, device: str = "cpu") -> dict:
+    """Accuracy on one general multiple-choice suite (the forgetting check), with every item's 0/1 result."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = simple_evaluate(model=lm, tasks=[GENERAL], num_fewshot=0, limit=limit, bootstrap_iters=1000,
+    results = simple_evaluate(model=lm, tasks=[suite], num_fewshot=0, limit=limit, bootstrap_iters=1000,
                               task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                              log_samples=False, random_seed=0)
-    scores = results["results"][GENERAL]
-    return {"acc": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none"))}
+                              log_samples=True, random_seed=0)
+    scores = results["results"][suite]
+    items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in results["samples"][suite]}
+    return {"acc": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")), "n": len(items),
+            "items": items}
+
+
+def answer_likelihood(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,
+                      limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+    """Mean log-probability per token of the reference answers (chat template, system prompt): how close a
+    model is to the task even when it never produces an answer exactly."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=0,
+                              task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                              apply_chat_template=True, system_instruction=system_prompt or None,
+                              log_samples=True, random_seed=0)
+    samples = results["samples"][task]
+    logprob = sum(float(s["resps"][0][0][0]) for s in samples)
+    tokens = sum(len(tokenizer(s["target"], add_special_tokens=False)["input_ids"]) for s in samples)
+    return {"mean_logprob": logprob / max(tokens, 1), "n": len(samples)}
 
 
 def _stderr(value) -> float:
@@ -116,12 +144,15 @@ def builtin(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size
 
 
 def text_metrics(samples: list[dict]) -> dict:
-    """Per-field F1 and ROUGE-L of the replies against their targets, from the local evaluate modules."""
+    """Per-field F1 and ROUGE-L of the replies against their targets, from the local evaluate modules; each
+    sample also gets its own value of each (the gate pairs systems item by item)."""
     predictions = [str(s["response"]) for s in samples]
     references = [str(s["target"]) for s in samples]
     scores = {}
-    for path in TEXT_METRICS.values():
-        scores.update(_metric(path).compute(predictions=predictions, references=references))
+    for name, path in TEXT_METRICS.items():
+        scores.update(_metric(path).compute(predictions=predictions, references=references, per_item=True))
+        for sample, value in zip(samples, scores.pop(f"{name}_items")):
+            sample[name] = value
     return scores
 
 
@@ -156,10 +187,11 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
     samples = [
         {
             "doc_id": s["doc_id"],
+            "key": s["doc"].get("key", ""),
             "prompt": s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else str(s["arguments"][0]),
             "response": s["filtered_resps"][0],
             "target": s["target"],
-            METRIC: s[METRIC],
+            METRIC: float(s[METRIC]),
         }
         for s in results["samples"][task]
     ]

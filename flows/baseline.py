@@ -16,7 +16,7 @@ from tasks.tracking import log_eval, publish, stage_run
 @flow(name="baseline")
 def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits: dict[str, str],
                    parent_run_id: str) -> dict:
-    task, plan = config.task, config.baseline.variants()
+    task, plan, metric = config.task, config.baseline.variants(), config.gate.metric
     results = {}
     with stage_run("baseline", parent_run_id, model=chosen["source"], prompts=len(plan)):
         if config.baseline.retrieval_shots:  # validation for choosing, test for the evaluate stage
@@ -32,21 +32,21 @@ def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits
                                limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
             log_eval(f"baseline {v['name']}", result, kind=v["kind"], shots=v["shots"], chat_template=v["chat"],
                      split="validation")
-            results[v["name"]] = {**v, "score": result["score"], "stderr": result["stderr"],
-                                  "field_f1": result["metrics"]["field_f1"]}
+            results[v["name"]] = {**v, **result["metrics"], "score": result["metrics"][metric],
+                                  "stderr": result["stderr"]}
         best = max(results.values(), key=lambda r: r["score"])  # first of equals: the simpler prompt
         mlflow.log_metrics({f"score_{name.replace(',', '').replace(' ', '_')}": r["score"]
                             for name, r in results.items()})
-        mlflow.log_params({"best_baseline": best["name"]})
-        table = "\n".join(f"| {name} | {r['score']:.3f} ± {r['stderr']:.3f} | {r['field_f1']:.3f} |"
-                          for name, r in results.items())
+        mlflow.log_params({"best_baseline": best["name"], "ranked_by": metric})
+        table = "\n".join(f"| {name} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {r['field_f1']:.3f} "
+                          f"| {r['rougeL']:.3f} |" for name, r in results.items())
         publish(
             "baseline",
             f"## Prompt baselines on {chosen['source']} (validation split)\n\n"
-            f"| prompt | exact match ± se | field F1 |\n|---|---|---|\n{table}\n\n"
-            f"Bar for fine-tuning: **{best['name']}** (best exact match; ties keep the simpler prompt). "
-            "Each prompt's samples are in its MLflow run.",
+            f"| prompt | exact match ± se | field F1 | ROUGE-L |\n|---|---|---|---|\n{table}\n\n"
+            f"Bar for fine-tuning: **{best['name']}** (best {metric}, the gate's metric; ties keep the simpler "
+            "prompt). Each prompt's samples are in its MLflow run.",
         )
-        print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})}; best {best['name']}")
+        print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})} ({metric}); best {best['name']}")
     variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}
     return {"best": best["name"], "variant": variant, "all": results}

@@ -149,20 +149,30 @@ class FinetuneConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(8, gt=0)
-    general_limit: int | None = Field(200, gt=0, description="items of the general benchmark scored (forgetting)")
+    general: list[str] = Field(default_factory=list, description="your own multiple-choice suites (JSONL: "
+                               "question, choices, answer index), each gated on forgetting beside the bundled one")
+    general_limit: int | None = Field(400, gt=0, description="items of each general suite scored (forgetting)")
     builtin_tasks: list[str] = Field(default_factory=list,
                                      description="lm-eval built-in tasks (arc_easy, …): need the hub, skipped offline")
     builtin_limit: int | None = Field(200, gt=0)
 
 
 class GateConfig(_Strict):
-    """The rules a fine-tuned model must pass to become `champion`; every rule is checked and reported."""
+    """The rules a fine-tuned model must pass to become `champion`; every rule is checked and reported.
+
+    Each rule compares two systems item by item on the same test items and passes only when the one-sided
+    confidence bound at `confidence` clears it (exact McNemar bounds for exact match, a paired bootstrap for
+    field F1 and ROUGE-L): a point estimate alone never passes a rule."""
 
     metric: Literal["exact_match", "field_f1", "rougeL"] = "exact_match"
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of every rule's bound")
     min_improvement: float = Field(
-        0.0, description="the fine-tuned score must exceed the best baseline by more than this (negative: tolerate)"
+        0.0, description="lower bound of (fine-tuned - best baseline) must exceed this (negative: tolerate)"
     )
-    max_forgetting: float = Field(0.05, ge=0, description="largest allowed drop in general-benchmark accuracy")
+    champion_margin: float = Field(0.0, ge=0, description="lower bound of (fine-tuned - champion) must exceed "
+                                                          "minus this (non-inferiority)")
+    max_forgetting: float = Field(0.05, ge=0, description="upper bound of the drop in each general suite's "
+                                                          "accuracy must not exceed this")
     smoke_prompts: int = Field(3, ge=0, description="test prompts the built service must answer as in-process")
 
 
@@ -258,6 +268,11 @@ def load_config(path: str | Path) -> LifecycleConfig:
         if not data.is_file():
             raise ConfigError(f"{path}: {where}.data: file not found: {data}")
         task.data = str(data)
+    for i, suite in enumerate(config.evaluation.general):
+        resolved = (path.parent / suite).resolve()
+        if not resolved.is_file():
+            raise ConfigError(f"{path}: evaluation.general.{i}: file not found: {resolved}")
+        config.evaluation.general[i] = str(resolved)
     for i, source in enumerate(config.models.candidates):
         kind, _, ref = source.partition(":")
         if kind == "path" and not Path(ref).is_absolute():

@@ -14,9 +14,9 @@ import pandas as pd  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from flows.config import LifecycleConfig, TaskConfig  # noqa: E402
-from evals.runner import write_tasks  # noqa: E402
-from tasks.datasets import SPLITS, TaskSpec, prepare_data, read_examples  # noqa: E402
-from tasks.models import provision_model  # noqa: E402
+from evals.runner import GENERAL_DATA, write_tasks  # noqa: E402
+from tasks import evidence  # noqa: E402
+from tasks.datasets import SPLITS, TaskSpec, fit_lengths, prepare_data, read_examples  # noqa: E402
 from tasks.tracking import publish, stage_run  # noqa: E402
 
 
@@ -40,28 +40,31 @@ def _length_plot(lengths: dict[str, list[int]], limit: int):
     return fig
 
 
-@flow(name="data")
-def data_stage(config: LifecycleConfig, out_dir: str, store: str, parent_run_id: str,
-               corrections: list[str] | None = None) -> dict:
-    """Splits for every task, the mixed training file, and a data card: counts, lengths, rejects, samples.
+def power(config: LifecycleConfig, test_items: int, rate: float = 0.5) -> tuple[str, list[str]]:
+    """What the scored test split can show at the gate's confidence (`rate`: the bar's exact match; before
+    the baselines are known, 0.5, the widest case)."""
+    n = min(test_items, config.task.max_test_examples)
+    return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement)
 
-    Token lengths are counted with the first candidate's tokenizer (provisioned into `store` here; selection
-    reuses it). `corrections`: chat-example files from production feedback, added to the training file only."""
+
+@flow(name="data")
+def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, corrections: list[str] | None = None) -> dict:
+    """Splits for every task, the mixed training file, and a data card: counts, fingerprints, power, rejects,
+    samples. `corrections`: chat-example files from production feedback, added to the training file only."""
     d = config.data
     tasks = [config.task, *config.extra_tasks]
     specs = [task_spec(t, d.seed, config.finetune.max_seq_length) for t in tasks]
     with stage_run("data", parent_run_id, seed=d.seed, on_bad_rows=d.on_bad_rows,
                    tasks=",".join(t.name for t in tasks)):
-        tokenizer_dir = provision_model(config.models.candidates[0], store)
         result = prepare_data(specs, {t.name: t.weight for t in tasks}, d.validation, d.test, d.seed, out_dir,
-                              d.on_bad_rows, tokenizer_dir, corrections or [])
+                              d.on_bad_rows, corrections or [])
         for name, counts in result["counts"].items():
             mlflow.log_metrics({f"{name}_{split}": n for split, n in counts.items()})
         mlflow.log_metrics({f"mixed_train_{name}": n for name, n in result["mixed_train"].items()})
         mlflow.log_metric("rejected_rows", sum(c["rejected"] for c in result["counts"].values()))
+        mlflow.log_params({f"fingerprint_{split}": value for split, value in result["fingerprints"].items()})
         mlflow.log_artifact(result["rejects"], "data_card")
-        mlflow.log_figure(_length_plot(result["lengths"], config.finetune.max_seq_length),
-                          "data_card/token_lengths.png")
+        mlflow.log_artifact(result["keys"], "data_card")
         mlflow.log_text(json.dumps({"counts": result["counts"], "mixed_train": result["mixed_train"]}, indent=2),
                         "data_card/counts.json")
         for split_name in ("train", "validation", "test"):
@@ -71,19 +74,46 @@ def data_stage(config: LifecycleConfig, out_dir: str, store: str, parent_run_id:
             frame = pd.DataFrame([e.__dict__ for e in examples])
             mlflow.log_input(mlflow.data.from_pandas(frame, source=result[split_name], name=split_name),
                              context=split_name)
+        note, warnings = power(config, result["counts"][config.task.name]["test"])
+        mlflow.set_tag("tuneline.power", note)
         rows = "\n".join(f"| {name} | {c['train']} | {c['validation']} | {c['test']} | {c['rejected']} |"
                          for name, c in result["counts"].items())
         publish("data", "## Data\n\n| task | train | validation | test | rejected |\n|---|---|---|---|---|\n"
-                        f"{rows}\n\nTraining mixture: {result['mixed_train']}. Data card, rejects and samples "
-                        "are in the MLflow run.")
-        print(f"data: {result['counts']}; mixed train {result['mixed_train']} ({Path(result['rejects']).name})")
+                        f"{rows}\n\nTraining mixture: {result['mixed_train']}. Split fingerprints: "
+                        f"{result['fingerprints']}.\n\n**Power:** {note}."
+                        + "".join(f"\n\n**Warning:** {w}." for w in warnings)
+                        + "\n\nData card, rejects, split keys and samples are in the MLflow run.")
+        print(f"data: {result['counts']}; mixed train {result['mixed_train']} ({Path(result['rejects']).name}); "
+              f"{note}" + "".join(f"\nWARNING: {w}" for w in warnings))
     return result
 
 
-def prepare(config: LifecycleConfig, run_dir: Path, store: str, parent_run_id: str,
+@flow(name="lengths")
+def lengths_stage(config: LifecycleConfig, splits: dict, model_dir: str, parent_run_id: str) -> dict:
+    """The length limit checked with the model that will be trained and served, after selection: its tokenizer
+    and chat template decide what "too long" means. Over-long examples leave every split (rejects.jsonl)."""
+    limits = {t.name: t.max_tokens or config.finetune.max_seq_length for t in [config.task, *config.extra_tasks]}
+    limits["*"] = limits[config.task.name]  # production corrections follow the primary task
+    with stage_run("lengths", parent_run_id, model=model_dir):
+        fitted = fit_lengths(splits, model_dir, limits)
+        mlflow.log_metric("over_long_removed", fitted["removed"])
+        mlflow.log_figure(_length_plot(fitted["lengths"], config.finetune.max_seq_length),
+                          "data_card/token_lengths.png")
+        if fitted["removed"]:
+            print(f"lengths: removed {fitted['removed']} over-long examples (see rejects.jsonl)")
+    return fitted
+
+
+def prepare(config: LifecycleConfig, run_dir: Path, parent_run_id: str,
             corrections: list[str] | None = None) -> tuple[dict, str]:
     """The data stage, then lm-eval tasks over its splits: where every stage that trains or scores starts."""
-    splits = data_stage(config, str(run_dir / "data"), store, parent_run_id, corrections)
+    splits = data_stage(config, str(run_dir / "data"), parent_run_id, corrections)
     tasks_dir = write_tasks(config.task.name, {name: splits[name] for name in SPLITS}, run_dir / "eval_tasks",
-                            config.task.max_answer_tokens, config.baseline.reasoning_tokens)
+                            config.task.max_answer_tokens, config.baseline.reasoning_tokens,
+                            general_suites(config))
     return splits, str(tasks_dir)
+
+
+def general_suites(config: LifecycleConfig) -> tuple[str, ...]:
+    """The bundled general suite, then the config's own: each one scored and gated on forgetting apart."""
+    return (str(GENERAL_DATA), *config.evaluation.general)

@@ -18,12 +18,15 @@ from prefect import flow  # noqa: E402
 
 from evals import runner  # noqa: E402
 from flows.config import LifecycleConfig, load_config  # noqa: E402
-from flows.data import prepare  # noqa: E402
+from flows.data import general_suites, power, prepare  # noqa: E402
 from tasks import registry, tracking  # noqa: E402
+from tasks.evidence import TABLE_HEADER  # noqa: E402
 from tasks.scoring import score, score_builtin, score_general  # noqa: E402
 from tasks.tracking import log_eval, publish, stage_run  # noqa: E402
 
-TEXT_METRICS = ("exact_match", "field_f1", "rougeL")
+# The champion is compared on the test items it never trained on when they are at least this share of the
+# test split (its smallest detectable difference then grows by at most 12 %); otherwise it is not comparable.
+CLEAN_SHARE = 0.8
 
 
 def _wins_and_losses(before: dict, after: dict) -> list[dict]:
@@ -52,7 +55,8 @@ def _plot(rows: dict[str, dict], metric: str):
 @flow(name="evaluate")
 def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: dict, tasks_dir: str,
                    parent_run_id: str, champion: bool = False) -> dict:
-    """Each model in the plan on the test split; `champion`: also the registry's current champion, if any."""
+    """Each model in the plan on the test split, item by item; `champion`: also the registry's current champion,
+    on the test items it never trained on. Returns the scores, the gate's evidence and its comparisons."""
     task, gate_metric = config.task, config.gate.metric
     common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
                   batch_size=config.evaluation.batch_size)
@@ -78,32 +82,92 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 continue
             log_eval(f"test {name}", results[name], prompt=v.get("name", "0-shot, chat"), shots=v["shots"],
                      chat_template=v["chat"], split="test")
-            if name != "baseline":
-                try:
-                    general[name] = score_general(folder, tasks_dir, limit=config.evaluation.general_limit,
-                                                  batch_size=config.evaluation.batch_size)
-                except Exception as exc:  # same rule as above
-                    crashed[f"{name} (general)"] = f"{type(exc).__name__}: {exc}"
+            if name in ("base", "finetuned"):  # forgetting: the candidate's weights against the base's
+                for path in general_suites(config):
+                    suite = runner.suite_task(path)
+                    try:
+                        general.setdefault(name, {})[suite] = score_general(
+                            folder, tasks_dir, suite, limit=config.evaluation.general_limit,
+                            batch_size=config.evaluation.batch_size)
+                    except Exception as exc:  # same rule as above
+                        crashed[f"{name} ({suite})"] = f"{type(exc).__name__}: {exc}"
         builtin = _builtin_benchmarks(config, {n: plan[n][0] for n in ("base", "finetuned") if n in results})
         if "baseline" not in plan and "base" in results:  # the best prompt was zero-shot: the base run is it
             results["baseline"] = results["base"]
 
-        rows = {name: {**r["metrics"], "stderr": r["stderr"], "general_acc": general.get(name, {}).get("acc")}
+        evidence = _evidence(config, baseline, results, general, crashed, current)
+        compared = registry.comparisons(evidence, registry.Rules.of(config.gate))
+        rows = {name: {**r["metrics"], "stderr": r["stderr"],
+                       "general_acc": _mean([g["acc"] for g in general.get(name, {}).values()])}
                 for name, r in results.items()}
         for name, row in rows.items():
             mlflow.log_metrics({f"{name}_{k}": v for k, v in row.items() if v is not None})
+        for c in compared:
+            slug = c.rule.replace(" ", "_")
+            mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low, f"{slug}_high": c.high,
+                                f"{slug}_p": c.p_value})
         changes = _wins_and_losses(results["baseline"], results["finetuned"]) \
             if {"baseline", "finetuned"} <= results.keys() else []
         fixed, broke = sum(c["change"] == "fixed" for c in changes), sum(c["change"] == "broke" for c in changes)
         mlflow.log_metrics({"fixed_by_finetuning": fixed, "broken_by_finetuning": broke})
         mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
         mlflow.log_figure(_plot(rows, gate_metric), "report/comparison.png")
-        markdown = _report(rows, crashed, fixed, broke, baseline)
+        bar_rate = rows.get("baseline", {}).get("exact_match", 0.5)
+        note, warnings = power(config, len(evidence.bar or {}) or task.max_test_examples, bar_rate)
+        markdown = _report(rows, crashed, fixed, broke, baseline, compared, evidence, note, warnings)
         mlflow.log_text(markdown, "report/report.md")
         publish("evaluate", markdown)
         print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
+              + "".join(f"\n  {c.rule}: {c.describe()}" for c in compared)
               + (f"; crashed: {list(crashed)}" if crashed else ""))
-    return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin}
+    return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin,
+            "evidence": evidence}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _items(result: dict | None, metric: str) -> dict[str, float] | None:
+    """Per test item (lm-eval's doc id: the same item in every task over the test split) -> its score."""
+    return None if result is None else {str(s["doc_id"]): float(s[metric]) for s in result["samples"]}
+
+
+def _evidence(config: LifecycleConfig, baseline: dict, results: dict, general: dict, crashed: dict,
+              current: tuple | None) -> registry.Evidence:
+    """The gate's evidence, item by item. The champion is compared only on test items outside its training
+    split; when too many were inside it (more than CLEAN_SHARE lost), it is not comparable, and says why."""
+    metric = config.gate.metric
+    champion_items, note = None, None
+    if current and "champion" in results:
+        seen = registry.training_keys(config.registered_model, current[0])
+        samples = results["champion"]["samples"]
+        if seen is None:
+            note = (f"champion v{current[0]} not comparable: its training split was not recorded "
+                    "(promote by hand with promote-version to replace it)")
+        else:
+            clean = {str(s["doc_id"]): float(s[metric]) for s in samples if s["key"] not in seen}
+            inside = len(samples) - len(clean)
+            if inside and len(clean) < CLEAN_SHARE * len(samples):
+                note = (f"champion v{current[0]} not comparable: {inside} of {len(samples)} test items were in "
+                        "its training data")
+            else:
+                champion_items = clean
+                if inside:
+                    print(f"evaluate: champion v{current[0]} compared on {len(clean)} test items; {inside} were "
+                          "in its training data")
+    suites = {suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
+              for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
+    return registry.Evidence(
+        metric=metric, candidate=_items(results.get("finetuned"), metric), bar=_items(results.get("baseline"), metric),
+        bar_name=baseline["best"], champion=champion_items, champion_version=current[0] if current else None,
+        champion_note=note, general=suites, crashed=crashed,
+    )
+
+
+def evidence_table(compared: list) -> str:
+    """The per-rule statistics as a markdown table (the evaluate report and the promote artifact)."""
+    return "\n".join([TABLE_HEADER, *(c.as_row() for c in compared)]) if compared else "(no comparison possible)"
 
 
 def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict:
@@ -126,7 +190,8 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
     return scores
 
 
-def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict) -> str:
+def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict, compared: list,
+            evidence: registry.Evidence, note: str, warnings: list[str]) -> str:
     lines = ["## Evaluation on the test split", "",
              "| model | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
     label = {"baseline": f"best baseline ({baseline['best']})", "base": "base (0-shot, chat)"}
@@ -135,7 +200,12 @@ def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict) -
         lines.append(f"| {label.get(name, name)} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | "
                      f"{r['field_f1']:.3f} | {r['rougeL']:.3f} | {general} |")
     lines += ["", f"Fine-tuning fixed **{fixed}** test examples and broke **{broke}** "
-                  "(report/wins_losses.jsonl in the MLflow run)."]
+                  "(report/wins_losses.jsonl in the MLflow run).", "",
+              f"### Paired comparisons (fine-tuned minus the other, on {evidence.metric}; forgetting: base minus "
+              "fine-tuned accuracy)", "", evidence_table(compared), "", f"Power: {note}."]
+    lines += [f"**Warning:** {w}." for w in warnings]
+    if evidence.champion_note:
+        lines += ["", f"**{evidence.champion_note}.**"]
     if crashed:
         lines += ["", "**Crashed evaluations:**"] + [f"- {k}: {v}" for k, v in crashed.items()]
     return "\n".join(lines) + "\n"
@@ -153,13 +223,15 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
         raise ValueError(f"{name} has no champion; name a version to evaluate")
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
     with mlflow.start_run(run_name=f"evaluate {name} v{version}", tags={"tuneline.kind": "evaluate-version"}) as parent:
-        _, tasks_dir = prepare(config, run_dir, str(home / "models"), parent.info.run_id)
+        _, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         folder = str(registry.download(name, version, run_dir / "model"))
         with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
             result = score(folder, tasks_dir, f"{task.name}_test", system_prompt=task.system_prompt, shots=0,
                            limit=task.max_test_examples, batch_size=config.evaluation.batch_size)
-            general = score_general(folder, tasks_dir, limit=config.evaluation.general_limit,
-                                    batch_size=config.evaluation.batch_size)
+            general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
+                                                   limit=config.evaluation.general_limit,
+                                                   batch_size=config.evaluation.batch_size)["acc"]
+                                     for path in general_suites(config)])}
             log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
                      split="test")
             client = MlflowClient()

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from prefect import flow
 
 from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig, load_config
-from flows.data import prepare
+from flows.data import lengths_stage, prepare
 from tasks import registry, tracking
 from tasks.models import provision_model
 from tasks.tracking import publish, stage_run
@@ -80,12 +80,14 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
     store = str(home / "models")
     with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
-        splits, _ = prepare(config, run_dir, store, parent.info.run_id)
+        splits, _ = prepare(config, run_dir, parent.info.run_id)
         base = provision_model(source, store)
+        lengths_stage(config, splits, base, parent.info.run_id)
         files = {k: splits[k] for k in ("train", "validation", "per_task")}
         tuned = finetune_stage(config, base, files, str(home / "finetune"), parent.info.run_id)
-        version = registry.register(config.registered_model, tuned["merged"], tuned["run_id"], {}, config.gate.metric)
-        MlflowClient().set_model_version_tag(config.registered_model, version, "tuneline.decision", "pending")
+        version = registry.register(config.registered_model, tuned["merged"], tuned["run_id"], {}, config.gate.metric,
+                                    splits["keys"])
+        MlflowClient().set_model_version_tag(config.registered_model, version, registry.DECISION_TAG, "pending")
     print(f"finetune-model: {config.registered_model} v{version} registered from {source}; champion unchanged")
     return {"version": version, "model": source, "steps": tuned["steps"], "train_loss": tuned["train_loss"],
             "mlflow_run_id": parent.info.run_id}

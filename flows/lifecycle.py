@@ -1,4 +1,5 @@
-"""One iteration of the lifecycle, top to bottom: data → select → baseline → finetune → evaluate → promote → deploy.
+"""One iteration of the lifecycle, top to bottom: data → select → lengths → baseline → finetune → evaluate →
+promote → deploy.
 
 One MLflow parent run per iteration with a nested run per stage; one Prefect flow run with a subflow per stage.
 """
@@ -13,7 +14,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows.baseline import baseline_stage
 from flows.config import load_config
-from flows.data import prepare
+from flows.data import lengths_stage, prepare
 from flows.deploy import deploy_stage
 from flows.evaluate import evaluate_stage
 from flows.finetune import finetune_stage
@@ -45,15 +46,15 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
                              parent_run_id=parent_run_id, tags={"tuneline.kind": "lifecycle"}) as parent:
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
-        store = str(home / "models")
-        splits, tasks_dir = prepare(config, run_dir, store, pid, corrections)
-        chosen = select_stage(config, store, tasks_dir, splits["validation"], pid)
+        splits, tasks_dir = prepare(config, run_dir, pid, corrections)
+        chosen = select_stage(config, str(home / "models"), tasks_dir, splits["validation"], pid)
+        lengths_stage(config, splits, chosen["model_dir"], pid)
         baseline = baseline_stage(config, chosen, tasks_dir, {name: splits[name] for name in SPLITS}, pid)
         files = {k: splits[k] for k in ("train", "validation", "per_task")}
         tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
         report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid,
                                 champion=True)
-        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits["test"], str(home), pid)
+        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits, str(home), pid)
         built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
         probe = read_examples(splits["test"])[0].user
         service = deploy_stage(config, str(home), pid, built=built, probe=probe)

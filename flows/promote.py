@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
+from flows.evaluate import evidence_table
 from infra.local import free_port
 from tasks import packaging, registry
 from tasks.datasets import read_examples
@@ -18,38 +19,32 @@ from tasks.tracking import artifact_key, publish, stage_run
 
 
 @flow(name="promote")
-def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str, report: dict, test_path: str,
+def promote_stage(config: LifecycleConfig, tuned_dir: str, finetune_run_id: str, report: dict, data: dict,
                   home: str, parent_run_id: str) -> dict:
-    name, rules = config.registered_model, config.gate
-    scores, general = report["scores"], {k: v["general_acc"] for k, v in report["scores"].items()}
-    metric = lambda who: scores.get(who, {}).get(rules.metric)  # noqa: E731
-    with stage_run("promote", parent_run_id, registered_model=name, gate_metric=rules.metric):
-        current = registry.champion(name)
-        version = registry.register(name, tuned_dir, finetune_run_id,
-                                    {k: v for k, v in scores.get("finetuned", {}).items() if k != "general_acc"},
-                                    rules.metric)
-        evidence = registry.Evidence(
-            finetuned=metric("finetuned"), baseline=metric("baseline"), base_general=general.get("base"),
-            finetuned_general=general.get("finetuned"), crashed=report["crashed"],
-        )
-        # The champion re-scored on this iteration's test split when it could be; else its recorded score.
-        champion_score = metric("champion") if metric("champion") is not None else (current[1] if current else None)
-        gate_rules = registry.Rules(rules.min_improvement, rules.max_forgetting, require_smoke=rules.smoke_prompts > 0)
+    """`data`: the data stage's result (the test split for the smoke prompts, the split keys for the version)."""
+    name = config.registered_model
+    rules = registry.Rules.of(config.gate)
+    evidence = report["evidence"]
+    with stage_run("promote", parent_run_id, registered_model=name, gate_metric=config.gate.metric,
+                   confidence=rules.confidence):
+        finetuned = {k: v for k, v in report["scores"].get("finetuned", {}).items() if k != "general_acc"}
+        version = registry.register(name, tuned_dir, finetune_run_id, finetuned, config.gate.metric, data["keys"])
         bento = None
-        passes_the_rest = registry.gate(evidence, champion_score, replace(gate_rules, require_smoke=False)).passed
-        if rules.smoke_prompts and passes_the_rest:
+        passes_the_rest = registry.gate(evidence, replace(rules, require_smoke=False)).passed
+        if config.gate.smoke_prompts and passes_the_rest:
             bento = packaging.build_bento(tuned_dir, name, version, config.task.system_prompt, config.deploy.limits)
-            prompts = [e.user for e in read_examples(test_path)[: rules.smoke_prompts]]
+            prompts = [e.user for e in read_examples(data["test"])[: config.gate.smoke_prompts]]
             evidence = replace(evidence, smoke_failures=packaging.smoke_compare(
                 tuned_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens, home, free_port()))
-        decision = registry.gate(evidence, champion_score, gate_rules)
+        decision = registry.gate(evidence, rules)
         registry.record(name, version, decision)
         mlflow.log_params({"version": version, "decision": "pass" if decision.passed else "fail"})
-        mlflow.set_tag("tuneline.reasons", "; ".join(decision.reasons))
+        mlflow.set_tag(registry.REASONS_TAG, "; ".join(decision.reasons))
         publish(
             "promote",
             f"## Gate: {name} v{version} — {'PASS' if decision.passed else 'FAIL'}\n\n"
-            + "\n".join(f"- {r}" for r in decision.reasons),
+            + "\n".join(f"- {r}" for r in decision.reasons)
+            + f"\n\n{evidence_table(decision.comparisons)}\n",
         )
         print(f"promote: {name} v{version} {decision.summary}")
     return {"version": version, "passed": decision.passed, "reasons": decision.reasons, "bento": bento}

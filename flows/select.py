@@ -1,5 +1,6 @@
-"""Stage 3, select: every candidate model scored zero-shot on the validation split and measured for cost
-(parameters, generation tokens/s, peak memory); the configured rule picks one."""
+"""Stage 3, select: every candidate model scored zero-shot on the validation split (the gate's metric, and how
+likely it finds the reference answers) and measured for cost (parameters, generation tokens/s, peak memory);
+the configured rule picks one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from prefect import flow
 from flows.config import LifecycleConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
-from tasks.scoring import score
+from tasks.scoring import score, score_likelihood
 from tasks.selection import Budget, choose, measure_cost
 from tasks.tracking import log_eval, publish, stage_run
 
@@ -27,23 +28,28 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             cost = measure_cost(folder, probe, models.cost_tokens)
             result = score(folder, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
                            shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
-            log_eval(f"candidate {source}", result, metrics=cost, source=source, instruct=info["instruct"], shots=0,
-                     split="validation")
+            likely = score_likelihood(folder, tasks_dir, f"{task.name}_validation_likelihood",
+                                      system_prompt=task.system_prompt, limit=task.max_validation_examples,
+                                      batch_size=config.evaluation.batch_size)
+            log_eval(f"candidate {source}", result, metrics={**cost, "answer_logprob": likely["mean_logprob"]},
+                     source=source, instruct=info["instruct"], shots=0, split="validation")
             rows.append({"source": source, "model_dir": folder, "instruct": info["instruct"], **cost,
-                         "score": result["score"], "stderr": result["stderr"], "result": result})
+                         "score": result["metrics"][config.gate.metric], "stderr": result["stderr"],
+                         "likelihood": likely["mean_logprob"], "result": result})
         best, reason = choose(rows, Budget(**models.budget.model_dump()))
         mlflow.log_params({"chosen": best["source"]})
         mlflow.log_metric("chosen_score", best["score"])
         mlflow.set_tag("tuneline.reason", reason)
         table = "\n".join(
             f"| {r['source']} | {'instruct' if r['instruct'] else 'base'} | {r['parameters'] / 1e6:.1f}M "
-            f"| {r['tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['score']:.3f} ± {r['stderr']:.3f} |"
+            f"| {r['tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['score']:.3f} | {r['likelihood']:.3f} |"
             for r in rows
         )
         publish(
             "select",
-            "## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation exact match |\n"
-            f"|---|---|---|---|---|---|\n{table}\n\nChosen: **{best['source']}**: {reason}.",
+            f"## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation {config.gate.metric} "
+            f"| answer log-prob per token |\n|---|---|---|---|---|---|---|\n{table}\n\n"
+            f"Chosen: **{best['source']}**: {reason}.",
         )
         print(f"select: chose {best['source']}: {reason}")
     return best

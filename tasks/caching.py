@@ -55,7 +55,5 @@ def by_content(context, parameters: dict) -> str:
     if "model_dir" in parameters:
         parts.append(digest(parameters["model_dir"]))
     if "tasks_dir" in parameters:
-        from evals.runner import GENERAL  # noqa: PLC0415 - evals imports lm-eval: only where scoring happens
-
-        parts.append(task_digest(parameters["tasks_dir"], parameters.get("task_name", GENERAL)))
+        parts.append(task_digest(parameters["tasks_dir"], parameters["task_name"]))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -38,6 +38,7 @@ class Example:
     user: str
     assistant: str
     task: str = ""
+    key: str = ""  # hash of the normalised input fields: decides the split, and pairs items across rounds
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -63,7 +64,6 @@ class TaskSpec:
 class Outcome:
     examples: list[Example]
     rejects: list[dict]
-    lengths: list[int]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -181,8 +181,11 @@ def _check(record: dict, spec: TaskSpec, variables: set[str]) -> tuple[dict, str
     return context, None
 
 
-def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callable[[list[dict]], int] | None = None
-                ) -> Outcome:
+def example_key(normalised_input: str) -> str:
+    return hashlib.sha256(normalised_input.encode()).hexdigest()[:16]
+
+
+def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
     """Render every record of `spec.source`; faults raise (on_bad_rows=error) or become rejects (skip)."""
     variables = template_variables(*spec.prompts, spec.answer)
     input_vars = sorted(template_variables(*spec.prompts))
@@ -195,7 +198,7 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callab
     # Compiled once: compiling per row cost 4 s on the demo data.
     compiled = {text: _JINJA.from_string(text) for text in (*spec.prompts, spec.answer)}
     rng = random.Random(spec.seed)
-    examples, rejects, lengths, seen = [], [], [], {}
+    examples, rejects, seen = [], [], {}
 
     def reject(where: str, reason: str, record: dict | None) -> None:
         if on_bad_rows == "error":
@@ -223,18 +226,12 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error", count_tokens: Callab
         if key in seen:
             reject(where, f"duplicate of {seen[key]}", record)
             continue
-        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name)
-        if count_tokens is not None:
-            n = count_tokens(chat_messages(example, with_answer=True))
-            if spec.max_tokens is not None and n > spec.max_tokens:
-                reject(where, f"over-long: {n} tokens > max_tokens {spec.max_tokens}", record)
-                continue
-            lengths.append(n)
+        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name, example_key(key))
         seen[key] = where
         examples.append(example)
     if not examples:
         raise DataError(f"{spec.source}: every row was rejected ({len(rejects)}); first: {rejects[0]['reason']}")
-    return Outcome(examples, rejects, lengths)
+    return Outcome(examples, rejects)
 
 
 def chat_messages(example: Example, with_answer: bool) -> list[dict]:
@@ -248,17 +245,23 @@ def chat_messages(example: Example, with_answer: bool) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- splits
 def split(examples: list[Example], validation: float, test: float, seed: int) -> dict[str, list[Example]]:
-    """Deterministic by seed: the same data and seed always give the same splits, with no overlap."""
-    order = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.user}".encode()).hexdigest())
-    random.Random(seed).shuffle(order)
-    n_val, n_test = round(len(order) * validation), round(len(order) * test)
-    if min(n_val, n_test, len(order) - n_val - n_test) < 1:
-        raise DataError(f"{len(order)} examples are too few for validation={validation}, test={test}")
-    return {
-        "validation": order[:n_val],
-        "test": order[n_val : n_val + n_test],
-        "train": order[n_val + n_test :],
-    }
+    """Hash buckets: an example's split is a pure function of its key and `seed`, so adding or removing
+    records never moves another example between splits (a champion's test items stay unseen by it)."""
+    parts: dict[str, list[tuple[str, Example]]] = {name: [] for name in SPLITS}
+    for e in examples:
+        digest = hashlib.sha256(f"{seed}:{e.key or normalise(e.user)}".encode()).hexdigest()
+        bucket = int(digest[:15], 16) / 16**15
+        name = "validation" if bucket < validation else "test" if bucket < validation + test else "train"
+        parts[name].append((digest, e))
+    if any(not part for part in parts.values()):
+        sizes = ", ".join(f"{name} {len(part)}" for name, part in parts.items())
+        raise DataError(f"{len(examples)} examples are too few for validation={validation}, test={test} ({sizes})")
+    return {name: [e for _, e in sorted(part, key=lambda pair: pair[0])] for name, part in parts.items()}
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """The identity of a split: a hash of its sorted example keys (recorded on runs and registry versions)."""
+    return hashlib.sha256("\n".join(sorted(e.key or normalise(e.user) for e in examples)).encode()).hexdigest()[:16]
 
 
 def mix(train_sets: dict[str, list[Example]], weights: dict[str, float], seed: int) -> list[Example]:
@@ -302,24 +305,22 @@ def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
 
 @task(name="prepare-data")
 def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
-                 out_dir: str, on_bad_rows: str = "error", tokenizer_dir: str | None = None,
-                 corrections: list[str] = ()) -> dict:
-    """Write the splits of every task (per task, and the mixed train file); return paths, counts and stats.
+                 out_dir: str, on_bad_rows: str = "error", corrections: list[str] = ()) -> dict:
+    """Write the splits of every task (per task, and the mixed train file); return paths, counts, fingerprints.
 
     The first task is the primary one: its validation and test splits are what selection, baselines and
     the gate score. Every task's train split goes into the mixture by weight. `corrections` (chat-example
     JSONL from production feedback) join the training file only, minus any whose prompt is a validation or
-    test question: the held-out splits stay comparable from round to round.
+    test question: the held-out splits stay comparable from round to round. Token lengths are checked later,
+    with the chosen model's tokenizer (`fit_lengths`).
     """
-    count_tokens = token_counter(tokenizer_dir) if tokenizer_dir else None
     out = Path(out_dir)
-    per_task, per_task_files, rejects, lengths, counts = {}, {}, [], {}, {}
+    per_task, per_task_files, rejects, counts = {}, {}, [], {}
     for spec in specs:
-        outcome = to_examples(spec, on_bad_rows, count_tokens)
+        outcome = to_examples(spec, on_bad_rows)
         parts = split(outcome.examples, validation, test, seed)
         per_task[spec.name] = parts
         rejects += [{**r, "task": spec.name} for r in outcome.rejects]
-        lengths[spec.name] = outcome.lengths
         counts[spec.name] = {name: len(parts[name]) for name in SPLITS} | {"rejected": len(outcome.rejects)}
         per_task_files[spec.name] = {name: write_examples(out / spec.name / f"{name}.jsonl", parts[name])
                                      for name in SPLITS}
@@ -329,12 +330,8 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
     fed_back = 0
     for path in corrections:
         for e in read_examples(path):
-            where = f"{path} id {e.id}"
-            n = count_tokens(chat_messages(e, with_answer=True)) if count_tokens else None
             if normalise(e.user) in held_out:
-                rejects.append({"where": where, "reason": "its prompt is a validation/test question", "task": e.task})
-            elif n is not None and specs[0].max_tokens is not None and n > specs[0].max_tokens:
-                rejects.append({"where": where, "reason": f"over-long: {n} tokens > max_tokens {specs[0].max_tokens}",
+                rejects.append({"where": f"{path} id {e.id}", "reason": "its prompt is a validation/test question",
                                 "task": e.task})
             else:
                 train.append(e)
@@ -342,15 +339,57 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
     if fed_back:
         random.Random(seed).shuffle(train)
     rejects_path = out / "rejects.jsonl"
-    rejects_path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))
+    _write_rejects(rejects_path, rejects)
+    fingerprints = {name: fingerprint(primary[name]) for name in SPLITS}
+    (out / "keys.json").write_text(json.dumps({"fingerprints": fingerprints, "train": sorted(
+        {e.key for parts in per_task.values() for e in parts["train"] if e.key})}))
     return {
         "train": write_examples(out / "train.jsonl", train),
         "validation": write_examples(out / "validation.jsonl", primary["validation"]),
         "test": write_examples(out / "test.jsonl", primary["test"]),
         "rejects": str(rejects_path),
+        "keys": str(out / "keys.json"),
+        "fingerprints": fingerprints,
         "per_task": per_task_files,
         "counts": counts,
         "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task}
         | ({"feedback": fed_back} if corrections else {}),
-        "lengths": lengths,
     }
+
+
+def _write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
+    with path.open(mode, encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+
+
+@task(name="fit-lengths")
+def fit_lengths(splits: dict, tokenizer_dir: str, max_tokens: dict[str, int]) -> dict:
+    """Every split file checked with the chosen model's tokenizer and chat template: an example longer than
+    its task's `max_tokens` is removed (with its reason in rejects.jsonl), never truncated. Files are rewritten
+    in place only when something was removed. Returns the token lengths per task and the removed count."""
+    count = token_counter(tokenizer_dir)
+    paths = [splits[name] for name in SPLITS] + [f for files in splits["per_task"].values() for f in files.values()]
+    lengths: dict[str, list[int]] = {}
+    measured: dict[tuple, int] = {}
+    removed, dropped = [], set()
+    for path in paths:
+        examples, kept = read_examples(path), []
+        for e in examples:
+            ident = (e.task, e.key or e.user, e.assistant)
+            if ident not in measured:
+                measured[ident] = count(chat_messages(e, with_answer=True))
+                lengths.setdefault(e.task, []).append(measured[ident])
+            limit = max_tokens.get(e.task) or max_tokens.get("*")
+            if limit is not None and measured[ident] > limit:
+                if ident not in dropped:  # one reject per example, though it sits in several files
+                    dropped.add(ident)
+                    removed.append({"where": f"{path} id {e.id}", "task": e.task,
+                                    "reason": f"over-long: {measured[ident]} tokens > max_tokens {limit}"})
+            else:
+                kept.append(e)
+        if len(kept) < len(examples):
+            if not kept:
+                raise DataError(f"{path}: every example is longer than max_tokens with {tokenizer_dir}'s tokenizer")
+            write_examples(Path(path), kept)
+    _write_rejects(Path(splits["rejects"]), removed, mode="a")
+    return {"lengths": lengths, "removed": len(dropped)}

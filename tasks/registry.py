@@ -4,7 +4,7 @@ only a pass (or a recorded manual promotion) moves `champion`; the previous cham
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,42 +14,81 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
+from tasks.evidence import Comparison, compare
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "tuneline.score"
 PREVIOUS_TAG = "tuneline.previous_champion"
+DECISION_TAG, REASONS_TAG = "tuneline.decision", "tuneline.reasons"
+RULE_TAG = "tuneline.rule."  # + the rule: n, difference, interval and p-value of each paired comparison
+SPLIT_TAG = "tuneline.split."  # + train/validation/test: the split fingerprints the version was judged on
+KEYS_ARTIFACT = "data/keys.json"  # in the version's run: its training split's example keys
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the gate judges: test scores on the gate metric, general-benchmark accuracy, crashes, the smoke test."""
+    """What the gate judges, per test item (item id -> score on the gate metric), so every rule compares two
+    systems on the same items: the candidate, the bar (best prompt baseline) and the champion on the test split,
+    base and candidate on each general suite (0/1 per item), crashes and the smoke test."""
 
-    finetuned: float | None
-    baseline: float | None
-    base_general: float | None
-    finetuned_general: float | None
+    metric: str
+    candidate: dict[str, float] | None
+    bar: dict[str, float] | None
+    bar_name: str = "best baseline"
+    champion: dict[str, float] | None = None  # the champion re-scored on this split's items it never trained on
+    champion_version: str | None = None
+    champion_note: str | None = None  # why the champion could not be compared: the champion rule fails with it
+    general: dict[str, tuple[dict[str, float], dict[str, float]]] = field(default_factory=dict)  # (base, candidate)
     crashed: dict[str, str] = field(default_factory=dict)
     smoke_failures: list[str] | None = None  # None: not run; [] passed
 
 
 @dataclass(frozen=True)
 class Rules:
+    """The gate's thresholds; each is met only by the one-sided bound at `confidence`, never a point estimate."""
+
     min_improvement: float = 0.0
+    champion_margin: float = 0.0
     max_forgetting: float = 0.05
+    confidence: float = 0.95
     require_smoke: bool = True
+
+    @classmethod
+    def of(cls, gate) -> Rules:
+        """From the config's `gate` section."""
+        return cls(gate.min_improvement, gate.champion_margin, gate.max_forgetting, gate.confidence,
+                   require_smoke=gate.smoke_prompts > 0)
 
 
 @dataclass
 class Decision:
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
         return ("PASS: " if self.passed else "FAIL: ") + "; ".join(self.reasons)
 
 
-def gate(evidence: Evidence, champion_score: float | None, rules: Rules) -> Decision:
-    """Every rule is checked and reported, pass or fail, so a reviewer sees why. Missing evidence fails."""
+def comparisons(evidence: Evidence, rules: Rules) -> list[Comparison]:
+    """Every paired comparison the evidence allows: vs the bar, vs the champion, forgetting per general suite."""
+    found = []
+    if evidence.candidate is not None and evidence.bar is not None:
+        found.append(compare("vs bar", evidence.candidate, evidence.bar, threshold=rules.min_improvement,
+                             direction="above", confidence=rules.confidence))
+    if evidence.candidate is not None and evidence.champion is not None:
+        found.append(compare(f"vs champion v{evidence.champion_version}", evidence.candidate, evidence.champion,
+                             threshold=-rules.champion_margin, direction="above", confidence=rules.confidence))
+    for suite, (base, tuned) in sorted(evidence.general.items()):
+        found.append(compare(f"forgetting {suite}", base, tuned, threshold=rules.max_forgetting,
+                             direction="below", confidence=rules.confidence))
+    return found
+
+
+def gate(evidence: Evidence, rules: Rules) -> Decision:
+    """Every rule is checked and reported, pass or fail, with n, the difference, its interval and the p-value,
+    so a reviewer sees why. Missing evidence fails; a champion that cannot be compared fails its rule."""
     reasons, passed = [], True
 
     def fail(reason: str) -> None:
@@ -59,29 +98,30 @@ def gate(evidence: Evidence, champion_score: float | None, rules: Rules) -> Deci
 
     for name, error in evidence.crashed.items():
         fail(f"evaluation of {name} crashed ({error})")
-    score, bar = evidence.finetuned, evidence.baseline
-    if score is None or bar is None:
-        fail("missing evaluation: " + ", ".join(n for n, v in (("fine-tuned", score), ("baseline", bar)) if v is None))
-    else:
-        margin = score - bar
-        if margin > rules.min_improvement:
-            reasons.append(f"beats the best baseline by {margin:+.3f} (needed > {rules.min_improvement:+.3f})")
+    found = comparisons(evidence, rules)
+    missing = [n for n, v in (("fine-tuned", evidence.candidate), ("baseline", evidence.bar)) if v is None]
+    if missing:
+        fail("missing evaluation: " + ", ".join(missing))
+    for c in found:
+        if c.rule == "vs bar":
+            (reasons.append if c.passed else fail)(
+                f"{'beats' if c.passed else 'not shown to beat'} the bar ({evidence.bar_name}) on "
+                f"{evidence.metric}: {c.describe()}")
+            if evidence.champion_note:
+                fail(evidence.champion_note)
+            elif evidence.champion_version is None:
+                reasons.append("no current champion")
+        elif c.rule.startswith("vs champion"):
+            (reasons.append if c.passed else fail)(
+                f"{'no worse than' if c.passed else 'not shown to be no worse than'} the champion "
+                f"v{evidence.champion_version} on {evidence.metric}: {c.describe()}")
         else:
-            fail(f"does not beat the best baseline: {margin:+.3f} (needed > {rules.min_improvement:+.3f})")
-        if champion_score is None or math.isnan(champion_score):
-            reasons.append("no current champion")
-        elif score >= champion_score:
-            reasons.append(f"not worse than the champion ({score:.3f} >= {champion_score:.3f})")
-        else:
-            fail(f"worse than the champion ({score:.3f} < {champion_score:.3f})")
-    if evidence.base_general is None or evidence.finetuned_general is None:
+            suite = c.rule.removeprefix("forgetting ")
+            (reasons.append if c.passed else fail)(
+                f"{'forgetting within the limit' if c.passed else 'may forget more than allowed'} on general suite "
+                f"{suite} (drop in accuracy): {c.describe()}")
+    if not evidence.general:
         fail("missing evaluation: general benchmark (forgetting)")
-    else:
-        drop = evidence.base_general - evidence.finetuned_general
-        if drop > rules.max_forgetting:
-            fail(f"forgets {drop:.3f} on the general benchmark (allowed <= {rules.max_forgetting:.3f})")
-        else:
-            reasons.append(f"general benchmark change {-drop:+.3f} (allowed drop <= {rules.max_forgetting:.3f})")
     if evidence.smoke_failures is None:
         if not rules.require_smoke:
             reasons.append("smoke test skipped by config")
@@ -94,23 +134,46 @@ def gate(evidence: Evidence, champion_score: float | None, rules: Rules) -> Deci
              f"from in-process generation (first: {evidence.smoke_failures[0]})")
     else:
         reasons.append("smoke test passed")
-    return Decision(passed, reasons)
+    return Decision(passed, reasons, found)
 
 
 def champion(name: str) -> tuple[str, float] | None:
-    """(version, score) of the current champion, or None when there is none yet."""
+    """(version, recorded score) of the current champion, or None when there is none yet: when the model or its
+    alias does not exist. Any other failure (a server down, a timeout) is raised with MLflow's message, so a
+    gate never mistakes an outage for "no champion" and skips the champion rule."""
     try:
         mv = MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # A missing model is RESOURCE_DOES_NOT_EXIST; a missing alias, INVALID_PARAMETER_VALUE "... not found".
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in exc.message):
+            return None
+        raise
     return str(mv.version), float(mv.tags.get(SCORE_TAG, "nan"))
 
 
+def training_keys(name: str, version: str) -> set[str] | None:
+    """The example keys of the training split a version learned from (recorded at registration), or None
+    when the version carries none."""
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    if KEYS_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, str(Path(KEYS_ARTIFACT).parent))}:
+        return None
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=KEYS_ARTIFACT)
+    return set(json.loads(Path(path).read_text())["train"])
+
+
 @task(name="register-model", retries=2, retry_delay_seconds=5)
-def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], gate_metric: str) -> str:
-    """Log the merged model folder (safetensors) into `run_id`, register it, and make it the `challenger`."""
+def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], gate_metric: str,
+             keys_file: str | None = None) -> str:
+    """Log the merged model folder (safetensors) into `run_id`, register it, and make it the `challenger`.
+
+    `keys_file` (the data stage's keys.json): the split fingerprints become tags and the training keys an
+    artifact, so a later round can tell which of its test items this version trained on."""
     client = MlflowClient()
     client.log_artifacts(run_id, model_dir, artifact_path="model")
+    if keys_file:
+        client.log_artifact(run_id, keys_file, artifact_path=str(Path(KEYS_ARTIFACT).parent))
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -118,6 +181,9 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
             raise
     tags = {f"tuneline.metric.{k}": f"{v:.6f}" for k, v in metrics.items() if v is not None}
     tags[SCORE_TAG] = f"{metrics.get(gate_metric, float('nan')):.6f}"
+    if keys_file:
+        tags |= {SPLIT_TAG + split: value
+                 for split, value in json.loads(Path(keys_file).read_text())["fingerprints"].items()}
     mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     return str(mv.version)
@@ -132,10 +198,13 @@ def _move_champion(client: MlflowClient, name: str, version: str) -> None:
 
 @task(name="record-decision", retries=2, retry_delay_seconds=5)
 def record(name: str, version: str, decision: Decision) -> None:
-    """Tags carry the decision and its reasons; only a pass moves `champion`."""
+    """Tags carry the decision, its reasons and each rule's statistics; only a pass moves `champion`."""
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "tuneline.decision", "pass" if decision.passed else "fail")
-    client.set_model_version_tag(name, version, "tuneline.reasons", "; ".join(decision.reasons))
+    client.set_model_version_tag(name, version, DECISION_TAG, "pass" if decision.passed else "fail")
+    client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(decision.reasons))
+    for c in decision.comparisons:
+        client.set_model_version_tag(name, version, RULE_TAG + c.rule.replace(" ", "_"),
+                                     f"{'pass' if c.passed else 'fail'}: {c.describe()}")
     if decision.passed:
         _move_champion(client, name, version)
 
@@ -151,8 +220,8 @@ def promote_manually(name: str, version: str, reason: str) -> str:
     client.get_model_version(name, version)  # fails with MLflow's message if the version does not exist
     before = champion(name)
     _move_champion(client, name, version)
-    client.set_model_version_tag(name, version, "tuneline.decision", "manual")
-    client.set_model_version_tag(name, version, "tuneline.reasons", f"promoted by hand: {reason}")
+    client.set_model_version_tag(name, version, DECISION_TAG, "manual")
+    client.set_model_version_tag(name, version, REASONS_TAG, f"promoted by hand: {reason}")
     _history(client, name, f"promote v{version} (was v{before[0] if before else 'none'}): {reason}")
     return f"{name}: champion is now v{version} (was {('v' + before[0]) if before else 'none'})"
 

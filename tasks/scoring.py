@@ -21,11 +21,20 @@ def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str,
                            chat=chat, limit=limit, batch_size=batch_size)
 
 
-@task(name="score-general", cache_key_fn=by_content, persist_result=True)
-def score_general(model_dir: str, tasks_dir: str, *, limit: int | None, batch_size: int) -> dict:
-    """Accuracy on the general multiple-choice benchmark (the forgetting check)."""
+@task(name="score-likelihood", cache_key_fn=by_content, persist_result=True)
+def score_likelihood(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, limit: int,
+                     batch_size: int) -> dict:
+    """Mean per-token log-probability of the reference answers: selection's tie-breaker."""
     model, tokenizer = load(Path(model_dir))
-    return runner.general_accuracy(model, tokenizer, tasks_dir, limit=limit, batch_size=batch_size)
+    return runner.answer_likelihood(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt,
+                                    limit=limit, batch_size=batch_size)
+
+
+@task(name="score-general", cache_key_fn=by_content, persist_result=True)
+def score_general(model_dir: str, tasks_dir: str, task_name: str, *, limit: int | None, batch_size: int) -> dict:
+    """Accuracy on one general multiple-choice suite (the forgetting check), with every item's result."""
+    model, tokenizer = load(Path(model_dir))
+    return runner.general_accuracy(model, tokenizer, tasks_dir, task_name, limit=limit, batch_size=batch_size)
 
 
 @task(name="score-builtin")

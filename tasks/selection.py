@@ -40,18 +40,23 @@ class NoCandidateFits(ValueError):
 
 
 def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
-    """The best validation score among candidates within the budget; a tie goes to the smaller model, which is
-    cheaper to train and serve. Returns the row and the reason in words."""
+    """The best validation score among candidates within the budget; a tie goes to the model that finds the
+    reference answers more likely (`likelihood`, mean log-probability per token), then to the smaller model,
+    which is cheaper to train and serve. Returns the row and the reason in words."""
     fits = [r for r in rows if not budget.violations(r)]
     if not fits:
         detail = "; ".join(f"{r['source']}: {', '.join(budget.violations(r))}" for r in rows)
         raise NoCandidateFits(f"no candidate model fits models.budget: {detail}")
-    best = max(fits, key=lambda r: (r["score"], -r["parameters"]))
+    best = max(fits, key=lambda r: (r["score"], r.get("likelihood", 0.0), -r["parameters"]))
     reason = f"best validation score ({best['score']:.3f})"
     if len(fits) < len(rows):
         reason += " within the budget (" + "; ".join(
             f"{r['source']} excluded: {', '.join(budget.violations(r))}" for r in rows if r not in fits) + ")"
-    if sum(r["score"] == best["score"] for r in fits) > 1:
+    tied = [r for r in fits if r["score"] == best["score"]]
+    if len(tied) > 1 and len({r.get("likelihood", 0.0) for r in tied}) > 1:
+        reason += (f"; tied, so the one that finds the reference answers most likely "
+                   f"({best['likelihood']:.3f} log-probability per token)")
+    elif len(tied) > 1:
         reason += "; tied, so the smaller model"
     return best, reason
 

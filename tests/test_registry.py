@@ -3,6 +3,8 @@ moves nothing; manual promotion and rollback are recorded."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -12,38 +14,61 @@ from tasks.registry import Evidence, Rules
 
 NAME = "gate-test"
 RULES = Rules(min_improvement=0.1, max_forgetting=0.05)
-GOOD = Evidence(finetuned=0.6, baseline=0.3, base_general=0.50, finetuned_general=0.49, smoke_failures=[])
+N = 100
 
 
-def test_gate_passes_and_reports_every_rule():
-    decision = registry.gate(GOOD, champion_score=None, rules=RULES)
-    assert decision.passed
-    assert decision.reasons == [
-        "beats the best baseline by +0.300 (needed > +0.100)",
-        "no current champion",
-        "general benchmark change -0.010 (allowed drop <= 0.050)",
-        "smoke test passed",
-    ]
+def right(k: int, n: int = N) -> dict[str, float]:
+    """Per-item exact match: the first `k` of `n` test items right."""
+    return {str(i): float(i < k) for i in range(n)}
+
+
+GENERAL = {"tuneline_general_general": (right(50, 400), right(50, 400))}  # base, candidate: nothing forgotten
+GOOD = Evidence(metric="exact_match", candidate=right(60), bar=right(30), bar_name="3-shot, chat", general=GENERAL,
+                smoke_failures=[])
+
+
+def test_gate_passes_on_paired_evidence_and_reports_every_rule_with_its_interval():
+    decision = registry.gate(GOOD, RULES)
+    assert decision.passed, decision.reasons
+    bar, champion, forgetting, smoke = decision.reasons
+    assert bar.startswith("beats the bar (3-shot, chat) on exact_match: n=100, difference +0.300, 90 % interval [")
+    assert "McNemar exact" in bar and "needed lower bound > +0.100" in bar
+    assert champion == "no current champion"
+    assert forgetting.startswith("forgetting within the limit on general suite tuneline_general_general")
+    assert smoke == "smoke test passed"
+    rule = decision.comparisons[0]
+    # 30 wins, no loss: the difference cannot exceed the 30 discordant items; p = (2/3) ** 30 against +0.10
+    assert (rule.n, rule.difference, rule.high) == (100, 0.3, 0.3) and 0.1 < rule.low < 0.3
+    assert rule.p_value == pytest.approx((2 / 3) ** 30)
 
 
 @pytest.mark.parametrize(
-    ("changes", "champion", "reason"),
+    ("changes", "reason"),
     [
-        ({"finetuned": 0.35}, None, "does not beat the best baseline: +0.050 (needed > +0.100)"),
-        ({}, 0.7, "worse than the champion (0.600 < 0.700)"),
-        ({"finetuned_general": 0.40}, None, "forgets 0.100 on the general benchmark (allowed <= 0.050)"),
-        ({"crashed": {"finetuned": "RuntimeError: boom"}}, None, "evaluation of finetuned crashed (RuntimeError: boom)"),
-        ({"finetuned": None}, None, "missing evaluation: fine-tuned"),
-        ({"finetuned_general": None}, None, "missing evaluation: general benchmark (forgetting)"),
-        ({"smoke_failures": ["'hi': served 'a' != in-process 'b'"]}, None, "smoke test: the served model answered 1"),
-        ({"smoke_failures": None}, None, "smoke test did not run"),
+        # +0.12 over the bar in the point estimate, but 12 wins out of 100 items cannot show > +0.10
+        ({"candidate": right(42)}, "not shown to beat the bar (3-shot, chat) on exact_match: n=100, difference +0.120"),
+        ({"champion": right(70), "champion_version": "3"}, "not shown to be no worse than the champion v3"),
+        ({"champion_note": "champion v3 not comparable: 30 of 100 test items were in its training data",
+          "champion_version": "3"}, "champion v3 not comparable: 30 of 100"),
+        ({"general": {"g": (right(80, 400), right(50, 400))}}, "may forget more than allowed on general suite g"),
+        ({"crashed": {"finetuned": "RuntimeError: boom"}}, "evaluation of finetuned crashed (RuntimeError: boom)"),
+        ({"candidate": None}, "missing evaluation: fine-tuned"),
+        ({"general": {}}, "missing evaluation: general benchmark (forgetting)"),
+        ({"smoke_failures": ["'hi': served 'a' != in-process 'b'"]}, "smoke test: the served model answered 1"),
+        ({"smoke_failures": None}, "smoke test did not run"),
     ],
 )
-def test_gate_rejects_with_reason(changes, champion, reason):
-    evidence = Evidence(**{**GOOD.__dict__, **changes})
-    decision = registry.gate(evidence, champion, RULES)
+def test_gate_rejects_with_reason(changes, reason):
+    decision = registry.gate(replace(GOOD, **changes), RULES)
     assert not decision.passed
     assert any(r.startswith(reason) for r in decision.reasons), decision.reasons
+
+
+def test_a_continuous_gate_metric_is_judged_by_a_paired_bootstrap():
+    soft = {str(i): 0.5 + 0.004 * i for i in range(N)}
+    lifted = {k: v + 0.2 for k, v in soft.items()}
+    decision = registry.gate(replace(GOOD, metric="field_f1", candidate=lifted, bar=soft), RULES)
+    assert decision.passed and "paired bootstrap" in decision.reasons[0]
 
 
 @pytest.fixture()
@@ -56,12 +81,14 @@ def registry_env(mlflow_sqlite, tmp_path):
     return str(folder)
 
 
-def _candidate(model_dir: str, evidence: Evidence) -> str:
+def _candidate(model_dir: str, evidence: Evidence, champion_items: dict | None = None) -> str:
     with mlflow.start_run() as run:
-        version = registry.register.fn(NAME, model_dir, run.info.run_id, {"exact_match": evidence.finetuned},
-                                       "exact_match")
+        score = sum(evidence.candidate.values()) / N
+        version = registry.register.fn(NAME, model_dir, run.info.run_id, {"exact_match": score}, "exact_match")
     current = registry.champion(NAME)
-    registry.record.fn(NAME, version, registry.gate(evidence, current[1] if current else None, RULES))
+    if current:
+        evidence = replace(evidence, champion=champion_items, champion_version=current[0])
+    registry.record.fn(NAME, version, registry.gate(evidence, RULES))
     return version
 
 
@@ -69,24 +96,28 @@ def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_pat
     client = MlflowClient()
     v1 = _candidate(registry_env, GOOD)
     assert registry.champion(NAME) == (v1, 0.6)
+    tags = client.get_model_version(NAME, v1).tags
+    assert tags["tuneline.rule.vs_bar"].startswith("pass: n=100, difference +0.300, 90 % interval [")
 
-    rejected = {
-        "worse than the champion": Evidence(**{**GOOD.__dict__, "finetuned": 0.5}),
-        "does not beat the best baseline": Evidence(**{**GOOD.__dict__, "finetuned": 0.65, "baseline": 0.6}),
-        "forgets": Evidence(**{**GOOD.__dict__, "finetuned": 0.9, "finetuned_general": 0.2}),
-        "evaluation of finetuned crashed": Evidence(**{**GOOD.__dict__, "finetuned": 0.9,
-                                                        "crashed": {"finetuned": "OSError: no weights"}}),
-        "smoke test": Evidence(**{**GOOD.__dict__, "finetuned": 0.9, "smoke_failures": ["differs"]}),
+    rejected = {  # the champion (60 right) re-scored on the same items each time
+        "not shown to be no worse than the champion": (replace(GOOD, candidate=right(55)), right(60)),
+        "not shown to beat the bar": (replace(GOOD, candidate=right(80), bar=right(75)), right(60)),
+        "may forget more than allowed": (replace(GOOD, candidate=right(90),
+                                                 general={"g": (right(300, 400), right(100, 400))}), right(60)),
+        "evaluation of finetuned crashed": (replace(GOOD, candidate=right(90),
+                                                    crashed={"finetuned": "OSError: no weights"}), right(60)),
+        "smoke test": (replace(GOOD, candidate=right(90), smoke_failures=["differs"]), right(60)),
     }
-    for reason, evidence in rejected.items():
-        version = _candidate(registry_env, evidence)
+    for reason, (evidence, champion_items) in rejected.items():
+        version = _candidate(registry_env, evidence, champion_items)
         tags = client.get_model_version(NAME, version).tags
-        assert tags["tuneline.decision"] == "fail" and reason in tags["tuneline.reasons"]
+        assert tags["tuneline.decision"] == "fail" and reason in tags["tuneline.reasons"], tags["tuneline.reasons"]
         assert registry.champion(NAME) == (v1, 0.6)
         assert str(client.get_model_version_by_alias(NAME, "challenger").version) == version
 
-    better = _candidate(registry_env, Evidence(**{**GOOD.__dict__, "finetuned": 0.8}))
+    better = _candidate(registry_env, replace(GOOD, candidate=right(80)), right(60))
     assert registry.champion(NAME) == (better, 0.8)
+    assert client.get_model_version(NAME, better).tags["tuneline.rule.vs_champion_v1"].startswith("pass: ")
     assert client.get_model_version(NAME, better).tags["tuneline.previous_champion"] == v1
     assert (registry.download(NAME, "champion", tmp_path / "dl") / "config.json").read_text() == "{}"
 
@@ -115,8 +146,8 @@ def test_cli_rollback_without_champion_is_a_one_line_error(mlflow_sqlite):
 
 
 def test_gate_reports_the_smoke_test_as_not_run_when_other_rules_failed():
-    failing = Evidence(**{**GOOD.__dict__, "finetuned": 0.35, "smoke_failures": None})
-    decision = registry.gate(failing, None, RULES)
+    failing = replace(GOOD, candidate=right(35), smoke_failures=None)
+    decision = registry.gate(failing, RULES)
     assert not decision.passed
     assert decision.reasons[-1] == "smoke test not run: the rules above failed"
 
@@ -132,18 +163,18 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.registered_model = "never-built"
-    scores = {"baseline": {"exact_match": 0.5, "general_acc": None},
-              "base": {"exact_match": 0.1, "general_acc": 0.5},
-              "finetuned": {"exact_match": 0.4, "general_acc": 0.5}}
+    scores = {"finetuned": {"exact_match": 0.4, "general_acc": 0.5}}
+    evidence = replace(GOOD, candidate=right(40), bar=right(50), smoke_failures=None)
     mlflow.create_experiment("promote", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("promote")
     with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
         pass
-    verdict = promote_stage(config, tiny_model, finetune.info.run_id, {"scores": scores, "crashed": {}},
-                            str(tmp_path / "no-test-split-needed.jsonl"), str(home), parent.info.run_id)
+    verdict = promote_stage(config, tiny_model, finetune.info.run_id, {"scores": scores, "evidence": evidence},
+                            {"test": str(tmp_path / "no-test-split-needed.jsonl"), "keys": None}, str(home),
+                            parent.info.run_id)
     assert not verdict["passed"] and verdict["bento"] is None
     assert "smoke test not run: the rules above failed" in verdict["reasons"]
     built = [m for m in bentoml.models.list() if m.info.labels.get("registered_model") == "never-built"]
     assert built == []
     tags = MlflowClient().get_model_version("never-built", verdict["version"]).tags
-    assert tags["tuneline.decision"] == "fail" and "does not beat the best baseline" in tags["tuneline.reasons"]
+    assert tags["tuneline.decision"] == "fail" and "not shown to beat the bar" in tags["tuneline.reasons"]

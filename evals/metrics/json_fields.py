@@ -50,7 +50,7 @@ class JsonFieldF1(evaluate.Metric):
                                         "references": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_item=False):
         per_field, f1s = {}, []
         for prediction, reference in zip(predictions, references):
             f1, fields = field_scores(prediction, reference)
@@ -59,4 +59,6 @@ class JsonFieldF1(evaluate.Metric):
                 per_field.setdefault(key, []).append(hit)
         result = {"field_f1": sum(f1s) / len(f1s) if f1s else 0.0}
         result.update({f"field_acc_{k}": sum(v) / len(v) for k, v in sorted(per_field.items())})
+        if per_item:  # the gate pairs systems item by item
+            result["field_f1_items"] = f1s
         return result
