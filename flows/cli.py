@@ -59,9 +59,25 @@ def down() -> None:
 
 @app.command()
 def check(config: Path) -> None:
-    """Validate a lifecycle config without running it."""
+    """Validate a lifecycle config without running it, and say what its test split can show to the gate."""
     cfg = _config(config)
     typer.echo(f"{config}: ok ({cfg.task.name}, {len(cfg.models.candidates)} candidate models)")
+    if cfg.task.data.startswith("hf:"):
+        typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
+        return
+    from flows.data import power, task_spec  # noqa: PLC0415 - the data layer only when the config is valid
+    from tasks.datasets import DataError, split, to_examples  # noqa: PLC0415
+
+    try:
+        examples = to_examples(task_spec(cfg.task, cfg.data.seed, cfg.finetune.max_seq_length), "skip").examples
+        test_items = len(split(examples, cfg.data.validation, cfg.data.test, cfg.data.seed)["test"])
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    note, warnings = power(cfg, test_items)
+    typer.echo(f"power: {note}")
+    for warning in warnings:
+        typer.echo(f"warning: {warning}")
 
 
 @app.command()

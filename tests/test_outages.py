@@ -74,6 +74,41 @@ def test_mlflow_stopping_mid_run_fails_the_flow_naming_the_server_and_moves_no_a
         mlflow.set_tracking_uri(None)
 
 
+def test_mlflow_unreachable_when_evaluate_asks_for_the_champion_fails_the_run_instead_of_skipping_the_rule(
+        tmp_path, home, prefect_api, monkeypatch):
+    """An outage is not "no champion": the champion rule must not be skipped and nothing may be promoted.
+
+    The server is down only while evaluate asks the registry for the champion, and back right after, so a
+    lifecycle that swallowed the error would go on to register and promote (what this test catches)."""
+    from flows.lifecycle import lifecycle
+    from tasks import registry
+
+    server_home = tmp_path / "mlflow-home"
+    server = Server("mlflow", free_port(), "/health")
+    start(server, server_home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    mlflow.set_tracking_uri(server.url)
+    original = registry.champion
+
+    def champion_during_an_outage(name):
+        stop_started("mlflow", server_home)
+        try:
+            return original(name)
+        finally:
+            start(server, server_home)
+
+    monkeypatch.setattr(registry, "champion", champion_during_an_outage)
+    try:
+        with pytest.raises(Exception) as failure:
+            lifecycle(_config(tmp_path, "blip"))
+        assert f"127.0.0.1:{server.port}" in str(failure.value), str(failure.value)[:500]
+        assert MlflowClient(server.url).search_model_versions("name = 'blip-model'") == []  # nothing registered
+    finally:
+        stop_started("mlflow", server_home)
+        mlflow.set_tracking_uri(None)
+
+
 def test_lifecycle_killed_during_finetuning_resumes_and_ends_as_an_uninterrupted_run(tmp_path, home, prefect_api,
                                                                                         mlflow_sqlite):
     from safetensors.torch import load_file
