@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager
 EVALS = Path(__file__).resolve().parent
 SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
 COT_TASK = EVALS / "tasks" / "chain_of_thought.yaml"
-RETRIEVED_TASK = EVALS / "tasks" / "retrieved_shots.yaml"
+RETRIEVED_TASK = EVALS / "tasks" / "listed_shots.yaml"
 LIKELIHOOD_TASK = EVALS / "tasks" / "answer_likelihood.yaml"
 GENERAL_TASK = EVALS / "tasks" / "general_mc.yaml"
 GENERAL_DATA = EVALS / "data" / "general.jsonl"
@@ -76,12 +76,14 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
     return out
 
 
-def write_retrieved_tasks(task: str, files: dict[str, str], out_dir: str | Path, max_answer_tokens: int) -> Path:
-    """`<task>_<split>_retrieved` for each split in `files`, whose records carry their own retrieved `shots`."""
+def write_listed_tasks(task: str, files: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
+                       suffix: str) -> Path:
+    """`<task>_<split><suffix>` for each split in `files`, whose records carry their own `shots` (retrieved for
+    each question, or the same fixed shots for all): lm-eval puts exactly those before the question."""
     out = Path(out_dir)
     data_files = {name: str(Path(path).resolve()) for name, path in files.items()}
     for split in files:
-        _write_task(out, f"{task}_{split}_retrieved", RETRIEVED_TASK, data_files, split,
+        _write_task(out, f"{task}_{split}{suffix}", RETRIEVED_TASK, data_files, split,
                     {"do_sample": False, "max_gen_toks": max_answer_tokens}, fewshot_split=split)
     return out
 

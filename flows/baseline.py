@@ -1,14 +1,15 @@
 """Stage 4, baseline: prompt engineering on the chosen model (zero- and k-shot, chain of thought,
-retrieval-picked shots; each with and without the chat template). The best prompt is the bar to clear."""
+retrieval-picked shots; each with and without the chat template). The best prompt is the bar to clear, and
+every prompt but chain of thought is a recipe a system can be served with (tasks/recipes.py)."""
 
 from __future__ import annotations
 
 import mlflow
 from prefect import flow
 
-from evals.runner import write_retrieved_tasks
+from evals.runner import write_listed_tasks
 from flows.config import LifecycleConfig
-from tasks.retrieval import attach_shots
+from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
 from tasks.scoring import score
 from tasks.tracking import log_eval, publish, stage_run
 
@@ -19,12 +20,16 @@ def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits
     task, plan, metric = config.task, config.baseline.variants(), config.gate.metric
     results = {}
     with stage_run("baseline", parent_run_id, model=chosen["source"], prompts=len(plan)):
-        if config.baseline.retrieval_shots:  # validation for choosing, test for the evaluate stage
-            files = attach_shots(splits["train"], {s: splits[s] for s in ("validation", "test")},
-                                 config.baseline.retrieval_shots, tasks_dir)
-            write_retrieved_tasks(task.name, files, tasks_dir, task.max_answer_tokens)
+        held_out = {s: splits[s] for s in ("validation", "test")}  # validation for choosing, test for evaluate
+        if config.baseline.retrieval_shots:
+            files = attach_shots(splits["train"], held_out, config.baseline.retrieval_shots, tasks_dir)
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved")
+        fixed = {k: pick_fixed(splits["train"], k, config.data.seed) for k in config.baseline.shots if k}
+        for k, shots in fixed.items():
+            files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}")
         for v in plan:
-            if v["kind"] == "fewshot" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
+            if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
                 result = chosen["result"]
             else:
                 result = score(chosen["model_dir"], tasks_dir, f"{task.name}_validation{v['suffix']}",
@@ -49,4 +54,4 @@ def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits
         )
         print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})} ({metric}); best {best['name']}")
     variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}
-    return {"best": best["name"], "variant": variant, "all": results}
+    return {"best": best["name"], "variant": variant, "all": results, "fixed": fixed}

@@ -85,7 +85,8 @@ class ModelsConfig(_Strict):
 class BaselineConfig(_Strict):
     """The prompt-engineering baselines scored on the chosen model; the best is the bar fine-tuning must clear."""
 
-    shots: list[int] = Field(default_factory=lambda: [0, 3], description="k-shot with random training examples")
+    shots: list[int] = Field(default_factory=lambda: [0, 3],
+                             description="k-shot: the same k training examples (drawn once by data.seed) for all")
     chain_of_thought: bool = True
     reasoning_tokens: int = Field(192, gt=0, description="extra tokens a chain-of-thought reply may use")
     retrieval_shots: int = Field(3, ge=0, description="k nearest training examples by MiniLM embedding; 0: off")
@@ -93,7 +94,7 @@ class BaselineConfig(_Strict):
 
     def variants(self) -> list[dict]:
         """Every prompt to score, simplest first (a tie keeps the simpler prompt)."""
-        kinds = [("fewshot", k, "", f"{k}-shot") for k in self.shots]
+        kinds = [("fixed", k, f"_fixed{k}" if k else "", f"{k}-shot") for k in self.shots]
         if self.chain_of_thought:
             kinds.append(("cot", 0, "_cot", "chain of thought"))
         if self.retrieval_shots:

@@ -40,9 +40,9 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
         tag = (built or {}).get(version)
         if tag is None:
             with tempfile.TemporaryDirectory() as tmp:
-                model_dir = registry.download(name, version, tmp)
+                model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
                 tag = packaging.build_bento(str(model_dir), name, version, config.task.system_prompt,
-                                            config.deploy.limits)
+                                            config.deploy.limits, system=registry.system(name, version))
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
@@ -54,8 +54,10 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
         mlflow.log_text(f"Q: {question}\nA: {answer}\n", "smoke_test.txt")
         publish("deploy", f"## Deploy: {name} v{version} served\n\nBento `{tag}` at {url}/v1/chat/completions\n\n"
                           f"Smoke prompt: {question!r}\n\nAnswer: `{answer}`")
-        print(f"deploy: {name} v{version} served at {url}; answer to a test prompt: {answer!r}")
-    return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer, "model": reply["model"]}
+        print(f"deploy: {name} v{version} ({reply.get('system', '')}) served at {url}; answer to a test prompt: "
+              f"{answer!r}")
+    return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer, "model": reply["model"],
+            "system": reply.get("system")}
 
 
 @flow(name="deploy-version", log_prints=True)

@@ -20,10 +20,14 @@ from evals import runner  # noqa: E402
 from flows.config import LifecycleConfig, load_config  # noqa: E402
 from flows.data import general_suites, power, prepare  # noqa: E402
 from tasks import registry, tracking  # noqa: E402
-from tasks.evidence import TABLE_HEADER  # noqa: E402
+from evals.runner import write_listed_tasks  # noqa: E402
+from tasks.evidence import table  # noqa: E402
+from tasks.recipes import POOL_FILE, Recipe, read_recipe  # noqa: E402
+from tasks.retrieval import attach_fixed, attach_shots  # noqa: E402
 from tasks.scoring import score, score_builtin, score_general  # noqa: E402
 from tasks.tracking import log_eval, publish, stage_run  # noqa: E402
 
+ZERO = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}  # as trained and served
 # The champion is compared on the test items it never trained on when they are at least this share of the
 # test split (its smallest detectable difference then grows by at most 12 %); otherwise it is not comparable.
 CLEAN_SHARE = 0.8
@@ -55,34 +59,43 @@ def _plot(rows: dict[str, dict], metric: str):
 @flow(name="evaluate")
 def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: dict, tasks_dir: str,
                    parent_run_id: str, champion: bool = False) -> dict:
-    """Each model in the plan on the test split, item by item; `champion`: also the registry's current champion,
-    on the test items it never trained on. Returns the scores, the gate's evidence and its comparisons."""
+    """Every candidate system on the test split, item by item: the best prompt recipe on the base weights, the
+    fine-tuned weights zero-shot, the fine-tuned weights with the best recipe that uses shots; beside them the
+    base zero-shot, the bar (best prompt of all) and, with `champion`, the registry's champion system on the test
+    items it never trained on. Returns the scores and one piece of gate evidence per candidate."""
     task, gate_metric = config.task, config.gate.metric
     common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
                   batch_size=config.evaluation.batch_size)
-    plain = {"kind": "fewshot", "shots": 0, "suffix": "", "chat": True}  # the prompt training and serving use
-    prompt = baseline["variant"]
-    plan = {"base": (base_dir, plain)}
-    if prompt != {**prompt, **plain}:  # the best baseline is not simply the base model zero-shot
-        plan["baseline"] = (base_dir, prompt)
-    plan["finetuned"] = (tuned_dir, plain)
+    servable = [v for v in baseline["all"].values() if v["kind"] != "cot"]  # in `all` order: simplest first
+    best_recipe = max(servable, key=lambda v: v["score"])
+    with_shots = [v for v in servable if v["shots"]]
+    plan = {"base": (base_dir, ZERO), "baseline": (base_dir, baseline["variant"]), "prompt": (base_dir, best_recipe),
+            "finetuned": (tuned_dir, ZERO)}
+    if with_shots:
+        plan["finetuned+shots"] = (tuned_dir, max(with_shots, key=lambda v: v["score"]))
 
-    results, general, crashed = {}, {}, {}
+    results, general, crashed, done = {}, {}, {}, {}
     with stage_run("evaluate", parent_run_id, split="test", gate_metric=gate_metric):
         current = registry.champion(config.registered_model) if champion else None
         if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
-            plan["champion"] = (str(registry.download(config.registered_model, current[0],
-                                                      Path(tasks_dir).parent / "champion")), plain)
+            folder = str(registry.download(config.registered_model, current[0], Path(tasks_dir).parent / "champion"))
+            plan["champion"] = (folder, _champion_variant(config, folder, tasks_dir))
         for name, (folder, v) in plan.items():
+            same = (folder, v["suffix"], v["chat"])
+            if same in done:  # e.g. the bar is also the best recipe: scored once
+                if done[same] in results:
+                    results[name] = results[done[same]]
+                continue
+            done[same] = name
             try:
                 results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],
                                       chat=v["chat"], **common)
             except Exception as exc:  # recorded for the gate, which fails on any crash; the report goes on
                 crashed[name] = f"{type(exc).__name__}: {exc}"
                 continue
-            log_eval(f"test {name}", results[name], prompt=v.get("name", "0-shot, chat"), shots=v["shots"],
-                     chat_template=v["chat"], split="test")
-            if name in ("base", "finetuned"):  # forgetting: the candidate's weights against the base's
+            log_eval(f"test {name}", results[name], prompt=v["name"], shots=v["shots"], chat_template=v["chat"],
+                     split="test")
+            if name in ("base", "finetuned"):  # forgetting: the fine-tuned weights against the base's
                 for path in general_suites(config):
                     suite = runner.suite_task(path)
                     try:
@@ -92,20 +105,40 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                     except Exception as exc:  # same rule as above
                         crashed[f"{name} ({suite})"] = f"{type(exc).__name__}: {exc}"
         builtin = _builtin_benchmarks(config, {n: plan[n][0] for n in ("base", "finetuned") if n in results})
-        if "baseline" not in plan and "base" in results:  # the best prompt was zero-shot: the base run is it
-            results["baseline"] = results["base"]
 
-        evidence = _evidence(config, baseline, results, general, crashed, current)
-        compared = registry.comparisons(evidence, registry.Rules.of(config.gate))
+        champion_items, note = _champion_items(config, results, current)
+        candidates = []
+        for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned")):
+            if name not in plan or (name == "prompt" and plan[name][1]["suffix"] == "" and plan[name][1]["chat"]):
+                continue  # no prompt system besides the base zero-shot
+            folder, v = plan[name]
+            recipe = Recipe.of(v, task.system_prompt, baseline.get("fixed"))
+            bar = "base" if weights == "base" else "baseline"
+            suites = {} if weights == "base" else {
+                suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
+                for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
+            evidence = registry.Evidence(
+                metric=gate_metric, candidate=_items(results.get(name), gate_metric),
+                bar=_items(results.get(bar), gate_metric), bar_name=f"{plan[bar][1]['name']} on the base weights",
+                champion=champion_items, champion_version=current[0] if current else None, champion_note=note,
+                general=suites, weights_changed=weights != "base",
+                crashed={k: e for k, e in crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
+            candidates.append({"name": name, "system": recipe.describe(weights), "weights_dir": folder,
+                               "recipe": recipe, "evidence": evidence,
+                               "score": _mean(list((evidence.candidate or {}).values())) or 0.0})
+
         rows = {name: {**r["metrics"], "stderr": r["stderr"],
                        "general_acc": _mean([g["acc"] for g in general.get(name, {}).values()])}
                 for name, r in results.items()}
         for name, row in rows.items():
-            mlflow.log_metrics({f"{name}_{k}": v for k, v in row.items() if v is not None})
-        for c in compared:
-            slug = c.rule.replace(" ", "_")
-            mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low, f"{slug}_high": c.high,
-                                f"{slug}_p": c.p_value})
+            mlflow.log_metrics({f"{name.replace('+', '_')}_{k}": v for k, v in row.items() if v is not None})
+        rules = registry.Rules.of(config.gate)
+        compared = {c["name"]: registry.comparisons(c["evidence"], rules) for c in candidates}
+        for name, found in compared.items():
+            for c in found:
+                slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")
+                mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low,
+                                    f"{slug}_high": c.high, f"{slug}_p": c.p_value})
         changes = _wins_and_losses(results["baseline"], results["finetuned"]) \
             if {"baseline", "finetuned"} <= results.keys() else []
         fixed, broke = sum(c["change"] == "fixed" for c in changes), sum(c["change"] == "broke" for c in changes)
@@ -113,15 +146,30 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
         mlflow.log_figure(_plot(rows, gate_metric), "report/comparison.png")
         bar_rate = rows.get("baseline", {}).get("exact_match", 0.5)
-        note, warnings = power(config, len(evidence.bar or {}) or task.max_test_examples, bar_rate)
-        markdown = _report(rows, crashed, fixed, broke, baseline, compared, evidence, note, warnings)
+        note_power, warnings = power(config, len(_items(results.get("baseline"), gate_metric) or {})
+                                     or task.max_test_examples, bar_rate)
+        markdown = _report(rows, crashed, fixed, broke, plan, candidates, compared, note, note_power, warnings,
+                           gate_metric)
         mlflow.log_text(markdown, "report/report.md")
         publish("evaluate", markdown)
         print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
-              + "".join(f"\n  {c.rule}: {c.describe()}" for c in compared)
+              + "".join(f"\n  {n} {c.rule}: {c.describe()}" for n, found in compared.items() for c in found)
               + (f"; crashed: {list(crashed)}" if crashed else ""))
     return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin,
-            "evidence": evidence}
+            "candidates": candidates}
+
+
+def _champion_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dict:
+    """The champion's own recipe as an lm-eval task over this run's test split (`<task>_test_champion`): its
+    fixed shots, or shots retrieved from its own pool."""
+    recipe = read_recipe(folder)
+    if recipe.shots != "none":
+        test = {"test": str(Path(tasks_dir).parent / "data" / "test.jsonl")}
+        files = attach_shots(str(Path(folder) / POOL_FILE), test, recipe.k, tasks_dir, prefix="champion") \
+            if recipe.shots == "retrieved" else attach_fixed(list(recipe.fixed), test, tasks_dir, "champion")
+        write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, "_champion")
+    return {"name": f"champion ({recipe.label})", "kind": recipe.shots, "shots": recipe.k,
+            "suffix": "_champion" if recipe.shots != "none" else "", "chat": recipe.chat}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -133,41 +181,23 @@ def _items(result: dict | None, metric: str) -> dict[str, float] | None:
     return None if result is None else {str(s["doc_id"]): float(s[metric]) for s in result["samples"]}
 
 
-def _evidence(config: LifecycleConfig, baseline: dict, results: dict, general: dict, crashed: dict,
-              current: tuple | None) -> registry.Evidence:
-    """The gate's evidence, item by item. The champion is compared only on test items outside its training
-    split; when too many were inside it (more than CLEAN_SHARE lost), it is not comparable, and says why."""
-    metric = config.gate.metric
-    champion_items, note = None, None
-    if current and "champion" in results:
-        seen = registry.training_keys(config.registered_model, current[0])
-        samples = results["champion"]["samples"]
-        if seen is None:
-            note = (f"champion v{current[0]} not comparable: its training split was not recorded "
-                    "(promote by hand with promote-version to replace it)")
-        else:
-            clean = {str(s["doc_id"]): float(s[metric]) for s in samples if s["key"] not in seen}
-            inside = len(samples) - len(clean)
-            if inside and len(clean) < CLEAN_SHARE * len(samples):
-                note = (f"champion v{current[0]} not comparable: {inside} of {len(samples)} test items were in "
-                        "its training data")
-            else:
-                champion_items = clean
-                if inside:
-                    print(f"evaluate: champion v{current[0]} compared on {len(clean)} test items; {inside} were "
-                          "in its training data")
-    suites = {suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
-              for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
-    return registry.Evidence(
-        metric=metric, candidate=_items(results.get("finetuned"), metric), bar=_items(results.get("baseline"), metric),
-        bar_name=baseline["best"], champion=champion_items, champion_version=current[0] if current else None,
-        champion_note=note, general=suites, crashed=crashed,
-    )
-
-
-def evidence_table(compared: list) -> str:
-    """The per-rule statistics as a markdown table (the evaluate report and the promote artifact)."""
-    return "\n".join([TABLE_HEADER, *(c.as_row() for c in compared)]) if compared else "(no comparison possible)"
+def _champion_items(config: LifecycleConfig, results: dict, current: tuple | None) -> tuple[dict | None, str | None]:
+    """The champion's per-item scores on the test items outside its training split, or why it is not comparable:
+    when more than 1 - CLEAN_SHARE of the test items were inside it."""
+    if not current or "champion" not in results:
+        return None, None
+    seen = registry.training_keys(config.registered_model, current[0])
+    samples = results["champion"]["samples"]
+    if seen is None:
+        return None, (f"champion v{current[0]} not comparable: its training split was not recorded "
+                      "(promote by hand with promote-version to replace it)")
+    clean = {str(s["doc_id"]): float(s[config.gate.metric]) for s in samples if s["key"] not in seen}
+    inside = len(samples) - len(clean)
+    if inside and len(clean) < CLEAN_SHARE * len(samples):
+        return None, f"champion v{current[0]} not comparable: {inside} of {len(samples)} test items were in its training data"
+    if inside:
+        print(f"evaluate: champion v{current[0]} compared on {len(clean)} test items; {inside} were in its training data")
+    return clean, None
 
 
 def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict:
@@ -190,22 +220,26 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
     return scores
 
 
-def _report(rows: dict, crashed: dict, fixed: int, broke: int, baseline: dict, compared: list,
-            evidence: registry.Evidence, note: str, warnings: list[str]) -> str:
+def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list, compared: dict,
+            champion_note: str | None, power_note: str, warnings: list[str], metric: str) -> str:
+    label = {"base": "base, 0-shot chat", "baseline": f"bar: {plan['baseline'][1]['name']} on the base weights",
+             "prompt": f"base + {plan['prompt'][1]['name']}", "finetuned": "fine-tuned",
+             "finetuned+shots": f"fine-tuned + {plan.get('finetuned+shots', (None, {'name': ''}))[1]['name']}",
+             "champion": plan.get("champion", (None, {"name": "champion"}))[1]["name"]}
     lines = ["## Evaluation on the test split", "",
-             "| model | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
-    label = {"baseline": f"best baseline ({baseline['best']})", "base": "base (0-shot, chat)"}
+             "| system | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         general = "–" if r["general_acc"] is None else f"{r['general_acc']:.3f}"
         lines.append(f"| {label.get(name, name)} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | "
                      f"{r['field_f1']:.3f} | {r['rougeL']:.3f} | {general} |")
-    lines += ["", f"Fine-tuning fixed **{fixed}** test examples and broke **{broke}** "
+    lines += ["", f"Fine-tuning fixed **{fixed}** test examples of the bar's and broke **{broke}** "
                   "(report/wins_losses.jsonl in the MLflow run).", "",
-              f"### Paired comparisons (fine-tuned minus the other, on {evidence.metric}; forgetting: base minus "
-              "fine-tuned accuracy)", "", evidence_table(compared), "", f"Power: {note}."]
-    lines += [f"**Warning:** {w}." for w in warnings]
-    if evidence.champion_note:
-        lines += ["", f"**{evidence.champion_note}.**"]
+              f"### Candidate systems, paired on {metric} (candidate minus the other; forgetting: base minus "
+              "fine-tuned accuracy)", ""]
+    lines.append(table([(k["system"], c) for k in candidates for c in compared[k["name"]]]))
+    lines += ["", f"Power: {power_note}."] + [f"**Warning:** {w}." for w in warnings]
+    if champion_note:
+        lines += ["", f"**{champion_note}.**"]
     if crashed:
         lines += ["", "**Crashed evaluations:**"] + [f"- {k}: {v}" for k, v in crashed.items()]
     return "\n".join(lines) + "\n"

@@ -54,7 +54,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
         report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid,
                                 champion=True)
-        verdict = promote_stage(config, tuned["merged"], tuned["run_id"], report, splits, str(home), pid)
+        verdict = promote_stage(config, tuned["run_id"], report, splits, str(home), pid)
         built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
         probe = read_examples(splits["test"])[0].user
         service = deploy_stage(config, str(home), pid, built=built, probe=probe)

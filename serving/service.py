@@ -5,8 +5,10 @@ Two BentoML services in one Bento:
   the training chat template, records every answer and the feedback on it in SQLite;
 - `Generator` holds the weights; its batchable `generate` lets BentoML's adaptive batcher group the
   concurrent requests `Chat` forwards into one `model.generate` call.
-The model, its registry name and version, its system prompt and the limits come from the BentoML model
-`tuneline-chat`, baked into the Bento at build time.
+The system comes from the BentoML model `tuneline-chat`, baked into the Bento at build time: the weights,
+its registry name and version, what kind of system it is, its prompt recipe (tuneline_recipe.json: system
+prompt, chat template on or off, fixed shots or k shots retrieved from its pool by the bundled sentence
+encoder) and the limits. The recipe is applied to every request exactly as evaluation applied it.
 
 Environment: TUNELINE_API_KEY (if set, `Authorization: Bearer <key>` is required on /v1 and /feedback),
 TUNELINE_FEEDBACK_DB (default $TUNELINE_HOME/feedback.db), TUNELINE_BATCHING=off (one generation at a time:
@@ -40,6 +42,7 @@ TIMEOUT_S = 300
 # Below this, sampling picks the greedy token all but always, and logits / temperature overflows float32 near
 # 1e-38 (torch.multinomial then fails on inf/nan): such temperatures are decoded greedily.
 GREEDY_BELOW = 1e-3
+RECIPE_FILE, POOL_FILE, EMBEDDINGS_FILE = "tuneline_recipe.json", "tuneline_pool.jsonl", "tuneline_pool.npy"
 
 
 # ---------------------------------------------------------------- generation
@@ -264,21 +267,65 @@ class Chat:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         meta = self.model_ref.info.metadata
         self.model_id = f"{meta['registered_model']}/{meta['version']}"
+        self.system = meta.get("system", "fine-tuned")
         self.created = int(time.time())
         self.system_prompt = meta.get("system_prompt", "")
+        self.recipe = self._load_recipe(Path(self.model_ref.path))
         self.max_prompt_tokens = int(meta.get("max_prompt_tokens", 1024))
         self.max_tokens = int(meta.get("max_tokens", 256))
         home = Path(os.environ.get("TUNELINE_HOME", "."))
         self.store = Store(Path(os.environ.get("TUNELINE_FEEDBACK_DB", home / "feedback.db")))
 
+    @staticmethod
+    def _load_recipe(folder: Path) -> dict:
+        """The prompt recipe, and for retrieval the pool, its embeddings and the encoder (loaded once)."""
+        path = folder / RECIPE_FILE
+        recipe = json.loads(path.read_text()) if path.is_file() else {"chat": True, "shots": "none", "k": 0}
+        if recipe["shots"] == "retrieved":
+            import numpy as np
+            from sentence_transformers import SentenceTransformer
+
+            recipe["pool"] = [json.loads(line) for line in (folder / POOL_FILE).read_text().splitlines()]
+            recipe["vectors"] = np.load(folder / EMBEDDINGS_FILE)
+            recipe["encoder"] = SentenceTransformer(str(folder / "encoder"), device="cpu")
+        return recipe
+
+    def _shots(self, question: str) -> list[dict]:
+        """The recipe's shots for this question: fixed, or the k nearest of the pool by cosine similarity of the
+        normalised embeddings, farthest first (the nearest sits next to the question), as in evaluation."""
+        recipe = self.recipe
+        if recipe["shots"] == "fixed":
+            return recipe["fixed"]
+        if recipe["shots"] != "retrieved":
+            return []
+        query = recipe["encoder"].encode([question], normalize_embeddings=True)[0]
+        nearest = sorted(range(len(recipe["pool"])), key=lambda i: -float(recipe["vectors"][i] @ query))[: recipe["k"]]
+        return [recipe["pool"][i] for i in reversed(nearest)]
+
+    def _render(self, messages: list[dict]) -> tuple[str, list[dict]]:
+        """The request as evaluation rendered the recipe's prompts. Chat: the system prompt (the trained one
+        unless the request brings its own), the shots as earlier user/assistant turns, then the conversation.
+        Plain: the shots as question, newline, answer, blank line, then the last user message alone.
+        Returns the text and the conversation as recorded for feedback (with the system prompt used)."""
+        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        shots = self._shots(question)
+        if not self.recipe["chat"]:
+            return "".join(f"{s['user']}\n{s['assistant']}\n\n" for s in shots) + question, messages
+        system = [m for m in messages[:1] if m["role"] == "system"] or \
+            ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        turns = [t for s in shots for t in ({"role": "user", "content": s["user"]},
+                                              {"role": "assistant", "content": s["assistant"]})]
+        rest = messages[1:] if messages[0]["role"] == "system" else messages
+        text = self.tokenizer.apply_chat_template([*system, *turns, *rest], tokenize=False, add_generation_prompt=True)
+        return text, [*system, *rest]
+
     def _prepare(self, body: ChatRequest) -> tuple[list[dict], dict]:
-        """The chat rendered as training rendered it (trained system prompt added if absent), limits checked."""
+        """The chat rendered as evaluation rendered the recipe (trained system prompt added if absent), limits
+        checked."""
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         if not any(m["role"] == "user" for m in messages):
             raise HTTPException(400, "messages: at least one message with role 'user' is required")
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text, messages = self._render(messages)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise HTTPException(400, f"messages: the prompt is {len(ids)} tokens; this service accepts at most "
@@ -290,14 +337,14 @@ class Chat:
 
     def _completion(self, rid: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "system": self.system, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     @app.get("/v1/models")
     def models(self, _: None = Depends(require_key)) -> dict:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
-                                            "owned_by": "tuneline"}]}
+                                            "owned_by": "tuneline", "system": self.system}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, _: None = Depends(require_key)):
@@ -337,7 +384,7 @@ class Chat:
 
         def event(delta: dict, finish: str | None = None) -> str:
             chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                     "system": self.system, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(chunk)}\n\n"
 
         yield event({"role": "assistant", "content": ""})

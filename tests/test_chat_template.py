@@ -4,14 +4,16 @@ prompt the model was trained with are the ones it is scored and served with."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
+import pytest
 from trl import SFTConfig, SFTTrainer
 
 from evals import runner
 from serving.service import Chat, ChatRequest
 from tasks.datasets import Example, write_examples
 from tasks.models import load
+from tasks.recipes import Recipe, prompt_text, shots_for, write_recipe
+from tasks.retrieval import attach_fixed, attach_shots, encoder_path, pick_fixed
 from tasks.training import conversational
 
 SYSTEM = "You extract structured data from product reviews."
@@ -36,9 +38,54 @@ def test_train_eval_and_serve_render_identically(tiny_model, tmp_path):
                                 batch_size=1)["samples"][0]["prompt"]
 
     # Serving: the service's own rendering of a request that carries only the user message.
-    service = SimpleNamespace(system_prompt=SYSTEM, tokenizer=tok, max_prompt_tokens=1024, max_tokens=8)
-    request = ChatRequest(messages=[{"role": "user", "content": EXAMPLE.user}])
-    served = tok.decode(Chat.inner._prepare(service, request)[1]["ids"])
+    served = served_prompt(tok, tmp_path / "zero", Recipe(SYSTEM), EXAMPLE.user)
 
     assert trained == evaluated == served
     assert served.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and served.endswith("<|im_start|>assistant\n")
+
+
+def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | None = None) -> str:
+    """The prompt the Bento's `Chat` service builds for a request carrying only `question`, from the recipe's
+    files as the Bento holds them (the encoder beside them for retrieval)."""
+    write_recipe(recipe, folder, pool)
+    if recipe.shots == "retrieved":
+        (folder / "encoder").symlink_to(encoder_path())
+    service = Chat.inner.__new__(Chat.inner)
+    service.tokenizer, service.system_prompt, service.max_prompt_tokens, service.max_tokens = tok, SYSTEM, 4096, 8
+    service.recipe = Chat.inner._load_recipe(folder)
+    request = ChatRequest(messages=[{"role": "user", "content": question}])
+    return tok.decode(Chat.inner._prepare(service, request)[1]["ids"])
+
+
+POOL = [Example(f"p{i}", SYSTEM, f"Review: {text}", answer, "reviews") for i, (text, answer) in enumerate([
+    ("The kettle leaks everywhere.", '{"sentiment": "negative"}'), ("Love these running shoes.", '{"sentiment": "positive"}'),
+    ("The lamp flickers a lot.", '{"sentiment": "negative"}'), ("Great blender, smooth soups.", '{"sentiment": "positive"}'),
+    ("My teapot leaks too.", '{"sentiment": "negative"}')])]
+
+
+@pytest.mark.parametrize("shots", ["fixed", "retrieved"])
+@pytest.mark.parametrize("chat", [True, False])
+def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_served(tiny_model, tmp_path, shots, chat):
+    model, tok = load(Path(tiny_model))
+    train = write_examples(tmp_path / "train.jsonl", POOL)
+    test = write_examples(tmp_path / "test.jsonl", [EXAMPLE])
+    splits = {"train": train, "validation": test, "test": test}
+    tasks_dir = runner.write_tasks("reviews", splits, tmp_path / "tasks", max_answer_tokens=2)
+    fixed = pick_fixed(train, 2, seed=13)
+    files = attach_shots.fn(train, {"test": test}, 2, str(tasks_dir)) if shots == "retrieved" else \
+        attach_fixed.fn(fixed, {"test": test}, str(tasks_dir), "fixed2")
+    suffix = "_retrieved" if shots == "retrieved" else "_fixed2"
+    runner.write_listed_tasks("reviews", files, tasks_dir, 2, suffix)
+    evaluated = runner.evaluate(model, tok, tasks_dir, f"reviews_test{suffix}", system_prompt=SYSTEM, shots=2,
+                                chat=chat, limit=1, batch_size=1)["samples"][0]["prompt"]
+
+    variant = {"name": "x", "kind": shots, "shots": 2, "suffix": suffix, "chat": chat}
+    recipe = Recipe.of(variant, SYSTEM, {2: fixed})
+    folder = tmp_path / "system"
+    served = served_prompt(tok, folder, recipe, EXAMPLE.user, train)
+    in_process = prompt_text(tok, recipe, EXAMPLE.user, shots_for(recipe, folder, EXAMPLE.user))
+
+    assert evaluated == in_process == served
+    if shots == "retrieved":  # the two nearest pool examples, the nearest right before the question
+        assert served.index("teapot") < served.index("leaks everywhere") < served.index(EXAMPLE.user)
+    assert ("<|im_start|>system" in served) == chat

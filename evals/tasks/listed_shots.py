@@ -6,8 +6,8 @@ from lm_eval.api.samplers import ContextSampler
 class ListedShots(ContextSampler):
     def sample(self, n, eval_doc=None, df=None, **kwargs):
         if eval_doc is None:
-            raise ValueError("retrieved shots need the question: set fewshot_split to the scored split")
+            raise ValueError("listed shots need the question: set fewshot_split to the scored split")
         shots = eval_doc["shots"]
         if len(shots) < n:
-            raise ValueError(f"example {eval_doc['id']}: {len(shots)} retrieved shots, {n} asked for")
-        return shots[len(shots) - n:]  # the n nearest (stored farthest first)
+            raise ValueError(f"example {eval_doc['id']}: {len(shots)} listed shots, {n} asked for")
+        return shots[len(shots) - n:]  # the last n: for retrieved shots the n nearest (stored farthest first)

@@ -1,0 +1,107 @@
+"""A system is weights plus a prompt recipe: what the lifecycle compares, registers, gates and serves.
+
+The recipe says how a question reaches the weights: the system prompt, the chat template on or off, and the
+shots before the question (none, the same fixed training examples for all, or the k nearest training examples
+by MiniLM embedding). It travels with the weights as files in the registered version's folder; for retrieval
+also the example pool (the training split) and its embeddings, so the service retrieves exactly as evaluation
+did. The Bento adds the encoder itself (`tasks/packaging.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tasks.retrieval import ENCODER, nearest, shot
+
+RECIPE_FILE = "tuneline_recipe.json"
+POOL_FILE = "tuneline_pool.jsonl"
+EMBEDDINGS_FILE = "tuneline_pool.npy"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    system_prompt: str = ""
+    chat: bool = True
+    shots: str = "none"  # none | fixed | retrieved
+    k: int = 0
+    fixed: tuple[dict, ...] = field(default_factory=tuple)  # the fixed shots: {"id", "user", "assistant"}
+    encoder: str | None = None  # retrieval only
+
+    @classmethod
+    def of(cls, variant: dict, system_prompt: str, fixed: dict[int, list[dict]] | None = None) -> Recipe:
+        """From a baseline prompt variant (flows/config.py `BaselineConfig.variants`)."""
+        k = variant["shots"]
+        if variant["kind"] == "retrieved":
+            return cls(system_prompt, variant["chat"], "retrieved", k, encoder=ENCODER)
+        if variant["kind"] == "fixed" and k:
+            return cls(system_prompt, variant["chat"], "fixed", k, tuple((fixed or {})[k]))
+        if variant["kind"] != "fixed":
+            raise ValueError(f"prompt {variant['name']!r} cannot be served as a recipe")
+        return cls(system_prompt, variant["chat"])
+
+    @property
+    def label(self) -> str:
+        shots = "0-shot" if self.shots == "none" else f"{self.k} {self.shots} shots"
+        return f"{shots}, {'chat' if self.chat else 'plain'}"
+
+    def describe(self, weights: str) -> str:
+        """What a registry version and the service call the system, e.g. "base + 3 retrieved shots, plain"."""
+        if self.shots == "none" and self.chat:
+            return weights
+        return f"{weights} + {self.label}"
+
+
+def write_recipe(recipe: Recipe, out_dir: str | Path, pool_path: str | None = None) -> Path:
+    """The recipe's files in `out_dir`; a retrieval recipe also gets its pool and the pool's embeddings."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2, ensure_ascii=False))
+    if recipe.shots == "retrieved":
+        import numpy as np  # noqa: PLC0415
+
+        from tasks.datasets import read_examples  # noqa: PLC0415
+        from tasks.retrieval import encoder  # noqa: PLC0415
+
+        if pool_path is None:
+            raise ValueError("a retrieval recipe needs its example pool (the training split)")
+        pool = [shot(e) for e in read_examples(pool_path)]
+        (out / POOL_FILE).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in pool))
+        vectors = encoder().encode([s["user"] for s in pool], normalize_embeddings=True)
+        np.save(out / EMBEDDINGS_FILE, np.asarray(vectors, dtype=np.float32))
+    return out
+
+
+def read_recipe(folder: str | Path) -> Recipe:
+    """The recipe in a system folder; a folder without one (a version registered before recipes) is the
+    fine-tuned weights zero-shot with the chat template."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return Recipe()
+    raw = json.loads(path.read_text())
+    return Recipe(**{**raw, "fixed": tuple(raw.get("fixed", ()))})
+
+
+def shots_for(recipe: Recipe, folder: str | Path, question: str) -> list[dict]:
+    """The shots the recipe puts before `question`: none, its fixed ones, or the k nearest of its pool (in
+    `folder`), farthest first, exactly as evaluation listed them."""
+    if recipe.shots == "fixed":
+        return list(recipe.fixed)
+    if recipe.shots != "retrieved":
+        return []
+    pool = [json.loads(line) for line in (Path(folder) / POOL_FILE).read_text(encoding="utf-8").splitlines()]
+    return [pool[i] for i in reversed(nearest.fn([s["user"] for s in pool], [question], recipe.k)[0])]
+
+
+def prompt_text(tokenizer, recipe: Recipe, question: str, shots: list[dict]) -> str:
+    """The prompt as lm-eval renders it: chat — system prompt, each shot as a user and an assistant turn, the
+    question, the generation prompt; plain — each shot as question, newline, answer, blank line, then the
+    question. The service renders the same way (serving/service.py); a test holds the three byte-identical."""
+    if not recipe.chat:
+        return "".join(f"{s['user']}\n{s['assistant']}\n\n" for s in shots) + question
+    messages = [{"role": "system", "content": recipe.system_prompt}] if recipe.system_prompt else []
+    for s in shots:
+        messages += [{"role": "user", "content": s["user"]}, {"role": "assistant", "content": s["assistant"]}]
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
