@@ -79,7 +79,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         current = registry.champion(config.registered_model) if champion else None
         if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
             folder = str(registry.download(config.registered_model, current[0], Path(tasks_dir).parent / "champion"))
-            plan["champion"] = (folder, _champion_variant(config, folder, tasks_dir))
+            plan["champion"] = (folder, _system_variant(config, folder, tasks_dir))
         for name, (folder, v) in plan.items():
             same = (folder, v["suffix"], v["chat"])
             if same in done:  # e.g. the bar is also the best recipe: scored once
@@ -159,16 +159,16 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
             "candidates": candidates}
 
 
-def _champion_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dict:
-    """The champion's own recipe as an lm-eval task over this run's test split (`<task>_test_champion`): its
-    fixed shots, or shots retrieved from its own pool."""
+def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dict:
+    """A registered system's own recipe as an lm-eval task over this run's test split (`<task>_test_champion`):
+    its fixed shots, or shots retrieved from its own pool."""
     recipe = read_recipe(folder)
     if recipe.shots != "none":
         test = {"test": str(Path(tasks_dir).parent / "data" / "test.jsonl")}
         files = attach_shots(str(Path(folder) / POOL_FILE), test, recipe.k, tasks_dir, prefix="champion") \
             if recipe.shots == "retrieved" else attach_fixed(list(recipe.fixed), test, tasks_dir, "champion")
         write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, "_champion")
-    return {"name": f"champion ({recipe.label})", "kind": recipe.shots, "shots": recipe.k,
+    return {"name": recipe.label, "kind": recipe.shots, "shots": recipe.k,
             "suffix": "_champion" if recipe.shots != "none" else "", "chat": recipe.chat}
 
 
@@ -225,7 +225,7 @@ def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candi
     label = {"base": "base, 0-shot chat", "baseline": f"bar: {plan['baseline'][1]['name']} on the base weights",
              "prompt": f"base + {plan['prompt'][1]['name']}", "finetuned": "fine-tuned",
              "finetuned+shots": f"fine-tuned + {plan.get('finetuned+shots', (None, {'name': ''}))[1]['name']}",
-             "champion": plan.get("champion", (None, {"name": "champion"}))[1]["name"]}
+             "champion": f"champion ({plan['champion'][1]['name']})" if "champion" in plan else "champion"}
     lines = ["## Evaluation on the test split", "",
              "| system | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -260,8 +260,10 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
         _, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         folder = str(registry.download(name, version, run_dir / "model"))
         with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
-            result = score(folder, tasks_dir, f"{task.name}_test", system_prompt=task.system_prompt, shots=0,
-                           limit=task.max_test_examples, batch_size=config.evaluation.batch_size)
+            v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
+            result = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", system_prompt=task.system_prompt,
+                           shots=v["shots"], chat=v["chat"], limit=task.max_test_examples,
+                           batch_size=config.evaluation.batch_size)
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,
                                                    batch_size=config.evaluation.batch_size)["acc"]

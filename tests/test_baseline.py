@@ -9,10 +9,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from evals.runner import write_retrieved_tasks, write_tasks
+from evals.runner import write_listed_tasks, write_tasks
 from flows.config import load_config
 from tasks.datasets import TaskSpec, prepare_data, read_examples
-from tasks.retrieval import attach_shots, encoder, nearest
+from tasks.retrieval import attach_fixed, attach_shots, encoder, nearest, pick_fixed
 from tasks.scoring import score
 from tests.conftest import DEMO_DATA, ROOT
 
@@ -32,14 +32,18 @@ def users(path: str) -> set[str]:
 
 
 @pytest.mark.parametrize("chat", [True, False])
-def test_k_shot_prompts_hold_k_shots_from_the_train_split_only(tiny_model, splits, chat):
-    result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=3,
+def test_k_shot_prompts_hold_the_same_k_shots_from_the_train_split_only(tiny_model, splits, chat):
+    fixed = pick_fixed(splits["train"], 3, seed=13)
+    files = attach_fixed.fn(fixed, {"validation": splits["validation"]}, splits["tasks_dir"], "fixed3")
+    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, "_fixed3")
+    result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_fixed3", system_prompt="sys", shots=3,
                       chat=chat, limit=4, batch_size=4)
     train, held_out = users(splits["train"]), users(splits["validation"]) | users(splits["test"])
     question = {i: e.user for i, e in enumerate(read_examples(splits["validation"]))}
     for sample in result["samples"]:
         prompt = sample["prompt"]
-        assert sum(u in prompt for u in train) == 3
+        assert [u for u in train if u in prompt] == [u for u in train if u in {s["user"] for s in fixed}]
+        assert len(fixed) == 3 and pick_fixed(splits["train"], 3, seed=13) == fixed  # drawn once, by seed
         assert [u for u in held_out if u in prompt] == [question[sample["doc_id"]]]  # only the question itself
         assert ("<|im_start|>system\nsys" in prompt) == chat  # plain text has neither template nor system prompt
 
@@ -61,7 +65,7 @@ def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, p
         query = encoder().encode([row["user"]], normalize_embeddings=True)[0]
         brute = [train[i].id for i in np.argsort(-(vectors @ query))[:2]]
         assert [s["id"] for s in row["shots"]] == brute[::-1]  # nearest last, next to the question
-    write_retrieved_tasks("reviews", files, splits["tasks_dir"], 4)
+    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, "_retrieved")
     result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_retrieved", system_prompt="sys", shots=2,
                       limit=3, batch_size=3)
     for sample in result["samples"]:

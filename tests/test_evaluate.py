@@ -29,10 +29,17 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     mlflow.set_experiment("eval")
     with mlflow.start_run() as parent:
         cot = {"name": "chain of thought, plain", "kind": "cot", "shots": 0, "suffix": "_cot", "chat": False}
-        report = evaluate_stage(config, tiny_model, str(broken), {"best": cot["name"], "variant": cot},
+        zero = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}
+        report = evaluate_stage(config, tiny_model, str(broken), {"best": cot["name"], "variant": cot, "fixed": {},
+                                "all": {zero["name"]: {**zero, "score": 0.0}, cot["name"]: {**cot, "score": 0.1}}},
                                 str(tasks_dir), parent.info.run_id)
 
-    assert set(report["scores"]) == {"base", "baseline"}
+    # the bar (chain of thought) cannot be served: the prompt candidate is the best servable recipe, zero-shot
+    # here, which is the base model itself; the fine-tuned candidate crashed and says so to the gate
+    assert set(report["scores"]) == {"base", "baseline", "prompt"}
+    [finetuned] = report["candidates"]
+    assert finetuned["system"] == "fine-tuned" and finetuned["evidence"].candidate is None
+    assert "finetuned" in finetuned["evidence"].crashed
     assert "HF_HUB_OFFLINE is set" in report["builtin"]["skipped"]
     assert set(report["crashed"]) == {"finetuned"}
     base = report["scores"]["base"]

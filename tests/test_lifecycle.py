@@ -53,7 +53,8 @@ def test_the_gate_passes_on_evidence_then_rejects_with_intervals(config, home, p
     client = MlflowClient()
     first = lifecycle(str(config))["promotion"]
     assert first["passed"], first["reasons"]
-    assert first["reasons"][0].startswith("beats the bar (0-shot, chat) on exact_match: n=48, difference +")
+    assert first["reasons"][0].startswith("beats the bar (0-shot, chat on the base weights) on exact_match: n=48, "
+                                       "difference +")
     assert "McNemar exact" in first["reasons"][0] and first["reasons"][-1] == "smoke test passed"
     v1 = client.get_model_version(MODEL, first["version"])
     assert v1.aliases and "champion" in v1.aliases

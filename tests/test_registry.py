@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks import registry
+from tasks.recipes import Recipe
 from tasks.registry import Evidence, Rules
 
 NAME = "gate-test"
@@ -163,15 +164,19 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.registered_model = "never-built"
-    scores = {"finetuned": {"exact_match": 0.4, "general_acc": 0.5}}
     evidence = replace(GOOD, candidate=right(40), bar=right(50), smoke_failures=None)
+    candidate = {"name": "finetuned", "system": "fine-tuned", "weights_dir": tiny_model, "recipe": Recipe(),
+                 "evidence": evidence, "score": 0.4}
+    keys = tmp_path / "data" / "keys.json"
+    keys.parent.mkdir()
+    keys.write_text('{"fingerprints": {"train": "a", "validation": "b", "test": "c"}, "train": []}')
     mlflow.create_experiment("promote", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("promote")
     with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
         pass
-    verdict = promote_stage(config, tiny_model, finetune.info.run_id, {"scores": scores, "evidence": evidence},
-                            {"test": str(tmp_path / "no-test-split-needed.jsonl"), "keys": None}, str(home),
-                            parent.info.run_id)
+    verdict = promote_stage(config, finetune.info.run_id, {"candidates": [candidate]},
+                            {"test": str(tmp_path / "no-test-split-needed.jsonl"), "keys": str(keys), "train": ""},
+                            str(home), parent.info.run_id)
     assert not verdict["passed"] and verdict["bento"] is None
     assert "smoke test not run: the rules above failed" in verdict["reasons"]
     built = [m for m in bentoml.models.list() if m.info.labels.get("registered_model") == "never-built"]

@@ -1,0 +1,137 @@
+"""Systems (weights + prompt recipe) through promote, the registry and the service: the gate promotes whichever
+kind wins, a recipe system is registered, rebuilt from the registry and served answering exactly as lm-eval did,
+rollback crosses kinds, and a version missing a part of its recipe fails the build naming it.
+
+The gate's evidence here is constructed (per-item scores chosen so that one candidate wins); the rest is real:
+MLflow on SQLite, the Bento built and served by `bentoml serve`, lm-eval, the MiniLM encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from evals import runner
+from infra.local import free_port, stop_started
+from tasks import packaging, registry
+from tasks.datasets import Example, write_examples
+from tasks.models import load, provision
+from tasks.recipes import POOL_FILE, Recipe, write_recipe
+from tasks.registry import Evidence
+from tasks.retrieval import attach_shots
+from tests.conftest import ROOT
+
+NAME = "systems-test"
+SYSTEM = "You label reviews."
+TRAIN = [Example(f"t{i}", SYSTEM, f"Review: {text}", label, "reviews", f"k{i}") for i, (text, label) in enumerate([
+    ("The kettle leaks everywhere.", "negative"), ("Love these running shoes.", "positive"),
+    ("The lamp flickers a lot.", "negative"), ("Great blender, smooth soups.", "positive"),
+    ("My teapot leaks too.", "negative"), ("Best backpack I have owned.", "positive")])]
+TEST = [Example(f"q{i}", SYSTEM, f"Review: {text}", label, "reviews", f"q{i}") for i, (text, label) in enumerate([
+    ("The mug leaks at the handle.", "negative"), ("These shoes are wonderful.", "positive"),
+    ("The desk lamp is too dim.", "negative")])]
+RETRIEVED = {"name": "2 retrieved shots, chat", "kind": "retrieved", "shots": 2, "suffix": "_retrieved", "chat": True}
+
+
+def right(k: int, n: int = 100) -> dict[str, float]:
+    return {str(i): float(i < k) for i in range(n)}
+
+
+@pytest.fixture()
+def setting(tmp_path, mlflow_sqlite):
+    from flows.config import load_config
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model, config.task.system_prompt, config.task.max_answer_tokens = NAME, SYSTEM, 6
+    config.gate.smoke_prompts, config.deploy.port = 2, free_port()
+    data = tmp_path / "run" / "data"
+    files = {"train": write_examples(data / "train.jsonl", TRAIN), "test": write_examples(data / "test.jsonl", TEST)}
+    (data / "keys.json").write_text(json.dumps({"fingerprints": {"train": "a", "validation": "b", "test": "c"},
+                                                "train": [e.key for e in TRAIN]}))
+    mlflow.create_experiment("systems", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("systems")
+    return config, {**files, "keys": str(data / "keys.json")}
+
+
+def candidate(name: str, weights: str, folder: str, recipe: Recipe, evidence: Evidence) -> dict:
+    return {"name": name, "system": recipe.describe(weights), "weights_dir": folder, "recipe": recipe,
+            "evidence": evidence, "score": sum(evidence.candidate.values()) / len(evidence.candidate)}
+
+
+def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(setting, tiny_model, store, home,
+                                                                          prefect_api, tmp_path):
+    from flows.deploy import deploy_stage
+    from flows.promote import promote_stage
+
+    config, data = setting
+    tuned = str(provision("tiny:1", store))  # stands in for fine-tuned weights
+    general = {"g": (right(50, 200), right(50, 200))}
+    prompt = Recipe.of(RETRIEVED, SYSTEM)
+    with mlflow.start_run() as parent:
+        # Round 1: retrieved shots on the base weights clearly beat the base zero-shot; fine-tuning does not beat
+        # the bar. The prompt system wins, is built with its pool and encoder, and is smoke-served.
+        first = promote_stage(config, "no-finetune-run", {"candidates": [
+            candidate("prompt", "base", tiny_model, prompt,
+                      Evidence("exact_match", right(60), right(20), "0-shot, chat", weights_changed=False)),
+            candidate("finetuned", "fine-tuned", tuned, Recipe(SYSTEM),
+                      Evidence("exact_match", right(35), right(60), "2 retrieved shots, chat", general=general)),
+        ]}, data, str(home), parent.info.run_id)
+        assert first["passed"], first["reasons"]
+        assert first["system"] == "base + 2 retrieved shots, chat" and "smoke test passed" in first["reasons"]
+        assert "the base weights, unchanged: nothing to forget" in first["reasons"]
+
+        # Round 2: the fine-tuned weights now win, also against the champion (the prompt system) on the same items.
+        second = promote_stage(config, "finetune-run", {"candidates": [
+            candidate("prompt", "base", tiny_model, prompt,
+                      Evidence("exact_match", right(60), right(20), "0-shot, chat", champion=right(60),
+                               champion_version=first["version"], weights_changed=False)),
+            candidate("finetuned", "fine-tuned", tuned, Recipe(SYSTEM),
+                      Evidence("exact_match", right(90), right(60), "2 retrieved shots, chat", champion=right(60),
+                               champion_version=first["version"], general=general)),
+        ]}, data, str(home), parent.info.run_id)
+    assert second["passed"] and second["system"] == "fine-tuned", second["reasons"]
+    client = MlflowClient()
+    assert client.get_model_version(NAME, first["version"]).tags["tuneline.system"] == "base + 2 retrieved shots, chat"
+    assert client.get_model_version(NAME, second["version"]).description == "System: fine-tuned."
+    assert registry.champion(NAME)[0] == second["version"]
+
+    # Rollback to the prompt system; the deploy stage rebuilds it from the registry alone and serves it.
+    registry.rollback(NAME, "prefer the prompt system")
+    try:
+        served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
+        assert served["served"] and served["model"] == f"{NAME}/{first['version']}"
+        assert served["system"] == "base + 2 retrieved shots, chat"
+        models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()["data"][0]
+        assert models["system"] == "base + 2 retrieved shots, chat"
+        # the served answers are what lm-eval produced for the same recipe in-process (greedy)
+        tasks_dir = runner.write_tasks("reviews", {"train": data["train"], "validation": data["test"],
+                                                   "test": data["test"]}, tmp_path / "tasks", 6)
+        runner.write_listed_tasks("reviews", attach_shots.fn(data["train"], {"test": data["test"]}, 2,
+                                                             str(tasks_dir)), tasks_dir, 6, "_retrieved")
+        model, tok = load(Path(tiny_model))
+        evaluated = runner.evaluate(model, tok, tasks_dir, "reviews_test_retrieved", system_prompt=SYSTEM, shots=2,
+                                    limit=3, batch_size=1)["samples"]
+        for sample in evaluated:
+            reply = packaging.chat.fn(served["url"], TEST[sample["doc_id"]].user, 6)
+            assert reply["choices"][0]["message"]["content"] == sample["response"]
+    finally:
+        stop_started("bento", Path(home))
+
+
+def test_a_version_missing_part_of_its_recipe_fails_the_build_naming_it(tiny_model, tmp_path, home):
+    train = write_examples(tmp_path / "train.jsonl", TRAIN)
+    system = tmp_path / "system"
+    write_recipe(Recipe.of(RETRIEVED, SYSTEM), system, train)
+    (system / POOL_FILE).unlink()
+    with pytest.raises(packaging.IncompleteSystem, match=r"systems-test v7: its retrieval pool "
+                                                         r"\(tuneline_pool.jsonl\) is missing from the version"):
+        packaging.build_bento.fn(tiny_model, NAME, "7", SYSTEM, recipe_dir=str(system))
+    other = tmp_path / "other"
+    write_recipe(Recipe(SYSTEM, True, "retrieved", 2, encoder=str(tmp_path / "no-encoder")), other, train)
+    with pytest.raises(packaging.IncompleteSystem, match=r"systems-test v8: the sentence encoder .*no-encoder.* "
+                                                         "is not installed here"):
+        packaging.build_bento.fn(tiny_model, NAME, "8", SYSTEM, recipe_dir=str(other))
