@@ -7,6 +7,11 @@ Run:  .venv/bin/python bench/serve_throughput.py [--model gguf:smollm2-135m-inst
 Each client sends requests one after another (a demo review, max_tokens 48, greedy) until the level has sent
 at least `--requests` (and every client at least one), so the concurrency holds for the whole measurement.
 Requests/s = all requests / wall time of the level.
+
+Retrieval: the same model served as a retrieval system (3 shots retrieved from a pool of `--pool` demo reviews
+by the bundled MiniLM encoder), one client at a time; the retrieval step alone (embed the question, score the
+pool, take the nearest, as the service does) is timed in-process over the same questions, and reported as its
+share of the request time. `--retrieval-only` skips the batching levels.
 """
 
 from __future__ import annotations
@@ -63,11 +68,43 @@ def measure(bento: str, batching: bool, prompts: list[str], args, home: Path) ->
         stop_started(name, home)
 
 
+def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, home: Path) -> dict:
+    import numpy as np  # noqa: PLC0415
+
+    from tasks.datasets import Example, write_examples  # noqa: PLC0415
+    from tasks.recipes import EMBEDDINGS_FILE, Recipe, write_recipe  # noqa: PLC0415
+    from tasks.retrieval import ENCODER, encoder  # noqa: PLC0415
+
+    pool_file = write_examples(home / "bench-pool.jsonl", [
+        Example(f"p{i}", SYSTEM, text, '{"sentiment": "neutral"}', "reviews") for i, text in enumerate(pool)])
+    recipe = write_recipe(Recipe(SYSTEM, True, "retrieved", 3, encoder=ENCODER), home / "bench-recipe", pool_file)
+    bento = packaging.build_bento.fn(model_dir, "bench", "1", SYSTEM, {"max_tokens": args.max_tokens}, str(recipe),
+                                     "base + 3 retrieved shots, chat")
+    os.environ["TUNELINE_BATCHING"] = "on"
+    url = packaging.serve.fn(bento, free_port(), str(home), name="bench-retrieval",
+                             feedback_db=str(home / "bench-answers.db"))
+    try:
+        asyncio.run(level(url, prompts, 1, 1, args.max_tokens))  # warm-up
+        served = asyncio.run(level(url, prompts, 1, args.requests, args.max_tokens))
+    finally:
+        stop_started("bench-retrieval", home)
+    vectors, model = np.load(Path(recipe) / EMBEDDINGS_FILE), encoder()
+    model.encode(prompts[:1], normalize_embeddings=True)  # warm-up
+    started = time.perf_counter()
+    for prompt in prompts[: args.requests]:
+        query = model.encode([prompt], normalize_embeddings=True)[0]
+        np.argsort(-(vectors @ query))[:3]
+    step = (time.perf_counter() - started) / args.requests
+    return {"p50": served["p50"], "retrieval_s": step, "share": step / served["p50"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gguf:smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=16, help="at least this many requests per level")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--pool", type=int, default=1200, help="examples in the retrieval pool")
+    parser.add_argument("--retrieval-only", action="store_true", help="skip the batching levels")
     args = parser.parse_args()
 
     home = configure_env()
@@ -75,7 +112,13 @@ def main() -> None:
     bento = packaging.build_bento.fn(str(model_dir), "bench", "0", SYSTEM, {"max_tokens": args.max_tokens})
     reviews = [json.loads(line)["review"] for line in (ROOT / "data" / "reviews.jsonl").read_text().splitlines()]
     prompts = [f"Review: {text}\nReturn the JSON." for text in reviews[:64]]
+    pool = [f"Review: {text}\nReturn the JSON." for text in reviews[64:64 + args.pool]]
 
+    found = retrieval_share(str(model_dir), prompts, pool, args, home)
+    print(f"model {args.model}, retrieval of 3 shots from {len(pool)} examples: {found['retrieval_s'] * 1000:.1f} ms "
+          f"a request, {100 * found['share']:.1f} % of the p50 request time ({found['p50']:.2f} s, one client)\n")
+    if args.retrieval_only:
+        return
     batched = measure(bento, True, prompts, args, home)
     sequential = measure(bento, False, prompts, args, home)
     print(f"model {args.model}, max_tokens {args.max_tokens}, at least {args.requests} requests per level\n")

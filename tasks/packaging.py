@@ -130,11 +130,12 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
 
 
 @task(name="chat-request", retries=2, retry_delay_seconds=2)
-def chat(url: str, content: str, max_tokens: int = 48) -> dict:
+def chat(url: str, content: str, max_tokens: int = 48, stop: list[str] | None = None) -> dict:
     """One chat request against the running service; the JSON reply."""
     key = os.environ.get("TUNELINE_API_KEY")
     response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {key}"} if key else {},
-                          json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+                          json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                                **({"stop": stop} if stop else {})})
     response.raise_for_status()
     return response.json()

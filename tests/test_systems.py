@@ -107,7 +107,8 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert served["system"] == "base + 2 retrieved shots, chat"
         models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()["data"][0]
         assert models["system"] == "base + 2 retrieved shots, chat"
-        # the served answers are what lm-eval produced for the same recipe in-process (greedy)
+        # the served answers are what lm-eval produced for the same recipe in-process (greedy; lm-eval stops a
+        # reply at a blank line, which a client asks for with `stop`)
         tasks_dir = runner.write_tasks("reviews", {"train": data["train"], "validation": data["test"],
                                                    "test": data["test"]}, tmp_path / "tasks", 6)
         runner.write_listed_tasks("reviews", attach_shots.fn(data["train"], {"test": data["test"]}, 2,
@@ -116,7 +117,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         evaluated = runner.evaluate(model, tok, tasks_dir, "reviews_test_retrieved", system_prompt=SYSTEM, shots=2,
                                     limit=3, batch_size=1)["samples"]
         for sample in evaluated:
-            reply = packaging.chat.fn(served["url"], TEST[sample["doc_id"]].user, 6)
+            reply = packaging.chat.fn(served["url"], TEST[sample["doc_id"]].user, 6, stop=["\n\n"])
             assert reply["choices"][0]["message"]["content"] == sample["response"]
     finally:
         stop_started("bento", Path(home))
