@@ -1,5 +1,6 @@
-"""Stage 6, evaluate: base, best prompt baseline, fine-tuned and current champion side by side on the unseen
-test split, plus the general benchmark for forgetting. A crashed evaluation is recorded, never hidden.
+"""Stage 6, evaluate: every candidate system (prompt recipe on the base weights, fine-tuned, fine-tuned with
+shots) beside the base, the bar and the champion on the unseen test split, item by item, plus the general suites
+for forgetting; the gate's evidence per candidate. A crashed evaluation is recorded, never hidden.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from mlflow import MlflowClient  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from evals import runner  # noqa: E402
+from evals.runner import write_listed_tasks  # noqa: E402
 from flows.config import LifecycleConfig, load_config  # noqa: E402
 from flows.data import general_suites, power, prepare  # noqa: E402
 from tasks import registry, tracking  # noqa: E402
-from evals.runner import write_listed_tasks  # noqa: E402
 from tasks.evidence import table  # noqa: E402
 from tasks.recipes import POOL_FILE, Recipe, read_recipe  # noqa: E402
 from tasks.retrieval import attach_fixed, attach_shots  # noqa: E402
@@ -194,9 +195,11 @@ def _champion_items(config: LifecycleConfig, results: dict, current: tuple | Non
     clean = {str(s["doc_id"]): float(s[config.gate.metric]) for s in samples if s["key"] not in seen}
     inside = len(samples) - len(clean)
     if inside and len(clean) < CLEAN_SHARE * len(samples):
-        return None, f"champion v{current[0]} not comparable: {inside} of {len(samples)} test items were in its training data"
+        return None, (f"champion v{current[0]} not comparable: {inside} of {len(samples)} test items were in its "
+                      "training data")
     if inside:
-        print(f"evaluate: champion v{current[0]} compared on {len(clean)} test items; {inside} were in its training data")
+        print(f"evaluate: champion v{current[0]} compared on {len(clean)} test items; {inside} were in its "
+              "training data")
     return clean, None
 
 

@@ -53,7 +53,8 @@ class Comparison:
     def as_row(self, system: str = "") -> str:
         """A markdown table row: [system |] rule | n | difference | interval | p | needed | outcome."""
         need = f"> {self.threshold:+.3f}" if self.direction == "above" else f"<= {self.threshold:+.3f}"
-        return (f"| {system + ' | ' if system else ''}{self.rule} | {self.n} | {self.difference:+.3f} | [{self.low:+.3f}, {self.high:+.3f}] | "
+        return (f"| {system + ' | ' if system else ''}{self.rule} | {self.n} | {self.difference:+.3f} | "
+                f"[{self.low:+.3f}, {self.high:+.3f}] | "
                 f"{self.p_value:.3g} | {'lower' if self.direction == 'above' else 'upper'} bound {need} | "
                 f"{'pass' if self.passed else 'FAIL'} |")
 

@@ -58,7 +58,8 @@ def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | 
 
 
 POOL = [Example(f"p{i}", SYSTEM, f"Review: {text}", answer, "reviews") for i, (text, answer) in enumerate([
-    ("The kettle leaks everywhere.", '{"sentiment": "negative"}'), ("Love these running shoes.", '{"sentiment": "positive"}'),
+    ("The kettle leaks everywhere.", '{"sentiment": "negative"}'),
+    ("Love these running shoes.", '{"sentiment": "positive"}'),
     ("The lamp flickers a lot.", '{"sentiment": "negative"}'), ("Great blender, smooth soups.", '{"sentiment": "positive"}'),
     ("My teapot leaks too.", '{"sentiment": "negative"}')])]
 

@@ -23,8 +23,8 @@ def config(tmp_path):
     """Short reports whose answer has a fixed form ("label: yes/no"): the random tiny model answers 0 % right
     before training and learns the form (and so the majority label at least) in 40 steps of full fine-tuning."""
     rng = random.Random(0)
-    rows = [{"text": f"The {rng.choice(NOUNS)} is {'great' if good else 'broken'} ({i})", "label": "yes" if good else "no"}
-            for i, good in enumerate(rng.random() < 0.5 for _ in range(400))]
+    rows = [{"text": f"The {rng.choice(NOUNS)} is {'great' if good else 'broken'} ({i})",
+             "label": "yes" if good else "no"} for i, good in enumerate(rng.random() < 0.5 for _ in range(400))]
     data = tmp_path / "reports.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())

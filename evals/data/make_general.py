@@ -87,7 +87,8 @@ def knowledge(rng: random.Random) -> list[dict]:
     items += [_mc(rng, f"What is the chemical symbol for {e}?", s, list(SYMBOLS.values())) for e, s in SYMBOLS.items()]
     items += [_mc(rng, f"What kind of animal is a {a}?", k,
                   ["a mammal", "a bird", "a fish", "a reptile", "an amphibian"]) for a, k in ANIMALS.items()]
-    items += [_mc(rng, f"On which continent is {c}?", k, sorted(set(CONTINENTS.values()))) for c, k in CONTINENTS.items()]
+    items += [_mc(rng, f"On which continent is {c}?", k, sorted(set(CONTINENTS.values())))
+              for c, k in CONTINENTS.items()]
     items += [_mc(rng, q, right, wrong) for q, right, wrong in FACTS]
     return rng.sample(items, PER_CATEGORY)
 
@@ -129,7 +130,8 @@ def arithmetic(rng: random.Random) -> list[dict]:
         name, thing = rng.choice(NAMES), rng.choice(ITEMS)
         a, b, c = rng.randint(5, 30), rng.randint(2, 20), rng.randint(1, 5)
         if i % 3 == 0:
-            question, right = f"{name} has {a} {thing}, buys {b} more and gives {c} away. How many {thing} are left?", a + b - c
+            question = f"{name} has {a} {thing}, buys {b} more and gives {c} away. How many {thing} are left?"
+            right = a + b - c
         elif i % 3 == 1:
             question, right = f"{name} fills {c} boxes with {b} {thing} each. How many {thing} is that in all?", b * c
         else:
