@@ -99,6 +99,9 @@ def lengths_stage(config: LifecycleConfig, splits: dict, model_dir: str, parent_
         mlflow.log_metric("over_long_removed", fitted["removed"])
         mlflow.log_figure(_length_plot(fitted["lengths"], config.finetune.max_seq_length),
                           "data_card/token_lengths.png")
+        publish("lengths", f"## Lengths with the chosen model\n\n{fitted['removed']} example(s) longer than max_tokens "
+                           "with its tokenizer and chat template left every split (data card: rejects.jsonl); "
+                           "the token-length histogram is in the MLflow run.")
         if fitted["removed"]:
             print(f"lengths: removed {fitted['removed']} over-long examples (see rejects.jsonl)")
     return fitted

@@ -126,7 +126,8 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 crashed={k: e for k, e in crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
             candidates.append({"name": name, "system": recipe.describe(weights), "weights_dir": folder,
                                "recipe": recipe, "evidence": evidence,
-                               "score": _mean(list((evidence.candidate or {}).values())) or 0.0})
+                               "score": _mean(list((evidence.candidate or {}).values())) or 0.0,
+                               "metrics": results[name]["metrics"] if name in results else {}})
 
         rows = {name: {**r["metrics"], "stderr": r["stderr"],
                        "general_acc": _mean([g["acc"] for g in general.get(name, {}).values()])}

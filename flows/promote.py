@@ -40,7 +40,8 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: dict, d
         chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c["score"])
         recipe_dir = write_recipe(chosen["recipe"], Path(data["keys"]).parent.parent / "systems" / chosen["name"],
                                   data["train"])
-        version = registry.register(name, chosen["weights_dir"], run.info.run_id, {config.gate.metric: chosen["score"]},
+        version = registry.register(name, chosen["weights_dir"], run.info.run_id,
+                                    chosen.get("metrics") or {config.gate.metric: chosen["score"]},
                                     config.gate.metric, data["keys"], str(recipe_dir), chosen["system"])
         evidence, bento = chosen["evidence"], None
         if config.gate.smoke_prompts and passing:

@@ -73,3 +73,14 @@ def test_cli_check_reports_one_line_and_exit_code_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(path)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {path}: gate.min_improvment: Extra inputs are not permitted"
+
+
+def test_cli_check_states_the_power_of_the_test_split_and_warns_naming_the_numbers():
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(ROOT / "configs" / "demo.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1] == ("power: 48 test items detect a gain of 0.254 in exact match (95 % confidence, 80 % power, "
+                        "bar at 0.50)")
+    assert lines[2].startswith("warning: gate.min_improvement +0.050 is below the smallest detectable gain 0.254 "
+                               "for 48 test items")

@@ -85,7 +85,8 @@ def stack(tmp_path_factory) -> Stack:
     demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
     demo["finetune"].update(max_steps=2, batch_size=4, max_seq_length=128)
     demo["evaluation"]["general_limit"] = 20
-    demo["gate"].update(min_improvement=-1.0, max_forgetting=1.0)  # random tiny weights: let the gate pass
+    # random tiny weights: let the gate pass (tests/test_lifecycle.py runs the gate's own rules on a learnable task)
+    demo["gate"].update(min_improvement=-1.0, champion_margin=1.0, max_forgetting=1.0)
     demo["deploy"]["port"] = free_port()
     demo["schedule"] = {"lifecycle": None, "feedback": "30 2 * * *", "timezone": "UTC"}
     config = home / "ops.yaml"
@@ -184,7 +185,7 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
     # The round's iteration is a second iteration: it scored the champion beside its model and replaced it.
     v2 = client.get_model_version_by_alias(MODEL, "champion")
     assert v2.version == "2" and v2.tags["tuneline.previous_champion"] == "1"
-    assert "not worse than the champion" in v2.tags["tuneline.reasons"]
+    assert "no worse than the champion v1" in v2.tags["tuneline.reasons"]
 
     again = stack.trigger(f"feedback/{NAME}")
     assert again["state"]["type"] == "COMPLETED"
