@@ -104,24 +104,22 @@ def gate(evidence: Evidence, rules: Rules) -> Decision:
     missing = [n for n, v in (("fine-tuned", evidence.candidate), ("baseline", evidence.bar)) if v is None]
     if missing:
         fail("missing evaluation: " + ", ".join(missing))
-    for c in found:
-        if c.rule == "vs bar":
-            (reasons.append if c.passed else fail)(
-                f"{'beats' if c.passed else 'not shown to beat'} the bar ({evidence.bar_name}) on "
-                f"{evidence.metric}: {c.describe()}")
-            if evidence.champion_note:
-                fail(evidence.champion_note)
-            elif evidence.champion_version is None:
-                reasons.append("no current champion")
-        elif c.rule.startswith("vs champion"):
-            (reasons.append if c.passed else fail)(
-                f"{'no worse than' if c.passed else 'not shown to be no worse than'} the champion "
-                f"v{evidence.champion_version} on {evidence.metric}: {c.describe()}")
-        else:
-            suite = c.rule.removeprefix("forgetting ")
-            (reasons.append if c.passed else fail)(
-                f"{'forgetting within the limit' if c.passed else 'may forget more than allowed'} on general suite "
-                f"{suite} (drop in accuracy): {c.describe()}")
+    for c in (c for c in found if c.rule == "vs bar"):
+        (reasons.append if c.passed else fail)(
+            f"{'beats' if c.passed else 'not shown to beat'} the bar ({evidence.bar_name}) on {evidence.metric}: "
+            f"{c.describe()}")
+    for c in (c for c in found if c.rule.startswith("vs champion")):
+        (reasons.append if c.passed else fail)(
+            f"{'no worse than' if c.passed else 'not shown to be no worse than'} the champion "
+            f"v{evidence.champion_version} on {evidence.metric}: {c.describe()}")
+    if evidence.champion_note:
+        fail(evidence.champion_note)
+    elif evidence.champion_version is None:
+        reasons.append("no current champion")
+    for c in (c for c in found if c.rule.startswith("forgetting ")):
+        (reasons.append if c.passed else fail)(
+            f"{'forgetting within the limit' if c.passed else 'may forget more than allowed'} on general suite "
+            f"{c.rule.removeprefix('forgetting ')} (drop in accuracy): {c.describe()}")
     if not evidence.weights_changed:
         reasons.append("the base weights, unchanged: nothing to forget")
     elif not evidence.general:
