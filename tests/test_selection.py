@@ -30,6 +30,13 @@ def test_choose_takes_the_best_score_and_breaks_ties_by_size():
     assert choose([row("a", 0.1, 1e6), row("b", 0.3, 9e9)], Budget())[0]["source"] == "b"
 
 
+def test_a_tie_on_the_metric_goes_to_the_model_that_finds_the_answers_more_likely():
+    rows = [{**row("smol", 0.0, 135e6), "likelihood": -1.37}, {**row("gemma", 0.0, 270e6), "likelihood": -0.9}]
+    best, reason = choose(rows, Budget())
+    assert best["source"] == "gemma" and "most likely (-0.900 log-probability per token)" in reason
+    assert choose([{**r, "likelihood": -1.0} for r in rows], Budget())[0]["source"] == "smol"  # then the size
+
+
 def test_choose_respects_the_budget_and_says_what_it_excluded():
     rows = [row("gemma", 0.5, 270e6, tokens_per_s=8.0), row("smol", 0.3, 135e6, tokens_per_s=20.0)]
     best, reason = choose(rows, Budget(max_parameters=200_000_000))
