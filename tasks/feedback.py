@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.local import state_dir
-from tasks.datasets import Example, write_examples
+from tasks.datasets import Example, example_key, normalise, write_examples
 
 
 def feedback_db() -> Path:
@@ -48,7 +48,7 @@ def harvest(db_path: str | Path, since_id: int = 0, approve_at: int | None = Non
         turns = json.loads(messages)
         system = next((m["content"] for m in turns if m["role"] == "system"), "")
         user = next(m["content"] for m in reversed(turns) if m["role"] == "user")
-        examples.append(Example(f"feedback-{fid}", system, user, target, task))
+        examples.append(Example(f"feedback-{fid}", system, user, target, task, example_key(normalise(user))))
     return Harvest(examples, max((row[0] for row in rows), default=since_id), skipped)
 
 

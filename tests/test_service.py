@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from infra.local import free_port, stop_started
 from tasks import packaging
+from tasks.datasets import example_key, normalise
 
 KEY = "test-key-123"
 SYSTEM = "You answer briefly."
@@ -159,8 +160,8 @@ def test_feedback_round_trip_into_a_training_dataset(client, service, tmp_path, 
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     mine = [r for r in rows if r["user"] == "Review: the lid broke"]
-    assert mine == [{"id": mine[0]["id"], "system": SYSTEM, "user": "Review: the lid broke",
-                     "assistant": correction, "task": "feedback"}]
+    assert mine == [{"id": mine[0]["id"], "system": SYSTEM, "user": "Review: the lid broke", "assistant": correction,
+                     "task": "feedback", "key": example_key(normalise("Review: the lid broke"))}]
     assert not any(r["user"] == "Review: lovely mug" for r in rows)  # approved, but not asked for
 
     result = CliRunner().invoke(app, ["feedback", "export", str(out), "--approve-at", "4"])
