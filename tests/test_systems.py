@@ -85,6 +85,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert "the base weights, unchanged: nothing to forget" in first["reasons"]
 
         # Round 2: the fine-tuned weights now win, also against the champion (the prompt system) on the same items.
+        config.gate.smoke_prompts = 0  # round 1 served and smoke-tested a Bento already; this one need not
         second = promote_stage(config, "finetune-run", {"candidates": [
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", champion=right(60),
