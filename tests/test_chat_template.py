@@ -60,12 +60,12 @@ def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | 
 POOL = [Example(f"p{i}", SYSTEM, f"Review: {text}", answer, "reviews") for i, (text, answer) in enumerate([
     ("The kettle leaks everywhere.", '{"sentiment": "negative"}'),
     ("Love these running shoes.", '{"sentiment": "positive"}'),
-    ("The lamp flickers a lot.", '{"sentiment": "negative"}'), ("Great blender, smooth soups.", '{"sentiment": "positive"}'),
+    ("The lamp flickers a lot.", '{"sentiment": "negative"}'),
+    ("Great blender, smooth soups.", '{"sentiment": "positive"}'),
     ("My teapot leaks too.", '{"sentiment": "negative"}')])]
 
 
-@pytest.mark.parametrize("shots", ["fixed", "retrieved"])
-@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize(("shots", "chat"), [("retrieved", True), ("fixed", False)])  # each kind, each mode
 def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_served(tiny_model, tmp_path, shots, chat):
     model, tok = load(Path(tiny_model))
     train = write_examples(tmp_path / "train.jsonl", POOL)

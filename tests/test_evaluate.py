@@ -50,3 +50,44 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     assert {"report/report.md", "report/comparison.png", "report/wins_losses.jsonl"} <= artifacts
     report_md = mlflow.artifacts.load_text(f"runs:/{stage.info.run_id}/report/report.md")
     assert "Crashed evaluations" in report_md and "finetuned" in report_md
+
+
+def test_the_champion_is_compared_only_on_test_items_it_never_trained_on(mlflow_sqlite, tmp_path):
+    import json
+
+    from flows.evaluate import _champion_items
+    from tasks import registry
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model = "overlap-model"
+    mlflow.create_experiment("overlap", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("overlap")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    keys = tmp_path / "data" / "keys.json"
+    keys.parent.mkdir()
+    keys.write_text(json.dumps({"fingerprints": {"train": "a", "validation": "b", "test": "c"},
+                                "train": [f"k{i}" for i in range(10)]}))
+    with mlflow.start_run() as run:
+        trained = registry.register.fn("overlap-model", str(folder), run.info.run_id, {}, "exact_match", str(keys))
+    with mlflow.start_run() as run:
+        unknown = registry.register.fn("overlap-model", str(folder), run.info.run_id, {}, "exact_match")
+
+    def scored(test_keys: list[str]) -> dict:
+        return {"champion": {"samples": [{"doc_id": i, "key": k, "exact_match": 1.0} for i, k in enumerate(test_keys)]}}
+
+    # 2 of 20 test items were in its training split: it is compared on the other 18
+    items, note = _champion_items(config, scored(["k0", "k1"] + [f"t{i}" for i in range(18)]), (trained, 0.5))
+    assert note is None and set(items) == {str(i) for i in range(2, 20)}
+    # 10 of 20: too few clean items left to tell; the gate fails the champion rule with this reason
+    items, note = _champion_items(config, scored([f"k{i}" for i in range(10)] + [f"t{i}" for i in range(10)]),
+                                  (trained, 0.5))
+    assert items is None
+    assert note == f"champion v{trained} not comparable: 10 of 20 test items were in its training data"
+    decision = registry.gate(registry.Evidence("exact_match", {"0": 1.0}, {"0": 0.0}, champion_note=note,
+                                               champion_version=trained, general={"g": ({"0": 1.0}, {"0": 1.0})}),
+                             registry.Rules(require_smoke=False))
+    assert not decision.passed and note in decision.reasons
+    # a version whose training split was never recorded cannot be compared either
+    assert "its training split was not recorded" in _champion_items(config, scored(["t0"]), (unknown, 0.5))[1]

@@ -1,7 +1,7 @@
 """The lifecycle end to end with the gate on: a task the tiny model truly learns in a few dozen steps, so a real
 pass goes through the paired statistics, the smoke test and `champion`; then a real failure (the same model
-again cannot be shown to be no worse than itself) and a champion that is not comparable on a re-split test
-set, each recorded with its interval. Real ephemeral Prefect, MLflow on SQLite, lm-eval, `bentoml serve`."""
+again cannot be shown to be no worse than itself), recorded with its interval. (A champion that trained on
+today's test items: tests/test_evaluate.py.) Real ephemeral Prefect, MLflow on SQLite, lm-eval, `bentoml serve`."""
 
 from __future__ import annotations
 
@@ -68,14 +68,4 @@ def test_the_gate_passes_on_evidence_then_rejects_with_intervals(config, home, p
     assert any(r.startswith(f"not shown to be no worse than the champion v{first['version']} on exact_match: "
                             "n=48, difference +0.000, 90 % interval [+0.000, +0.000]") for r in second["reasons"])
     assert client.get_model_version(MODEL, second["version"]).tags["tuneline.decision"] == "fail"
-    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first["version"]
-
-    # Re-split with another seed: most new test items were in the champion's training split.
-    changed = yaml.safe_load(config.read_text())
-    changed["data"]["seed"] = 99
-    config.write_text(yaml.safe_dump(changed))
-    third = lifecycle(str(config))["promotion"]
-    assert not third["passed"]
-    assert any(f"champion v{first['version']} not comparable: " in r and "of 48 test items were in its training data"
-               in r for r in third["reasons"]), third["reasons"]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first["version"]
