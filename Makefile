@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tuneline-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-# Telemetry off everywhere (STACK.md); the offline model path never calls the Hugging Face hub.
+# Telemetry off everywhere (each of these libraries makes outbound lookups unless told not to); the offline
+# model path never calls the Hugging Face hub.
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

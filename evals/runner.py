@@ -1,6 +1,6 @@
 """lm-eval over an already-loaded model: generated task YAMLs with absolute data paths, chat-formatted prompts.
 
-lm-eval resolves `data_files` against the current directory, not the YAML (STACK.md), so the per-run YAMLs
+lm-eval resolves `data_files` against the current directory, not the YAML file, so the per-run YAMLs
 are written with absolute paths; their shared parts come from evals/tasks/chat_answer.yaml via `include:`.
 """
 

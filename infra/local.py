@@ -20,7 +20,7 @@ import httpx
 
 HOST = "127.0.0.1"
 
-# Every outbound lookup these libraries make unless told not to (STACK.md).
+# Every outbound lookup these libraries make unless told not to.
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -131,7 +131,7 @@ def stop_started(name: str, home: Path) -> str:
             break
         time.sleep(0.2)
     else:
-        os.killpg(pid, signal.SIGKILL)  # a Prefect worker has been seen ignoring SIGTERM (STACK.md)
+        os.killpg(pid, signal.SIGKILL)  # a Prefect process worker has been seen ignoring SIGTERM and SIGINT
     try:  # when this process started it, reap it so no zombie is left behind
         os.waitpid(pid, 0)
     except ChildProcessError:

@@ -197,7 +197,7 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
 # ------------------------------------------------------------------------------------------- the UIs, in Chromium
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    """Debian's headless Chromium through its chromedriver (flags from STACK.md: no background networking)."""
+    """Debian's headless Chromium through its chromedriver (no background networking: the network is closed)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

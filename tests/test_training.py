@@ -49,7 +49,8 @@ def test_packing_trains_on_packed_sequences(tiny_model, train_file, tmp_path):
 
 
 def test_registered_model_reloads_with_identical_outputs(tiny_model, train_file, tmp_path, mlflow_sqlite):
-    """STACK.md: a PEFT model logged over a local base reloads corrupted; the merged folder must round-trip."""
+    """A PEFT model logged over a local base folder reloads with reinitialised base weights (MLflow 3.17); the
+    merged folder must round-trip exactly."""
     import mlflow
 
     from tasks import registry
