@@ -37,8 +37,9 @@ browser:
 	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }; }
 
+# The candidate models are provisioned (converted from their GGUF files) while the stack starts.
 demo: install
-	$(VENV)/bin/tuneline up
+	$(VENV)/bin/tuneline pull configs/demo.yaml & pull=$$!; $(VENV)/bin/tuneline up && wait $$pull
 	$(VENV)/bin/tuneline run configs/demo.yaml --serve
 
 test: install browser

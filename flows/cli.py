@@ -81,6 +81,18 @@ def check(config: Path) -> None:
 
 
 @app.command()
+def pull(config: Path) -> None:
+    """Provision the config's candidate models into the model store ahead of a run (the GGUF conversion, or
+    the hub download), so the lifecycle's select stage finds them ready. Nothing else is started."""
+    cfg = _config(config)
+    from tasks.models import provision  # noqa: PLC0415 - transformers only when there is work to do
+
+    store = local.configure_env() / "models"
+    for source in cfg.models.candidates:
+        typer.echo(f"{source}: {provision(source, store)}")
+
+
+@app.command()
 def run(config: Path, serve: bool = typer.Option(None, "--serve/--no-serve", help="override deploy.serve")) -> None:
     """Run one lifecycle iteration against the local stack (start it first with `tuneline up`)."""
     _config(config)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import bentoml
+import numpy as np
 from bentoml.models import BentoModel
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -282,7 +283,6 @@ class Chat:
         path = folder / RECIPE_FILE
         recipe = json.loads(path.read_text()) if path.is_file() else {"chat": True, "shots": "none", "k": 0}
         if recipe["shots"] == "retrieved":
-            import numpy as np
             from sentence_transformers import SentenceTransformer
 
             recipe["pool"] = [json.loads(line) for line in (folder / POOL_FILE).read_text().splitlines()]
@@ -299,8 +299,8 @@ class Chat:
         if recipe["shots"] != "retrieved":
             return []
         query = recipe["encoder"].encode([question], normalize_embeddings=True)[0]
-        nearest = sorted(range(len(recipe["pool"])), key=lambda i: -float(recipe["vectors"][i] @ query))[: recipe["k"]]
-        return [recipe["pool"][i] for i in reversed(nearest)]
+        nearest = np.argsort(-(recipe["vectors"] @ query), kind="stable")[: recipe["k"]]  # as tasks/retrieval.py
+        return [recipe["pool"][i] for i in reversed(nearest.tolist())]
 
     def _render(self, messages: list[dict]) -> tuple[str, list[dict]]:
         """The request as evaluation rendered the recipe's prompts. Chat: the system prompt (the trained one

@@ -75,15 +75,22 @@ def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: 
     """`bentoml serve` the Bento on 127.0.0.1, replacing the process this project started under `name`.
 
     Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db."""
+    return _ready(*_launch(bento_tag, port, home, name, feedback_db), timeout_s)
+
+
+def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | None
+            ) -> tuple[str, subprocess.Popen, Path, str]:
     home_path = Path(home)
     stop_started(name, home_path)
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
     env = {"TUNELINE_FEEDBACK_DB": str(home_path.resolve() / "feedback.db"), **os.environ}
     if feedback_db:
         env["TUNELINE_FEEDBACK_DB"] = feedback_db
-    proc = spawn(name, cmd, env, home_path, cwd=home_path)
-    url = f"http://{HOST}:{port}"
+    return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"
 
+
+def _ready(name: str, proc: subprocess.Popen, home_path: Path, url: str, timeout_s: float = 180.0) -> str:
+    """Wait until the launched service answers /readyz; its URL."""
     def ready() -> bool:
         try:
             return httpx.get(url + "/readyz", timeout=2).status_code == 200
@@ -114,16 +121,18 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
 
     Returns one line per prompt answered differently (empty: the service is faithful to the system).
     """
-    url = serve.fn(bento_tag, port, home, name="bento-smoke", feedback_db=str(Path(home) / "smoke-answers.db"))
+    launched = _launch(bento_tag, port, home, "bento-smoke", str(Path(home) / "smoke-answers.db"))
     try:
+        # the references first, while the service starts: on a small machine both take tens of seconds
         model, tokenizer = load(Path(model_dir))
         recipe = read_recipe(recipe_dir) if recipe_dir else Recipe(system_prompt)
+        expected = [in_process_reply(model, tokenizer, recipe, recipe_dir or model_dir, c, max_tokens) for c in prompts]
+        url = _ready(*launched)
         failures = []
-        for content in prompts:
-            expected = in_process_reply(model, tokenizer, recipe, recipe_dir or model_dir, content, max_tokens)
+        for content, reference in zip(prompts, expected):
             served = chat.fn(url, content, max_tokens)["choices"][0]["message"]["content"]
-            if served != expected:
-                failures.append(f"{content[:60]!r}: served {served[:60]!r} != in-process {expected[:60]!r}")
+            if served != reference:
+                failures.append(f"{content[:60]!r}: served {served[:60]!r} != in-process {reference[:60]!r}")
         return failures
     finally:
         stop_started("bento-smoke", Path(home))

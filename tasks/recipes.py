@@ -13,7 +13,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.retrieval import ENCODER, nearest, shot
+import numpy as np
+
+from tasks.datasets import read_examples
+from tasks.retrieval import ENCODER, embed, rank, shot
 
 RECIPE_FILE = "tuneline_recipe.json"
 POOL_FILE = "tuneline_pool.jsonl"
@@ -59,17 +62,11 @@ def write_recipe(recipe: Recipe, out_dir: str | Path, pool_path: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2, ensure_ascii=False))
     if recipe.shots == "retrieved":
-        import numpy as np  # noqa: PLC0415
-
-        from tasks.datasets import read_examples  # noqa: PLC0415
-        from tasks.retrieval import encoder  # noqa: PLC0415
-
         if pool_path is None:
             raise ValueError("a retrieval recipe needs its example pool (the training split)")
         pool = [shot(e) for e in read_examples(pool_path)]
         (out / POOL_FILE).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in pool))
-        vectors = encoder().encode([s["user"] for s in pool], normalize_embeddings=True)
-        np.save(out / EMBEDDINGS_FILE, np.asarray(vectors, dtype=np.float32))
+        np.save(out / EMBEDDINGS_FILE, embed([s["user"] for s in pool]))  # the ones evaluation ranked by
     return out
 
 
@@ -91,7 +88,8 @@ def shots_for(recipe: Recipe, folder: str | Path, question: str) -> list[dict]:
     if recipe.shots != "retrieved":
         return []
     pool = [json.loads(line) for line in (Path(folder) / POOL_FILE).read_text(encoding="utf-8").splitlines()]
-    return [pool[i] for i in reversed(nearest.fn([s["user"] for s in pool], [question], recipe.k)[0])]
+    vectors = np.load(Path(folder) / EMBEDDINGS_FILE)  # the embeddings the service ranks by, not recomputed
+    return [pool[i] for i in reversed(rank(vectors, embed.fn([question]), recipe.k)[0])]
 
 
 def prompt_text(tokenizer, recipe: Recipe, question: str, shots: list[dict]) -> str:

@@ -48,11 +48,11 @@ def test_k_shot_prompts_hold_the_same_k_shots_from_the_train_split_only(tiny_mod
         assert ("<|im_start|>system\nsys" in prompt) == chat  # plain text has neither template nor system prompt
 
 
-def test_nearest_ranks_by_meaning():
+def test_nearest_ranks_by_meaning(prefect_api):
     pool = ["the kettle leaks water everywhere", "great running shoes, very light", "my teapot is leaking",
             "the phone battery dies by noon"]
-    assert [sorted(hits) for hits in nearest.fn(pool, ["kettle leaking", "shoes for jogging"], 2)][0] == [0, 2]
-    assert nearest.fn(pool, ["shoes for jogging"], 1) == [[1]]
+    assert [sorted(hits) for hits in nearest(pool, ["kettle leaking", "shoes for jogging"], 2)][0] == [0, 2]
+    assert nearest(pool, ["shoes for jogging"], 1) == [[1]]
 
 
 def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, prefect_api):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def test_cli_check_states_the_power_of_the_test_split_and_warns_naming_the_numbe
                         "bar at 0.50)")
     assert lines[2].startswith("warning: gate.min_improvement +0.050 is below the smallest detectable gain 0.254 "
                                "for 48 test items")
+
+
+def test_cli_pull_provisions_the_candidates_into_the_store_the_lifecycle_reads(tmp_path):
+    from tasks.models import META_FILE, store_key
+
+    path = write(tmp_path, lambda c: c["models"].update(candidates=["tiny:3"]))
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "pull", str(path)], capture_output=True, text=True,
+                          env={**os.environ, "TUNELINE_HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"tiny:3: {home / 'models' / store_key('tiny:3')}"
+    assert (home / "models" / store_key("tiny:3") / META_FILE).is_file()

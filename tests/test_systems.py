@@ -1,6 +1,6 @@
 """Systems (weights + prompt recipe) through promote, the registry and the service: the gate promotes whichever
 kind wins, a recipe system is registered, rebuilt from the registry and served answering exactly as lm-eval did,
-rollback crosses kinds, and a version missing a part of its recipe fails the build naming it.
+rollback and manual promotion cross kinds, and a version missing a part of its recipe fails the build naming it.
 
 The gate's evidence here is constructed (per-item scores chosen so that one candidate wins); the rest is real:
 MLflow on SQLite, the Bento built and served by `bentoml serve`, lm-eval, the MiniLM encoder."""
@@ -22,7 +22,7 @@ from tasks.datasets import Example, write_examples
 from tasks.models import load, provision
 from tasks.recipes import POOL_FILE, Recipe, write_recipe
 from tasks.registry import Evidence
-from tasks.retrieval import attach_shots
+from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
 from tests.conftest import ROOT
 
 NAME = "systems-test"
@@ -35,6 +35,7 @@ TEST = [Example(f"q{i}", SYSTEM, f"Review: {text}", label, "reviews", f"q{i}") f
     ("The mug leaks at the handle.", "negative"), ("These shoes are wonderful.", "positive"),
     ("The desk lamp is too dim.", "negative")])]
 RETRIEVED = {"name": "2 retrieved shots, chat", "kind": "retrieved", "shots": 2, "suffix": "_retrieved", "chat": True}
+FIXED = {"name": "2-shot, plain", "kind": "fixed", "shots": 2, "suffix": "_fixed2", "chat": False}
 
 
 def right(k: int, n: int = 100) -> dict[str, float]:
@@ -70,7 +71,8 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
     config, data = setting
     tuned = str(provision("tiny:1", store))  # stands in for fine-tuned weights
     general = {"g": (right(50, 200), right(50, 200))}
-    prompt = Recipe.of(RETRIEVED, SYSTEM)
+    prompt, fixed = Recipe.of(RETRIEVED, SYSTEM), pick_fixed(data["train"], 2, seed=13)
+    tuned_fixed = Recipe.of(FIXED, SYSTEM, {2: fixed})
     with mlflow.start_run() as parent:
         # Round 1: retrieved shots on the base weights clearly beat the base zero-shot; fine-tuning does not beat
         # the bar. The prompt system wins, is built with its pool and encoder, and is smoke-served.
@@ -84,23 +86,31 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert first["system"] == "base + 2 retrieved shots, chat" and "smoke test passed" in first["reasons"]
         assert "the base weights, unchanged: nothing to forget" in first["reasons"]
 
-        # Round 2: the fine-tuned weights now win, also against the champion (the prompt system) on the same items.
+        # Round 2: the fine-tuned weights (with 2 fixed shots, plain text) now win, also against the champion (the
+        # prompt system) on the same items.
         config.gate.smoke_prompts = 0  # round 1 served and smoke-tested a Bento already; this one need not
         second = promote_stage(config, "finetune-run", {"candidates": [
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", champion=right(60),
                                champion_version=first["version"], weights_changed=False)),
-            candidate("finetuned", "fine-tuned", tuned, Recipe(SYSTEM),
+            candidate("finetuned", "fine-tuned", tuned, tuned_fixed,
                       Evidence("exact_match", right(90), right(60), "2 retrieved shots, chat", champion=right(60),
                                champion_version=first["version"], general=general)),
         ]}, data, str(home), parent.info.run_id)
-    assert second["passed"] and second["system"] == "fine-tuned", second["reasons"]
+    assert second["passed"] and second["system"] == "fine-tuned + 2 fixed shots, plain", second["reasons"]
     client = MlflowClient()
     assert client.get_model_version(NAME, first["version"]).tags["tuneline.system"] == "base + 2 retrieved shots, chat"
-    assert client.get_model_version(NAME, second["version"]).description == "System: fine-tuned."
+    assert client.get_model_version(NAME, second["version"]).description == "System: fine-tuned + 2 fixed shots, plain."
     assert registry.champion(NAME)[0] == second["version"]
 
-    # Rollback to the prompt system; the deploy stage rebuilds it from the registry alone and serves it.
+    # Rollback to the prompt system, then back by hand to the fine-tuned one: each time the deploy stage rebuilds
+    # the system from the registry alone and serves it answering as lm-eval did in-process.
+    tasks_dir = runner.write_tasks("reviews", {"train": data["train"], "validation": data["test"],
+                                               "test": data["test"]}, tmp_path / "tasks", 6)
+    runner.write_listed_tasks("reviews", attach_shots.fn(data["train"], {"test": data["test"]}, 2, str(tasks_dir)),
+                              tasks_dir, 6, "_retrieved")
+    runner.write_listed_tasks("reviews", attach_fixed.fn(fixed, {"test": data["test"]}, str(tasks_dir), "fixed2"),
+                              tasks_dir, 6, "_fixed2")
     registry.rollback(NAME, "prefer the prompt system")
     try:
         served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
@@ -108,23 +118,30 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert served["system"] == "base + 2 retrieved shots, chat"
         models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()["data"][0]
         assert models["system"] == "base + 2 retrieved shots, chat"
-        # the served answers are what lm-eval produced for the same recipe in-process (greedy; lm-eval stops a
-        # reply at a blank line, which a client asks for with `stop`)
-        tasks_dir = runner.write_tasks("reviews", {"train": data["train"], "validation": data["test"],
-                                                   "test": data["test"]}, tmp_path / "tasks", 6)
-        runner.write_listed_tasks("reviews", attach_shots.fn(data["train"], {"test": data["test"]}, 2,
-                                                             str(tasks_dir)), tasks_dir, 6, "_retrieved")
-        model, tok = load(Path(tiny_model))
-        evaluated = runner.evaluate(model, tok, tasks_dir, "reviews_test_retrieved", system_prompt=SYSTEM, shots=2,
-                                    limit=3, batch_size=1)["samples"]
-        for sample in evaluated:
-            reply = packaging.chat.fn(served["url"], TEST[sample["doc_id"]].user, 6, stop=["\n\n"])
-            assert reply["choices"][0]["message"]["content"] == sample["response"]
+        assert_served_as_evaluated(served["url"], tiny_model, tasks_dir, "reviews_test_retrieved", chat=True)
+
+        registry.promote_manually(NAME, second["version"], "back to the fine-tuned system")
+        served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
+        assert served["model"] == f"{NAME}/{second['version']}"
+        assert served["system"] == "fine-tuned + 2 fixed shots, plain"
+        assert_served_as_evaluated(served["url"], tuned, tasks_dir, "reviews_test_fixed2", chat=False)
     finally:
         stop_started("bento", Path(home))
 
 
-def test_a_version_missing_part_of_its_recipe_fails_the_build_naming_it(tiny_model, tmp_path, home):
+def assert_served_as_evaluated(url: str, weights: str, tasks_dir: Path, task: str, chat: bool) -> None:
+    """The served answers are what lm-eval produced for the same recipe in-process (greedy; lm-eval stops a reply
+    at a blank line, which a client asks for with `stop`)."""
+    model, tok = load(Path(weights))
+    evaluated = runner.evaluate(model, tok, tasks_dir, task, system_prompt=SYSTEM, shots=2, chat=chat, limit=3,
+                                batch_size=1)["samples"]
+    assert len(evaluated) == len(TEST)
+    for sample in evaluated:
+        reply = packaging.chat.fn(url, TEST[sample["doc_id"]].user, 6, stop=["\n\n"])
+        assert reply["choices"][0]["message"]["content"] == sample["response"], task
+
+
+def test_a_version_missing_part_of_its_recipe_fails_the_build_naming_it(tiny_model, tmp_path, home, prefect_api):
     train = write_examples(tmp_path / "train.jsonl", TRAIN)
     system = tmp_path / "system"
     write_recipe(Recipe.of(RETRIEVED, SYSTEM), system, train)
