@@ -42,7 +42,10 @@ demo: install
 	$(VENV)/bin/tuneline pull configs/demo.yaml & pull=$$!; $(VENV)/bin/tuneline up && wait $$pull
 	$(VENV)/bin/tuneline run configs/demo.yaml --serve
 
+# Lint (ruff's stated rule set) and the import layers (pyproject's import-linter contracts) first: seconds.
 test: install browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -x -q tests -m "not integration and not faults"
 
 test-faults: install

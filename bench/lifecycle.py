@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from flows.config import load_config
+from infra import local
+from tasks.processes import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("data", "select", "baseline", "finetune", "evaluate", "promote", "deploy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stage_seconds(client, run_id: str) -> dict[str, float]:
@@ -47,14 +43,11 @@ def main() -> None:
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
-    sys.path.insert(0, str(ROOT))
     os.environ.update(TUNELINE_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-                      TUNELINE_PREFECT_PORT=str(_free_port()), TUNELINE_MLFLOW_PORT=str(_free_port()))
-    from flows.config import load_config  # noqa: PLC0415
-    from infra import local  # noqa: PLC0415 - reads the ports above at import
+                      TUNELINE_PREFECT_PORT=str(free_port()), TUNELINE_MLFLOW_PORT=str(free_port()))
 
     config = load_config(args.config)  # paths resolved; served on a free port, beside any demo already running
-    config.deploy.port = _free_port()
+    config.deploy.port = free_port()
     config_path = home / "bench.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     local.configure_env(home)
@@ -64,11 +57,10 @@ def main() -> None:
     stack_s = time.perf_counter() - started
     os.environ.update(local.client_env())
     try:
-        from mlflow import MlflowClient  # noqa: PLC0415 - after MLFLOW_TRACKING_URI is set
+        from mlflow import MlflowClient  # after MLFLOW_TRACKING_URI is set
 
-        from flows.lifecycle import lifecycle  # noqa: PLC0415
-
-        from tasks.models import provision  # noqa: PLC0415
+        from flows.lifecycle import lifecycle
+        from tasks.models import provision
 
         started = time.perf_counter()
         for source in config.models.candidates:
@@ -85,7 +77,7 @@ def main() -> None:
                            "gate": summary["promotion"]["passed"], "test": summary["test"]}
             print(f"{label}: {wall:.0f}s, stages {({k: round(v) for k, v in stages.items()})}")
     finally:
-        from prefect.logging.handlers import APILogHandler  # noqa: PLC0415
+        from prefect.logging.handlers import APILogHandler
 
         APILogHandler().flush()  # else the last run logs are sent at exit, to a stopped server
         for line in local.down(home):
@@ -99,7 +91,8 @@ def main() -> None:
         cells = " | ".join(f"{row['stages_s'].get(s, 0):.0f}s" for s in STAGES)
         print(f"| {label} | {row['wall_s'] / 60:.1f} min | {cells} | {row['overhead']:.1%} |")
     cold, warm = rows["cold"]["wall_s"], rows["warm"]["wall_s"]
-    print(f"\ncold {cold / 60:.1f} min (goal <= 10), warm {warm / 60:.1f} min (goal <= 5), warm/cold {warm / cold:.2f}; "
+    print(f"\ncold {cold / 60:.1f} min (goal <= 10), warm {warm / 60:.1f} min (goal <= 5), "
+          f"warm/cold {warm / cold:.2f}; "
           f"a machine's first run, provisioning included: {(provision_s + cold) / 60:.1f} min")
     if args.json:
         Path(args.json).write_text(json.dumps({"stack_s": stack_s, "provision_s": provision_s, **rows}, indent=2,

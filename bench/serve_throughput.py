@@ -24,13 +24,15 @@ import statistics
 import time
 from pathlib import Path
 
+# ruff: noqa: E402 (the imports below come after the offline switch, read when transformers is imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
+import httpx
 
-from infra.local import configure_env, free_port, stop_started  # noqa: E402
-from tasks import packaging  # noqa: E402
-from tasks.models import provision  # noqa: E402
+from tasks import packaging
+from tasks.models import provision
+from tasks.paths import configure_env
+from tasks.processes import free_port, stop_started
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "Extract product, sentiment, rating and issue from the review. Answer with JSON only."
@@ -69,11 +71,11 @@ def measure(bento: str, batching: bool, prompts: list[str], args, home: Path) ->
 
 
 def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, home: Path) -> dict:
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
-    from tasks.datasets import Example, write_examples  # noqa: PLC0415
-    from tasks.recipes import EMBEDDINGS_FILE, Recipe, write_recipe  # noqa: PLC0415
-    from tasks.retrieval import ENCODER, encoder  # noqa: PLC0415
+    from tasks.datasets import Example, write_examples
+    from tasks.recipes import EMBEDDINGS_FILE, Recipe, write_recipe
+    from tasks.retrieval import ENCODER, encoder, rank
 
     pool_file = write_examples(home / "bench-pool.jsonl", [
         Example(f"p{i}", SYSTEM, text, '{"sentiment": "neutral"}', "reviews") for i, text in enumerate(pool)])
@@ -92,8 +94,7 @@ def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, h
     model.encode(prompts[:1], normalize_embeddings=True)  # warm-up
     started = time.perf_counter()
     for prompt in prompts[: args.requests]:
-        query = model.encode([prompt], normalize_embeddings=True)[0]
-        np.argsort(-(vectors @ query))[:3]
+        rank(vectors, model.encode([prompt], normalize_embeddings=True), 3)
     step = (time.perf_counter() - started) / args.requests
     return {"p50": served["p50"], "retrieval_s": step, "share": step / served["p50"]}
 

@@ -17,16 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
+# ruff: noqa: E402 (the imports below come after the offline switch, read when transformers is imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+import torch
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
 
-from tasks.datasets import TaskSpec, prepare_data, read_examples  # noqa: E402
-from tasks.models import load, provision  # noqa: E402
-from tasks.training import TrainSpec, conversational, train  # noqa: E402
+from tasks.datasets import TaskSpec, prepare_data, read_examples
+from tasks.models import load, provision
+from tasks.training import TrainSpec, conversational, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,12 +38,16 @@ PRODUCTS = {
 
 # issue label -> phrases that describe it (the label itself rarely appears verbatim)
 ISSUES = {
-    "battery life": ["the battery dies after a couple of hours", "it needs charging every day", "battery drains way too fast"],
+    "battery life": [
+        "the battery dies after a couple of hours", "it needs charging every day", "battery drains way too fast"
+    ],
     "build quality": ["it feels flimsy", "a part snapped off in the first week", "the plastic already cracked"],
     "late delivery": ["it arrived two weeks late", "shipping took forever", "delivery was delayed three times"],
     "wrong size": ["it runs a size small", "the fit is way off", "sizing is nothing like the chart"],
     "too noisy": ["it is incredibly loud", "the noise is unbearable", "it rattles and whines constantly"],
-    "missing parts": ["a piece was missing from the box", "it came without the cable", "half the accessories were not included"],
+    "missing parts": [
+        "a piece was missing from the box", "it came without the cable", "half the accessories were not included"
+    ],
     "overheating": ["it gets dangerously hot", "it overheats after ten minutes", "the base becomes too hot to touch"],
 }
 
@@ -57,8 +61,14 @@ RATING_WORDS = {
 }
 SENTIMENT = {5: "positive", 4: "positive", 3: "neutral", 2: "negative", 1: "negative"}
 
-OPENERS = ["", "", "Ok so ", "Honestly, ", "Update: ", "Long story short, ", "Bought this for my sister. ", "Third one I've owned. "]
-CLOSERS = ["", "", " Would buy again.", " Not buying again.", " Thanks.", " 10/10 for the packaging though.", " Meh.", "!!!", " Just my two cents."]
+OPENERS = [
+    "", "", "Ok so ", "Honestly, ", "Update: ", "Long story short, ", "Bought this for my sister. ",
+    "Third one I've owned. "
+]
+CLOSERS = [
+    "", "", " Would buy again.", " Not buying again.", " Thanks.", " 10/10 for the packaging though.", " Meh.",
+    "!!!", " Just my two cents."
+]
 PRAISE = ["it does exactly what it says", "works great out of the box", "the design is lovely", "great value for money"]
 
 
@@ -108,10 +118,20 @@ def make_review(rng: random.Random, idx: int) -> dict:
 
 # A second task for multi-task runs: route a support ticket to its queue with a priority.
 QUEUES = {
-    "billing": ["I was charged twice for my order", "the refund never reached my card", "my invoice shows the wrong amount"],
-    "shipping": ["my parcel has not moved in a week", "the tracking number does not work", "the courier left it at the wrong address"],
-    "returns": ["how do I send back a {product}", "I need a return label for the {product}", "the {product} does not fit, can I exchange it"],
-    "technical": ["the {product} will not turn on", "the app cannot find my {product}", "the {product} keeps restarting"],
+    "billing": [
+        "I was charged twice for my order", "the refund never reached my card", "my invoice shows the wrong amount"
+    ],
+    "shipping": [
+        "my parcel has not moved in a week", "the tracking number does not work",
+        "the courier left it at the wrong address"
+    ],
+    "returns": [
+        "how do I send back a {product}", "I need a return label for the {product}",
+        "the {product} does not fit, can I exchange it"
+    ],
+    "technical": [
+        "the {product} will not turn on", "the app cannot find my {product}", "the {product} keeps restarting"
+    ],
     "account": ["I cannot log in to my account", "please change the email on my account", "I forgot my password again"],
 }
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kemal", "Lena", "Mo", "Nia"]

@@ -7,7 +7,6 @@ are written with absolute paths; their shared parts come from evals/tasks/chat_a
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -204,7 +203,3 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         "metrics": {METRIC: float(scores[key]), **text_metrics(samples)},
         "samples": samples,
     }
-
-
-def samples_jsonl(result: dict) -> str:
-    return "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in result["samples"])

@@ -27,10 +27,11 @@ def _connect(prefect: bool) -> None:
     local.configure_env()
     for key, value in local.client_env().items():
         os.environ.setdefault(key, value)
-    if os.environ["MLFLOW_TRACKING_URI"] == local.MLFLOW.url and not local.MLFLOW.healthy():
-        _fail(f"no MLflow server at {local.MLFLOW.url}; start the stack with `tuneline up`")
-    if prefect and os.environ["PREFECT_API_URL"] == f"{local.PREFECT.url}/api" and not local.PREFECT.healthy():
-        _fail(f"no Prefect server at {local.PREFECT.url}; start the stack with `tuneline up`")
+    mlflow_server, prefect_server = local.mlflow_server(), local.prefect_server()
+    if os.environ["MLFLOW_TRACKING_URI"] == mlflow_server.url and not mlflow_server.healthy():
+        _fail(f"no MLflow server at {mlflow_server.url}; start the stack with `tuneline up`")
+    if prefect and os.environ["PREFECT_API_URL"] == f"{prefect_server.url}/api" and not prefect_server.healthy():
+        _fail(f"no Prefect server at {prefect_server.url}; start the stack with `tuneline up`")
 
 
 @app.command()
@@ -47,7 +48,7 @@ def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
             typer.echo(line)
     except (RuntimeError, TimeoutError) as exc:
         _fail(str(exc))
-    typer.echo(f"Prefect UI: {local.PREFECT.url}   MLflow UI: {local.MLFLOW.url}")
+    typer.echo(f"Prefect UI: {local.prefect_server().url}   MLflow UI: {local.mlflow_server().url}")
 
 
 @app.command()
@@ -65,8 +66,8 @@ def check(config: Path) -> None:
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return
-    from flows.data import power, task_spec  # noqa: PLC0415 - the data layer only when the config is valid
-    from tasks.datasets import DataError, split, to_examples  # noqa: PLC0415
+    from flows.data import power, task_spec  # the data layer only when the config is valid
+    from tasks.datasets import DataError, split, to_examples
 
     try:
         examples = to_examples(task_spec(cfg.task, cfg.data.seed, cfg.finetune.max_seq_length), "skip").examples
@@ -85,7 +86,7 @@ def pull(config: Path) -> None:
     """Provision the config's candidate models into the model store ahead of a run (the GGUF conversion, or
     the hub download), so the lifecycle's select stage finds them ready. Nothing else is started."""
     cfg = _config(config)
-    from tasks.models import provision  # noqa: PLC0415 - transformers only when there is work to do
+    from tasks.models import provision  # transformers only when there is work to do
 
     store = local.configure_env() / "models"
     for source in cfg.models.candidates:
@@ -124,7 +125,7 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
     """Build VERSION of the registered model into a Bento, serve it on 127.0.0.1 and smoke-test it."""
     cfg = _config(config)
     _connect(prefect=True)
-    from flows.deploy import deploy_version  # noqa: PLC0415 - after the environment points at the stack
+    from flows.deploy import deploy_version  # after the environment points at the stack
 
     try:
         result = deploy_version(str(config.resolve()), version)
@@ -138,7 +139,8 @@ def feedback_export(out: Path, since: int = typer.Option(0, help="only feedback 
                     approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this"),
                     task: str = typer.Option("feedback", help="task name written on each example")) -> None:
     """Write the corrections users sent to the service as a JSONL dataset (id, system, user, assistant, task)."""
-    from tasks.feedback import export, feedback_db  # noqa: PLC0415
+    from tasks.feedback import export
+    from tasks.paths import feedback_db
 
     try:
         found = export(feedback_db(), out, since, approve_at, task)
@@ -153,7 +155,7 @@ def promote(version: str, model: str = typer.Option(..., help="registered model 
             reason: str = typer.Option(..., help="why, recorded on the version")) -> None:
     """Make VERSION the champion by hand (the previous champion is kept for rollback)."""
     _connect(prefect=False)
-    from tasks import registry  # noqa: PLC0415 - after the tracking URI is set
+    from tasks import registry  # after the tracking URI is set
 
     try:
         typer.echo(registry.promote_manually(model, version, reason))
@@ -166,7 +168,7 @@ def rollback(model: str = typer.Option(..., help="registered model name"),
              reason: str = typer.Option(..., help="why, recorded on the version")) -> None:
     """Move `champion` back to the version the current champion replaced."""
     _connect(prefect=False)
-    from tasks import registry  # noqa: PLC0415 - after the tracking URI is set
+    from tasks import registry  # after the tracking URI is set
 
     try:
         typer.echo(registry.rollback(model, reason))

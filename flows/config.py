@@ -42,7 +42,8 @@ class TaskConfig(_Strict):
     prompt_choice: Literal["per_example", "first"] = "per_example"
     answer: str = Field(min_length=1, description="Jinja template over a record's fields: the assistant reply")
     weight: float = Field(1.0, gt=0, description="share of the multi-task training mixture")
-    max_tokens: int | None = Field(None, gt=0, description="longer examples are rejected; default finetune.max_seq_length")
+    max_tokens: int | None = Field(None, gt=0,
+                                   description="longer examples are rejected; default finetune.max_seq_length")
     max_validation_examples: int = Field(32, gt=0)
     max_test_examples: int = Field(48, gt=0)
     max_answer_tokens: int = Field(64, gt=0)
@@ -261,7 +262,8 @@ def load_config(path: str | Path) -> LifecycleConfig:
         if stage.task not in names:
             raise ConfigError(f"{path}: finetune.stages.{i}.task: unknown task {stage.task!r}; tasks are {names}")
     if config.finetune.early_stopping_patience and not config.finetune.save_steps:
-        raise ConfigError(f"{path}: finetune.early_stopping_patience: needs finetune.save_steps (the evaluation interval)")
+        raise ConfigError(f"{path}: finetune.early_stopping_patience: needs finetune.save_steps "
+                          "(the evaluation interval)")
     for where, task in tasks:
         if task.data.startswith("hf:"):
             continue

@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import pandas as pd
+from matplotlib.figure import Figure
+from prefect import flow
 
-matplotlib.use("Agg")  # no display: plots are files for MLflow
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-from prefect import flow  # noqa: E402
-
-from flows.config import LifecycleConfig, TaskConfig  # noqa: E402
-from evals.runner import GENERAL_DATA, write_tasks  # noqa: E402
-from tasks import evidence  # noqa: E402
-from tasks.datasets import SPLITS, TaskSpec, fit_lengths, prepare_data, read_examples  # noqa: E402
-from tasks.tracking import publish, stage_run  # noqa: E402
+from evals.runner import GENERAL_DATA, write_tasks
+from flows.config import LifecycleConfig, TaskConfig
+from tasks import evidence
+from tasks.datasets import SPLITS, TaskSpec, fit_lengths, prepare_data, read_examples
+from tasks.tracking import publish, stage_run
 
 
 def task_spec(task: TaskConfig, seed: int, default_max_tokens: int) -> TaskSpec:
@@ -29,7 +26,8 @@ def task_spec(task: TaskConfig, seed: int, default_max_tokens: int) -> TaskSpec:
 
 
 def _length_plot(lengths: dict[str, list[int]], limit: int):
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # no pyplot: no display backend to choose, the plot is a file for MLflow
+    ax = fig.subplots()
     for name, values in lengths.items():
         ax.hist(values, bins=30, alpha=0.6, label=name)
     ax.axvline(limit, color="red", linestyle="--", label=f"max tokens {limit}")

@@ -6,27 +6,24 @@ for forgetting; the gate's evidence per candidate. A crashed evaluation is recor
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import matplotlib
+import mlflow
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from prefect import flow
 
-matplotlib.use("Agg")  # no display: plots are files for MLflow
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from prefect import flow  # noqa: E402
-
-from evals import runner  # noqa: E402
-from evals.runner import write_listed_tasks  # noqa: E402
-from flows.config import LifecycleConfig, load_config  # noqa: E402
-from flows.data import general_suites, power, prepare  # noqa: E402
-from tasks import registry, tracking  # noqa: E402
-from tasks.evidence import table  # noqa: E402
-from tasks.recipes import POOL_FILE, Recipe, read_recipe  # noqa: E402
-from tasks.retrieval import attach_fixed, attach_shots  # noqa: E402
-from tasks.scoring import score, score_builtin, score_general  # noqa: E402
-from tasks.tracking import log_eval, publish, stage_run  # noqa: E402
+from evals import runner
+from evals.runner import write_listed_tasks
+from flows.config import LifecycleConfig, load_config
+from flows.data import general_suites, power, prepare
+from tasks import registry, tracking
+from tasks.evidence import table
+from tasks.paths import run_folder
+from tasks.recipes import POOL_FILE, Recipe, read_recipe
+from tasks.retrieval import attach_fixed, attach_shots
+from tasks.scoring import score, score_builtin, score_general
+from tasks.tracking import log_eval, publish, stage_run
 
 ZERO = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}  # as trained and served
 # The champion is compared on the test items it never trained on when they are at least this share of the
@@ -47,7 +44,8 @@ def _wins_and_losses(before: dict, after: dict) -> list[dict]:
 
 
 def _plot(rows: dict[str, dict], metric: str):
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # no pyplot: no display backend to choose, the plot is a file for MLflow
+    ax = fig.subplots()
     names = list(rows)
     ax.bar(names, [rows[n].get(metric, 0.0) for n in names],
            yerr=[rows[n].get("stderr", 0.0) if metric == "exact_match" else 0.0 for n in names], capsize=4)
@@ -259,7 +257,7 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
     version = version or (registry.champion(name) or (None,))[0]
     if version is None:
         raise ValueError(f"{name} has no champion; name a version to evaluate")
-    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_folder(home, config.name)
     with mlflow.start_run(run_name=f"evaluate {name} v{version}", tags={"tuneline.kind": "evaluate-version"}) as parent:
         _, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         folder = str(registry.download(name, version, run_dir / "model"))
@@ -279,8 +277,10 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
                 client.set_model_version_tag(name, version, f"tuneline.metric.{metric}", f"{value:.6f}")
             client.set_model_version_tag(name, version, registry.SCORE_TAG,
                                          f"{result['metrics'][config.gate.metric]:.6f}")
-            rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in {**result["metrics"], "general acc": general["acc"]}.items())
-            publish("evaluate-version", f"## {name} v{version} on the test split\n\n| metric | value |\n|---|---|\n{rows}")
+            shown = {**result["metrics"], "general acc": general["acc"]}
+            rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in shown.items())
+            publish("evaluate-version",
+                    f"## {name} v{version} on the test split\n\n| metric | value |\n|---|---|\n{rows}")
     print(f"evaluate-version: {name} v{version}: {config.gate.metric} {result['metrics'][config.gate.metric]:.3f}, "
           f"general {general['acc']:.3f}")
     return {"version": version, **result["metrics"], "general_acc": general["acc"]}

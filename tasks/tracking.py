@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,8 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from prefect.artifacts import create_markdown_artifact
 
-from evals.runner import samples_jsonl
-from infra.local import configure_env
+from tasks.paths import configure_env
 
 
 def use(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
@@ -80,4 +80,5 @@ def log_eval(name: str, result: dict, metrics: dict[str, float] | None = None, *
         mlflow.log_params(params)
         mlflow.log_metrics({"score": result["score"], "score_stderr": result["stderr"], "n": result["n"],
                             **result.get("metrics", {}), **(metrics or {})})
-        mlflow.log_text(samples_jsonl(result), "samples.jsonl")
+        mlflow.log_text("".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in result["samples"]),
+                        "samples.jsonl")

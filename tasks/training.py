@@ -119,10 +119,11 @@ def qlora_quantization() -> BitsAndBytesConfig:
 def _load_for(method: str, base_dir: Path, device: str):
     if method != "qlora":
         return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None)
-    from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - CUDA path only
+    from peft import prepare_model_for_kbit_training  # CUDA path only
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qlora_quantization(), dtype=torch.bfloat16,
-                                                 use_safetensors=True, device_map={"": 0}, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qlora_quantization(),
+                                                 dtype=torch.bfloat16, use_safetensors=True, device_map={"": 0},
+                                                 attn_implementation="sdpa")
     return prepare_model_for_kbit_training(model), AutoTokenizer.from_pretrained(base_dir)
 
 

@@ -71,7 +71,8 @@ def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, p
     for sample in result["samples"]:
         shots = rows[sample["doc_id"]]["shots"]
         prompt = sample["prompt"]
-        assert prompt.index(shots[0]["user"]) < prompt.index(shots[1]["user"]) < prompt.index(rows[sample["doc_id"]]["user"])
+        question = rows[sample["doc_id"]]["user"]
+        assert prompt.index(shots[0]["user"]) < prompt.index(shots[1]["user"]) < prompt.index(question)
         assert not users(splits["test"]) & {u for u in users(splits["train"]) if u in prompt}
 
 

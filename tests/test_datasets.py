@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.datasets import (DataError, Example, TaskSpec, mix, normalise, prepare_data, read_examples, split,
-                            to_examples)
+from tasks.datasets import DataError, Example, TaskSpec, mix, normalise, prepare_data, read_examples, split, to_examples
 from tests.conftest import DEMO_DATA
 
 PROMPT = "Review: {{ review }}"
@@ -139,7 +138,7 @@ GOOD = {"review": "fine", "sentiment": "positive"}
         ([GOOD, {"review": "no label"}], r"data.jsonl:2: missing field 'sentiment'"),
         ([GOOD, {"review": "   ", "sentiment": "positive"}], r"data.jsonl:2: empty value in 'review'"),
         ([GOOD, {"review": None, "sentiment": "positive"}], r"data.jsonl:2: empty value in 'review'"),
-        ([GOOD, {"review": ["a", "b"], "sentiment": "positive"}], r"data.jsonl:2: wrong type in 'review'.*list"),
+        ([GOOD, {"review": ["a", "b"], "sentiment": "positive"}], r"data.jsonl:2: template error: prints a whole list"),
         ([GOOD, b'{"review": "caf\xe9", "sentiment": "positive"}'], r"data.jsonl:2: not valid UTF-8"),
         ([GOOD, {"review": "meh", "sentiment": "mixed"}], r"data.jsonl:2: label 'mixed' in 'sentiment' is not one of"),
         ([GOOD, {"review": "FINE!", "sentiment": "positive"}], r"data.jsonl:2: duplicate of .*data.jsonl:1"),
@@ -194,3 +193,45 @@ def test_corrections_join_the_training_split_only_and_never_a_held_out_question(
     assert result["mixed_train"]["feedback"] == 1
     rejects = [json.loads(line) for line in Path(result["rejects"]).read_text().splitlines()]
     assert any("feedback-2" in r["where"] and "validation/test question" in r["reason"] for r in rejects)
+
+
+CHOICE_PROMPT = ("[{{ meta.topic }}] {{ question }}\n{% for c in choices %}{{ 'ABCD'[loop.index0] }}. {{ c }}\n"
+                 "{% endfor %}")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"question": "Which flies?", "choices": ["bird", "fish", "stone"], "answer": 3, "meta": {"topic": "x"}},
+         r"data.jsonl:2: template error: list object has no element 3 \(the templates read answer, choices"),
+        ({"question": "Which is red?", "choices": ["sky", None, "blood"], "answer": 2, "meta": {"topic": "x"}},
+         r"data.jsonl:2: empty value in 'choices\[1\]'"),
+        ({"question": "Which is cold?", "choices": ["ice", "fire"], "answer": 0, "meta": {"topic": " "}},
+         r"data.jsonl:2: empty value in 'meta.topic'"),
+        ({"question": "Which is cold?", "choices": [], "answer": 0, "meta": {"topic": "x"}},
+         r"data.jsonl:2: empty value in 'choices'"),
+        ({"question": "Which is cold?", "choices": ["ice", "fire"], "meta": {"topic": "x"}},
+         r"data.jsonl:2: missing field 'answer'"),
+        ({"question": "Which is cold?", "choices": ["ice", "fire"], "answer": None, "meta": {"topic": "x"}},
+         r"data.jsonl:2: empty value in 'answer'"),
+    ],
+)
+def test_templates_index_and_loop_over_list_and_nested_fields_and_bad_rows_name_the_field(tmp_path, row, message):
+    good = {"question": "Which is a fruit?", "choices": ["car", "apple", "rock"], "answer": 1,
+            "meta": {"topic": "food"}}
+    path = jsonl(tmp_path, good, row)
+    task = spec(path, prompts=(CHOICE_PROMPT,), answer="{{ 'ABCD'[answer] }}. {{ choices[answer] }}", labels={})
+    outcome = to_examples(task, "skip")
+    assert [(e.user, e.assistant) for e in outcome.examples] == [
+        ("[food] Which is a fruit?\nA. car\nB. apple\nC. rock", "B. apple")]
+    assert len(outcome.rejects) == 1
+    with pytest.raises(DataError, match=message):
+        to_examples(task, "error")
+
+
+def test_a_template_that_renders_empty_text_is_a_bad_row(tmp_path):
+    path = jsonl(tmp_path, {"review": "fine", "tags": ["a"]}, {"review": "meh", "tags": ["b", "c"]})
+    task = spec(path, prompts=("{{ review }}",), answer="{% if tags | length > 1 %}{{ tags[1] }}{% endif %}", labels={})
+    with pytest.raises(DataError, match=r"data.jsonl:1: the answer template renders empty text"):
+        to_examples(task, "error")
+    assert [(e.user, e.assistant) for e in to_examples(task, "skip").examples] == [("meh", "c")]

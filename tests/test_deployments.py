@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from infra.local import free_port
+from tasks.processes import free_port
 from tests.conftest import DEMO_DATA, ROOT
 
 NAME, MODEL = "ops-demo", "ops-assistant"
@@ -230,7 +230,10 @@ def _page_shows(driver, url: str, texts: list[str], timeout_s: float = 60) -> st
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url)
-    body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+
+    def body() -> str:
+        return driver.find_element(By.TAG_NAME, "body").text
+
     try:
         WebDriverWait(driver, timeout_s, poll_frequency=1).until(lambda _: all(t in body() for t in texts))
     except Exception:
@@ -268,7 +271,7 @@ def test_mlflow_ui_shows_the_run_its_stage_runs_and_the_champion(stack, browser,
 
 
 def test_prefect_restart_keeps_history_and_the_next_run_works(stack):
-    from infra.local import stop_started
+    from tasks.processes import stop_started
 
     def finished() -> set[str]:  # scheduled future runs are re-created when the deployments are re-registered
         runs = stack.api("POST", "/flow_runs/filter", json={}).json()

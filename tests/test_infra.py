@@ -9,10 +9,11 @@ import httpx
 import pytest
 
 from infra import local
+from tasks.processes import free_port, stop_started
 
 
 def test_server_starts_is_reused_and_stops_by_pid(tmp_path):
-    server = local.Server("mlflow", local.free_port(), "/health")
+    server = local.Server("mlflow", free_port(), "/health")
     assert not server.healthy()
     try:
         assert "started" in local.start(server, tmp_path)
@@ -23,12 +24,12 @@ def test_server_starts_is_reused_and_stops_by_pid(tmp_path):
         assert "reusing" in local.start(server, tmp_path)
         assert int((tmp_path / "mlflow.pid").read_text()) == pid
     finally:
-        message = local.stop_started("mlflow", tmp_path)
+        message = stop_started("mlflow", tmp_path)
     assert "stopped" in message or "killed" in message
     assert not server.healthy()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert "left alone" in local.stop_started("mlflow", tmp_path)
+    assert "left alone" in stop_started("mlflow", tmp_path)
 
 
 def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):

@@ -17,7 +17,8 @@ import yaml
 from mlflow import MlflowClient
 from prefect import task
 
-from infra.local import Server, free_port, start, stop_started
+from infra.local import Server, start
+from tasks.processes import free_port, stop_started
 from tests.conftest import DEMO_DATA, ROOT
 
 pytestmark = pytest.mark.faults
@@ -128,7 +129,8 @@ def test_lifecycle_killed_during_finetuning_resumes_and_ends_as_an_uninterrupted
     try:
         deadline, saved = time.monotonic() + 600, None
         while time.monotonic() < deadline and child.poll() is None:
-            found = [last_complete_checkpoint(d / "checkpoints") for d in runs.glob("*") if (d / "checkpoints").exists()]
+            found = [last_complete_checkpoint(d / "checkpoints") for d in runs.glob("*")
+                     if (d / "checkpoints").exists()]
             saved = next((c for c in found if c and int(c.rsplit("-", 1)[1]) >= 5), None)
             if saved:
                 break

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infra.local import free_port
 from tasks import packaging
 from tasks.models import load
+from tasks.processes import free_port
 
 
 def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, tmp_path):

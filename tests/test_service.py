@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from infra.local import free_port, stop_started
 from tasks import packaging
 from tasks.datasets import example_key, normalise
+from tasks.processes import free_port, stop_started
 
 KEY = "test-key-123"
 SYSTEM = "You answer briefly."
@@ -148,7 +148,8 @@ def test_feedback_round_trip_into_a_training_dataset(client, service, tmp_path, 
     wrong = ask(client, "Review: the lid broke", max_tokens=4)
     right = ask(client, "Review: lovely mug", max_tokens=4)
     correction = '{"product": "lid", "sentiment": "negative"}'
-    assert post(service, "/feedback", {"response_id": wrong.id, "rating": 1, "correction": correction}).status_code == 200
+    rated = post(service, "/feedback", {"response_id": wrong.id, "rating": 1, "correction": correction})
+    assert rated.status_code == 200
     assert post(service, "/feedback", {"response_id": right.id, "rating": 5}).status_code == 200
     missing = post(service, "/feedback", {"response_id": "chatcmpl-nope", "rating": 2})
     assert missing.status_code == 404 and "chatcmpl-nope" in missing.json()["error"]["message"]
@@ -185,7 +186,8 @@ def test_a_burst_of_300_clients_is_all_answered_and_no_feedback_lost(service, ho
                               json={"messages": [{"role": "user", "content": f"Review: burst {i}"}], "max_tokens": 16})
             if reply.status_code != 200:
                 return reply.status_code, reply.text[:300]
-            rated = http.post(service["url"] + "/feedback", json={"response_id": reply.json()["id"], "rating": 1 + i % 5,
+            rated = http.post(service["url"] + "/feedback", json={"response_id": reply.json()["id"],
+                                                                  "rating": 1 + i % 5,
                                                                   "correction": f"burst answer {i}"})
             return reply.status_code, rated.status_code
 
@@ -194,7 +196,8 @@ def test_a_burst_of_300_clients_is_all_answered_and_no_feedback_lost(service, ho
     failed = Counter(s for s in statuses if s != (200, 200))
     assert not failed, f"{failed}; the service's errors: {service_errors(home)}"
     with sqlite3.connect(service["db"]) as db:
-        stored = {row[0] for row in db.execute("SELECT correction FROM feedback WHERE correction LIKE 'burst answer %'")}
+        stored = {row[0] for row in
+                  db.execute("SELECT correction FROM feedback WHERE correction LIKE 'burst answer %'")}
     assert stored == {f"burst answer {i}" for i in range(300)}
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from infra.local import free_port, stop_started
+from tasks.processes import free_port, stop_started
 from tests.conftest import DEMO_DATA, ROOT
 
 

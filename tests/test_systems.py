@@ -16,10 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from evals import runner
-from infra.local import free_port, stop_started
 from tasks import packaging, registry
 from tasks.datasets import Example, write_examples
 from tasks.models import load, provision
+from tasks.processes import free_port, stop_started
 from tasks.recipes import POOL_FILE, Recipe, write_recipe
 from tasks.registry import Evidence
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed

@@ -129,7 +129,8 @@ def test_early_stopping_ends_a_diverging_run_and_keeps_the_best(tiny_model, trai
     result = train.fn(tiny_model, train_file, str(tmp_path), spec, val)
     assert result["steps"] < 30 and result["best_eval_loss"] is not None
     with pytest.raises(ValueError, match="early stopping needs a validation file"):
-        train.fn(tiny_model, train_file, str(tmp_path / "x"), TrainSpec(early_stopping_patience=1, save_steps=None), val)
+        train.fn(tiny_model, train_file, str(tmp_path / "x"), TrainSpec(early_stopping_patience=1, save_steps=None),
+                 val)
 
 
 def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite, tmp_path):

@@ -8,7 +8,6 @@ A reply that is not a JSON object scores 0 on every field.
 import json
 
 import datasets
-
 import evaluate
 
 

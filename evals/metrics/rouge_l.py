@@ -4,9 +4,7 @@ A local `evaluate` module around rouge_score, because the hub's `rouge` cannot l
 """
 
 import datasets
-
 import evaluate
-
 from rouge_score import rouge_scorer
 
 

@@ -1,0 +1,73 @@
+"""Long-running processes this project starts (servers, the runner, Bento services): started in their own
+session with their PID recorded under the state folder, stopped only by that PID; nothing binds but loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
+    """Start a long-running process in its own session, logging to home/logs and recording its PID."""
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(home / "logs" / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    (home / f"{name}.pid").write_text(str(proc.pid))
+    return proc
+
+
+def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
+    """Poll `ready()` until it is true; fail early if the process died, and stop it on a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            (home / f"{name}.pid").unlink(missing_ok=True)
+            raise RuntimeError(
+                f"{name} exited with code {proc.returncode} before it was ready; see {home / 'logs' / (name + '.log')}"
+            )
+        if ready():
+            return
+        time.sleep(1.0)
+    stop_started(name, home)
+    raise TimeoutError(f"{name} was not ready within {timeout_s:.0f}s; see {home / 'logs' / (name + '.log')}")
+
+
+def stop_started(name: str, home: Path) -> str:
+    """Stop a process this project started (its whole process group), by its recorded PID; nothing else."""
+    pid_file = home / f"{name}.pid"
+    if not pid_file.exists():
+        return f"{name}: not started by tuneline; left alone"
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return f"{name}: pid {pid} had already exited"
+    message = f"{name}: killed (pid {pid}) after it ignored SIGTERM"
+    for _ in range(50):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            message = f"{name}: stopped (pid {pid})"
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)  # a Prefect process worker has been seen ignoring SIGTERM and SIGINT
+    try:  # when this process started it, reap it so no zombie is left behind
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    return message
