@@ -63,7 +63,7 @@ def main() -> None:
         task = TaskSpec("reviews", str(ROOT / "data" / "reviews.jsonl"), "You extract structured data.",
                         ("Review: {{ review }}\nReturn JSON.",),
                         '{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
-        train_path = prepare_data.fn([task], {"reviews": 1.0}, 0.1, 0.1, 13, str(work / "data"), "skip")["train"]
+        train_path = prepare_data.fn([task], {"reviews": 1.0}, 0.1, 0.1, 13, str(work / "data"), "skip").train
         rows = {}
         for packing in (False, True):
             spec = TrainSpec(r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, max_seq_length=256,

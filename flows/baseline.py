@@ -9,30 +9,33 @@ from prefect import flow
 
 from evals.runner import write_listed_tasks
 from flows.config import LifecycleConfig
+from tasks.datasets import Splits
+from tasks.recipes import Baselines
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
 from tasks.scoring import score
+from tasks.selection import Selection
 from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="baseline")
-def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits: dict[str, str],
-                   parent_run_id: str) -> dict:
+def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, splits: Splits,
+                   parent_run_id: str) -> Baselines:
     task, plan, metric = config.task, config.baseline.variants(), config.gate.metric
     results = {}
-    with stage_run("baseline", parent_run_id, model=chosen["source"], prompts=len(plan)):
-        held_out = {s: splits[s] for s in ("validation", "test")}  # validation for choosing, test for evaluate
+    with stage_run("baseline", parent_run_id, model=chosen.source, prompts=len(plan)):
+        held_out = {"validation": splits.validation, "test": splits.test}  # for choosing, and for evaluate
         if config.baseline.retrieval_shots:
-            files = attach_shots(splits["train"], held_out, config.baseline.retrieval_shots, tasks_dir)
+            files = attach_shots(splits.train, held_out, config.baseline.retrieval_shots, tasks_dir)
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved")
-        fixed = {k: pick_fixed(splits["train"], k, config.data.seed) for k in config.baseline.shots if k}
+        fixed = {k: pick_fixed(splits.train, k, config.data.seed) for k in config.baseline.shots if k}
         for k, shots in fixed.items():
             files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}")
         for v in plan:
             if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
-                result = chosen["result"]
+                result = chosen.result
             else:
-                result = score(chosen["model_dir"], tasks_dir, f"{task.name}_validation{v['suffix']}",
+                result = score(chosen.model_dir, tasks_dir, f"{task.name}_validation{v['suffix']}",
                                system_prompt=task.system_prompt, shots=v["shots"], chat=v["chat"],
                                limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
             log_eval(f"baseline {v['name']}", result, kind=v["kind"], shots=v["shots"], chat_template=v["chat"],
@@ -47,11 +50,11 @@ def baseline_stage(config: LifecycleConfig, chosen: dict, tasks_dir: str, splits
                           f"| {r['rougeL']:.3f} |" for name, r in results.items())
         publish(
             "baseline",
-            f"## Prompt baselines on {chosen['source']} (validation split)\n\n"
+            f"## Prompt baselines on {chosen.source} (validation split)\n\n"
             f"| prompt | exact match ± se | field F1 | ROUGE-L |\n|---|---|---|---|\n{table}\n\n"
             f"Bar for fine-tuning: **{best['name']}** (best {metric}, the gate's metric; ties keep the simpler "
             "prompt). Each prompt's samples are in its MLflow run.",
         )
         print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})} ({metric}); best {best['name']}")
     variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}
-    return {"best": best["name"], "variant": variant, "all": results, "fixed": fixed}
+    return Baselines(best["name"], variant, results, fixed)

@@ -66,17 +66,21 @@ def check(config: Path) -> None:
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return
-    from flows.data import power, task_spec  # the data layer only when the config is valid
+    from flows.data import power, task_spec, training_plan  # the data layer only when the config is valid
     from tasks.datasets import DataError, split, to_examples
 
     try:
-        examples = to_examples(task_spec(cfg.task, cfg.data.seed, cfg.finetune.max_seq_length), "skip").examples
-        test_items = len(split(examples, cfg.data.validation, cfg.data.test, cfg.data.seed)["test"])
+        parts = [split(to_examples(task_spec(t, cfg.data.seed, cfg.finetune.max_seq_length), "skip").examples,
+                       cfg.data.validation, cfg.data.test, cfg.data.seed) for t in (cfg.task, *cfg.extra_tasks)]
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    note, warnings = power(cfg, test_items)
+    note, warnings = power(cfg, len(parts[0]["test"]))
     typer.echo(f"power: {note}")
+    for warning in warnings:
+        typer.echo(f"warning: {warning}")
+    plan, warnings = training_plan(cfg, sum(len(p["train"]) for p in parts))
+    typer.echo(f"training: {plan}")
     for warning in warnings:
         typer.echo(f"warning: {warning}")
 
@@ -131,7 +135,7 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
         result = deploy_version(str(config.resolve()), version)
     except Exception as exc:  # MLflow's message names the missing model or version
         _fail(f"deploy of {cfg.registered_model} {version or 'champion'}: {exc}")
-    typer.echo(f"serving {result['model']} ({result['bento']}) at {result['url']}/v1/chat/completions")
+    typer.echo(f"serving {result.model} ({result.bento}) at {result.url}/v1/chat/completions")
 
 
 @feedback_app.command("export")

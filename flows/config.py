@@ -134,7 +134,7 @@ class FinetuneConfig(_Strict):
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_steps: int | None = Field(40, gt=0, description="None: train for `epochs`")
+    max_steps: int | None = Field(None, gt=0, description="default null: train for `epochs` over the training split")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -13,7 +14,7 @@ from prefect import flow
 from evals.runner import GENERAL_DATA, write_tasks
 from flows.config import LifecycleConfig, TaskConfig
 from tasks import evidence
-from tasks.datasets import SPLITS, TaskSpec, fit_lengths, prepare_data, read_examples
+from tasks.datasets import Lengths, Splits, TaskSpec, fit_lengths, prepare_data, read_examples
 from tasks.tracking import publish, stage_run
 
 
@@ -45,8 +46,26 @@ def power(config: LifecycleConfig, test_items: int, rate: float = 0.5) -> tuple[
     return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement)
 
 
+def training_plan(config: LifecycleConfig, train_examples: int) -> tuple[str, list[str]]:
+    """How much of the training split fine-tuning will see, and a warning naming the fraction when
+    `max_steps` covers less than half an epoch: such a run usually learns little."""
+    ft = config.finetune
+    per_step = ft.batch_size * ft.gradient_accumulation_steps
+    epoch = max(1, math.ceil(train_examples / per_step))
+    steps = ft.max_steps or math.ceil(epoch * ft.epochs)
+    note = (f"fine-tuning runs {steps} steps of {per_step} examples: {steps / epoch:.2f} epochs of the "
+            f"{train_examples} training examples" + (" (before packing)" if ft.packing else ""))
+    warnings = []
+    if ft.max_steps and not ft.stages and ft.max_steps < epoch / 2:
+        warnings.append(f"finetune.max_steps {ft.max_steps} covers {ft.max_steps / epoch:.0%} of an epoch "
+                        f"({epoch} steps at {per_step} examples a step); set it to null to train for "
+                        f"finetune.epochs ({ft.epochs:g})")
+    return note, warnings
+
+
 @flow(name="data")
-def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, corrections: list[str] | None = None) -> dict:
+def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, corrections: list[str] | None = None
+               ) -> Splits:
     """Splits for every task, the mixed training file, and a data card: counts, fingerprints, power, rejects,
     samples. `corrections`: chat-example files from production feedback, added to the training file only."""
     d = config.data
@@ -56,60 +75,63 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
                    tasks=",".join(t.name for t in tasks)):
         result = prepare_data(specs, {t.name: t.weight for t in tasks}, d.validation, d.test, d.seed, out_dir,
                               d.on_bad_rows, corrections or [])
-        for name, counts in result["counts"].items():
+        for name, counts in result.counts.items():
             mlflow.log_metrics({f"{name}_{split}": n for split, n in counts.items()})
-        mlflow.log_metrics({f"mixed_train_{name}": n for name, n in result["mixed_train"].items()})
-        mlflow.log_metric("rejected_rows", sum(c["rejected"] for c in result["counts"].values()))
-        mlflow.log_params({f"fingerprint_{split}": value for split, value in result["fingerprints"].items()})
-        mlflow.log_artifact(result["rejects"], "data_card")
-        mlflow.log_artifact(result["keys"], "data_card")
-        mlflow.log_text(json.dumps({"counts": result["counts"], "mixed_train": result["mixed_train"]}, indent=2),
+        mlflow.log_metrics({f"mixed_train_{name}": n for name, n in result.mixed_train.items()})
+        mlflow.log_metric("rejected_rows", sum(c["rejected"] for c in result.counts.values()))
+        mlflow.log_params({f"fingerprint_{split}": value for split, value in result.fingerprints.items()})
+        mlflow.log_artifact(result.rejects, "data_card")
+        mlflow.log_artifact(result.keys, "data_card")
+        mlflow.log_text(json.dumps({"counts": result.counts, "mixed_train": result.mixed_train}, indent=2),
                         "data_card/counts.json")
         for split_name in ("train", "validation", "test"):
-            examples = read_examples(result[split_name])
+            examples = read_examples(result.files[split_name])
             if split_name == "train":
                 mlflow.log_text("".join(e.to_json() + "\n" for e in examples[:10]), "data_card/samples.jsonl")
             frame = pd.DataFrame([e.__dict__ for e in examples])
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=result[split_name], name=split_name),
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=result.files[split_name], name=split_name),
                              context=split_name)
-        note, warnings = power(config, result["counts"][config.task.name]["test"])
+        note, warnings = power(config, result.counts[config.task.name]["test"])
+        plan, plan_warnings = training_plan(config, sum(result.mixed_train.values()))
+        warnings += plan_warnings
         mlflow.set_tag("tuneline.power", note)
+        mlflow.set_tag("tuneline.training_plan", plan)
         rows = "\n".join(f"| {name} | {c['train']} | {c['validation']} | {c['test']} | {c['rejected']} |"
-                         for name, c in result["counts"].items())
+                         for name, c in result.counts.items())
         publish("data", "## Data\n\n| task | train | validation | test | rejected |\n|---|---|---|---|---|\n"
-                        f"{rows}\n\nTraining mixture: {result['mixed_train']}. Split fingerprints: "
-                        f"{result['fingerprints']}.\n\n**Power:** {note}."
+                        f"{rows}\n\nTraining mixture: {result.mixed_train}. Split fingerprints: "
+                        f"{result.fingerprints}.\n\n**Power:** {note}.\n\n**Training:** {plan}."
                         + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                         + "\n\nData card, rejects, split keys and samples are in the MLflow run.")
-        print(f"data: {result['counts']}; mixed train {result['mixed_train']} ({Path(result['rejects']).name}); "
-              f"{note}" + "".join(f"\nWARNING: {w}" for w in warnings))
+        print(f"data: {result.counts}; mixed train {result.mixed_train} ({Path(result.rejects).name}); "
+              f"{note}; {plan}" + "".join(f"\nWARNING: {w}" for w in warnings))
     return result
 
 
 @flow(name="lengths")
-def lengths_stage(config: LifecycleConfig, splits: dict, model_dir: str, parent_run_id: str) -> dict:
+def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, parent_run_id: str) -> Lengths:
     """The length limit checked with the model that will be trained and served, after selection: its tokenizer
     and chat template decide what "too long" means. Over-long examples leave every split (rejects.jsonl)."""
     limits = {t.name: t.max_tokens or config.finetune.max_seq_length for t in [config.task, *config.extra_tasks]}
     limits["*"] = limits[config.task.name]  # production corrections follow the primary task
     with stage_run("lengths", parent_run_id, model=model_dir):
         fitted = fit_lengths(splits, model_dir, limits)
-        mlflow.log_metric("over_long_removed", fitted["removed"])
-        mlflow.log_figure(_length_plot(fitted["lengths"], config.finetune.max_seq_length),
+        mlflow.log_metric("over_long_removed", fitted.removed)
+        mlflow.log_figure(_length_plot(fitted.lengths, config.finetune.max_seq_length),
                           "data_card/token_lengths.png")
-        publish("lengths", f"## Lengths with the chosen model\n\n{fitted['removed']} example(s) longer than max_tokens "
+        publish("lengths", f"## Lengths with the chosen model\n\n{fitted.removed} example(s) longer than max_tokens "
                            "with its tokenizer and chat template left every split (data card: rejects.jsonl); "
                            "the token-length histogram is in the MLflow run.")
-        if fitted["removed"]:
-            print(f"lengths: removed {fitted['removed']} over-long examples (see rejects.jsonl)")
+        if fitted.removed:
+            print(f"lengths: removed {fitted.removed} over-long examples (see rejects.jsonl)")
     return fitted
 
 
 def prepare(config: LifecycleConfig, run_dir: Path, parent_run_id: str,
-            corrections: list[str] | None = None) -> tuple[dict, str]:
+            corrections: list[str] | None = None) -> tuple[Splits, str]:
     """The data stage, then lm-eval tasks over its splits: where every stage that trains or scores starts."""
     splits = data_stage(config, str(run_dir / "data"), parent_run_id, corrections)
-    tasks_dir = write_tasks(config.task.name, {name: splits[name] for name in SPLITS}, run_dir / "eval_tasks",
+    tasks_dir = write_tasks(config.task.name, splits.files, run_dir / "eval_tasks",
                             config.task.max_answer_tokens, config.baseline.reasoning_tokens,
                             general_suites(config))
     return splits, str(tasks_dir)

@@ -12,6 +12,7 @@ from flows.config import LifecycleConfig, load_config
 from flows.data import task_spec
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
+from tasks.packaging import Deployment
 from tasks.tracking import publish, stage_run
 
 
@@ -23,7 +24,7 @@ def _probe(config: LifecycleConfig) -> str:
 
 @flow(name="deploy")
 def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None = None, version: str | None = None,
-                 built: dict[str, str] | None = None, probe: str | None = None) -> dict:
+                 built: dict[str, str] | None = None, probe: str | None = None) -> Deployment:
     """Serve `version` of the registered model (default: the champion); `built` maps versions to Bentos already
     built by the promote stage. Outside a lifecycle run, the deploy is its own MLflow run."""
     name = config.registered_model
@@ -35,7 +36,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
             if current is None:
                 print(f"deploy: {name} has no champion yet; nothing to serve")
                 publish("deploy", f"## Deploy: nothing served\n\n{name} has no champion yet.")
-                return {"served": False, "reason": "no champion"}
+                return Deployment(served=False, reason="no champion")
             version = current[0]
         tag = (built or {}).get(version)
         if tag is None:
@@ -46,7 +47,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
-            return {"served": False, "bento": tag, "version": version}
+            return Deployment(served=False, version=version, bento=tag, reason="deploy.serve is off")
         url = packaging.serve(tag, config.deploy.port, home)
         question = probe or _probe(config)
         reply = packaging.chat(url, question, max_tokens=config.task.max_answer_tokens)
@@ -56,17 +57,16 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                           f"Smoke prompt: {question!r}\n\nAnswer: `{answer}`")
         print(f"deploy: {name} v{version} ({reply.get('system', '')}) served at {url}; answer to a test prompt: "
               f"{answer!r}")
-    return {"served": True, "url": url, "bento": tag, "version": version, "answer": answer, "model": reply["model"],
-            "system": reply.get("system")}
+    return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer)
 
 
 @flow(name="deploy-version", log_prints=True)
-def deploy_version(config_path: str, version: str | None = None) -> dict:
+def deploy_version(config_path: str, version: str | None = None) -> Deployment:
     """Serve `version` of the config's registered model (default: the champion) on deploy.port, 127.0.0.1."""
     config = load_config(config_path)
     config.deploy.serve = True
     home = tracking.open_experiment(config.name)
     result = deploy_stage(config, str(home), version=version)
-    if not result["served"]:
-        raise RuntimeError(f"{config.registered_model}: {result['reason']}")
+    if not result.served:
+        raise RuntimeError(f"{config.registered_model}: {result.reason}")
     return result

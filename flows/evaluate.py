@@ -10,7 +10,6 @@ from pathlib import Path
 
 import mlflow
 from matplotlib.figure import Figure
-from mlflow import MlflowClient
 from prefect import flow
 
 from evals import runner
@@ -20,7 +19,8 @@ from flows.data import general_suites, power, prepare
 from tasks import registry, tracking
 from tasks.evidence import table
 from tasks.paths import run_folder
-from tasks.recipes import POOL_FILE, Recipe, read_recipe
+from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
+from tasks.registry import Evaluation
 from tasks.retrieval import attach_fixed, attach_shots
 from tasks.scoring import score, score_builtin, score_general
 from tasks.tracking import log_eval, publish, stage_run
@@ -56,8 +56,8 @@ def _plot(rows: dict[str, dict], metric: str):
 
 
 @flow(name="evaluate")
-def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: dict, tasks_dir: str,
-                   parent_run_id: str, champion: bool = False) -> dict:
+def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Baselines, tasks_dir: str,
+                   parent_run_id: str, champion: bool = False) -> Evaluation:
     """Every candidate system on the test split, item by item: the best prompt recipe on the base weights, the
     fine-tuned weights zero-shot, the fine-tuned weights with the best recipe that uses shots; beside them the
     base zero-shot, the bar (best prompt of all) and, with `champion`, the registry's champion system on the test
@@ -65,10 +65,10 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
     task, gate_metric = config.task, config.gate.metric
     common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
                   batch_size=config.evaluation.batch_size)
-    servable = [v for v in baseline["all"].values() if v["kind"] != "cot"]  # in `all` order: simplest first
+    servable = [v for v in baseline.results.values() if v["kind"] != "cot"]  # in order: simplest first
     best_recipe = max(servable, key=lambda v: v["score"])
     with_shots = [v for v in servable if v["shots"]]
-    plan = {"base": (base_dir, ZERO), "baseline": (base_dir, baseline["variant"]), "prompt": (base_dir, best_recipe),
+    plan = {"base": (base_dir, ZERO), "baseline": (base_dir, baseline.variant), "prompt": (base_dir, best_recipe),
             "finetuned": (tuned_dir, ZERO)}
     if with_shots:
         plan["finetuned+shots"] = (tuned_dir, max(with_shots, key=lambda v: v["score"]))
@@ -111,7 +111,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
             if name not in plan or (name == "prompt" and plan[name][1]["suffix"] == "" and plan[name][1]["chat"]):
                 continue  # no prompt system besides the base zero-shot
             folder, v = plan[name]
-            recipe = Recipe.of(v, task.system_prompt, baseline.get("fixed"))
+            recipe = Recipe.of(v, task.system_prompt, baseline.fixed)
             bar = "base" if weights == "base" else "baseline"
             suites = {} if weights == "base" else {
                 suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
@@ -122,10 +122,10 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 champion=champion_items, champion_version=current[0] if current else None, champion_note=note,
                 general=suites, weights_changed=weights != "base",
                 crashed={k: e for k, e in crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
-            candidates.append({"name": name, "system": recipe.describe(weights), "weights_dir": folder,
-                               "recipe": recipe, "evidence": evidence,
-                               "score": _mean(list((evidence.candidate or {}).values())) or 0.0,
-                               "metrics": results[name]["metrics"] if name in results else {}})
+            candidates.append(registry.Candidate(
+                name, recipe.describe(weights), folder, recipe, evidence,
+                score=_mean(list((evidence.candidate or {}).values())) or 0.0,
+                metrics=results[name]["metrics"] if name in results else {}))
 
         rows = {name: {**r["metrics"], "stderr": r["stderr"],
                        "general_acc": _mean([g["acc"] for g in general.get(name, {}).values()])}
@@ -133,7 +133,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         for name, row in rows.items():
             mlflow.log_metrics({f"{name.replace('+', '_')}_{k}": v for k, v in row.items() if v is not None})
         rules = registry.Rules.of(config.gate)
-        compared = {c["name"]: registry.comparisons(c["evidence"], rules) for c in candidates}
+        compared = {c.name: registry.comparisons(c.evidence, rules) for c in candidates}
         for name, found in compared.items():
             for c in found:
                 slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")
@@ -155,8 +155,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
         print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
               + "".join(f"\n  {n} {c.rule}: {c.describe()}" for n, found in compared.items() for c in found)
               + (f"; crashed: {list(crashed)}" if crashed else ""))
-    return {"scores": rows, "crashed": crashed, "fixed": fixed, "broke": broke, "builtin": builtin,
-            "candidates": candidates}
+    return Evaluation(candidates, rows, crashed, fixed, broke, builtin)
 
 
 def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dict:
@@ -222,7 +221,8 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
     return scores
 
 
-def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list, compared: dict,
+def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list[registry.Candidate],
+            compared: dict,
             champion_note: str | None, power_note: str, warnings: list[str], metric: str) -> str:
     label = {"base": "base, 0-shot chat", "baseline": f"bar: {plan['baseline'][1]['name']} on the base weights",
              "prompt": f"base + {plan['prompt'][1]['name']}", "finetuned": "fine-tuned",
@@ -238,7 +238,7 @@ def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candi
                   "(report/wins_losses.jsonl in the MLflow run).", "",
               f"### Candidate systems, paired on {metric} (candidate minus the other; forgetting: base minus "
               "fine-tuned accuracy)", ""]
-    lines.append(table([(k["system"], c) for k in candidates for c in compared[k["name"]]]))
+    lines.append(table([(k.system, c) for k in candidates for c in compared[k.name]]))
     lines += ["", f"Power: {power_note}."] + [f"**Warning:** {w}." for w in warnings]
     if champion_note:
         lines += ["", f"**{champion_note}.**"]
@@ -272,11 +272,8 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
                                      for path in general_suites(config)])}
             log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
                      split="test")
-            client = MlflowClient()
-            for metric, value in {**result["metrics"], "general_acc": general["acc"]}.items():
-                client.set_model_version_tag(name, version, f"tuneline.metric.{metric}", f"{value:.6f}")
-            client.set_model_version_tag(name, version, registry.SCORE_TAG,
-                                         f"{result['metrics'][config.gate.metric]:.6f}")
+            registry.record_scores(name, version, {**result["metrics"], "general_acc": general["acc"]},
+                                   config.gate.metric)
             shown = {**result["metrics"], "general acc": general["acc"]}
             rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in shown.items())
             publish("evaluate-version",

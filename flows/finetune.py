@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-from mlflow import MlflowClient
 from prefect import flow
 
 from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig, load_config
-from flows.data import lengths_stage, prepare
+from flows.data import lengths_stage, prepare, training_plan
 from tasks import registry, tracking
+from tasks.datasets import Splits
 from tasks.models import provision_model
 from tasks.paths import run_folder
 from tasks.tracking import publish, stage_run
-from tasks.training import TrainSpec, require_device, run_key, train
+from tasks.training import FineTuned, TrainSpec, require_device, run_key, train
 
 
 def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainSpec:
@@ -30,7 +30,8 @@ def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainS
 
 
 @flow(name="finetune")
-def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_dir: str, parent_run_id: str) -> dict:
+def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str
+                   ) -> FineTuned:
     """One run on the task mixture, or sequential stages each starting from the previous stage's weights.
 
     Each run trains in a folder named by its inputs, so a killed run resumes from its checkpoint when
@@ -42,7 +43,7 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_di
                    stages=",".join(task or "mixture" for task, _ in plan)) as run:
         current = base_dir
         for step, (task, stage) in enumerate(plan):
-            files = splits["per_task"][task] if task else splits
+            files = splits.per_task[task] if task else splits.files
             spec = train_spec(config.finetune, stage)
             out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
             result = train(current, files["train"], out_dir, spec, files["validation"])
@@ -60,10 +61,15 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: dict, runs_di
             rows.append(f"| {task or 'mixture'} | {how} | {result['steps']} | {result['train_loss']:.3f} "
                         f"| {result['train_seconds']:.0f} | {result['tokens_per_second']:.0f} |")
             current = result["merged"]
+        plan, warnings = training_plan(config, sum(splits.mixed_train.values()))
+        for warning in warnings:
+            print(f"WARNING: {warning}")
         publish("finetune", f"## Fine-tuning ({config.finetune.method})\n\n| data | run | steps | final loss | "
                             "seconds | tokens/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+                            + f"\n\nPlanned: {plan}." + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                             + "\n\nThe adapter and the loss curve are in the MLflow run.")
-    return {**result, "run_id": run.info.run_id}
+    return FineTuned(result["merged"], run.info.run_id, result["steps"], result["train_loss"],
+                     result["train_seconds"], result["tokens_per_second"])
 
 
 @flow(name="finetune-model", log_prints=True)
@@ -83,11 +89,10 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
         splits, _ = prepare(config, run_dir, parent.info.run_id)
         base = provision_model(source, store)
         lengths_stage(config, splits, base, parent.info.run_id)
-        files = {k: splits[k] for k in ("train", "validation", "per_task")}
-        tuned = finetune_stage(config, base, files, str(home / "finetune"), parent.info.run_id)
-        version = registry.register(config.registered_model, tuned["merged"], tuned["run_id"], {}, config.gate.metric,
-                                    splits["keys"])
-        MlflowClient().set_model_version_tag(config.registered_model, version, registry.DECISION_TAG, "pending")
+        tuned = finetune_stage(config, base, splits, str(home / "finetune"), parent.info.run_id)
+        version = registry.register(config.registered_model, tuned.merged, tuned.run_id, {}, config.gate.metric,
+                                    splits.keys)
+        registry.mark_pending(config.registered_model, version)
     print(f"finetune-model: {config.registered_model} v{version} registered from {source}; champion unchanged")
-    return {"version": version, "model": source, "steps": tuned["steps"], "train_loss": tuned["train_loss"],
+    return {"version": version, "model": source, "steps": tuned.steps, "train_loss": tuned.train_loss,
             "mlflow_run_id": parent.info.run_id}

@@ -6,6 +6,8 @@ One MLflow parent run per iteration with a nested run per stage; one Prefect flo
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import mlflow
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -19,9 +21,13 @@ from flows.finetune import finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
 from tasks import tracking
-from tasks.datasets import SPLITS, read_examples
+from tasks.datasets import read_examples
+from tasks.packaging import Deployment
 from tasks.paths import run_folder
-from tasks.training import require_device
+from tasks.recipes import Baselines
+from tasks.registry import Evaluation, Verdict
+from tasks.selection import Selection
+from tasks.training import FineTuned, require_device
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -46,24 +52,23 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
         splits, tasks_dir = prepare(config, run_dir, pid, corrections)
-        chosen = select_stage(config, str(home / "models"), tasks_dir, splits["validation"], pid)
-        lengths_stage(config, splits, chosen["model_dir"], pid)
-        baseline = baseline_stage(config, chosen, tasks_dir, {name: splits[name] for name in SPLITS}, pid)
-        files = {k: splits[k] for k in ("train", "validation", "per_task")}
-        tuned = finetune_stage(config, chosen["model_dir"], files, str(home / "finetune"), pid)
-        report = evaluate_stage(config, chosen["model_dir"], tuned["merged"], baseline, tasks_dir, pid,
-                                champion=True)
-        verdict = promote_stage(config, tuned["run_id"], report, splits, str(home), pid)
-        built = {verdict["version"]: verdict["bento"]} if verdict["bento"] else None
-        probe = read_examples(splits["test"])[0].user
-        service = deploy_stage(config, str(home), pid, built=built, probe=probe)
+        chosen: Selection = select_stage(config, str(home / "models"), tasks_dir, splits.validation, pid)
+        lengths_stage(config, splits, chosen.model_dir, pid)
+        baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
+        tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid)
+        report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,
+                                            champion=True)
+        verdict: Verdict = promote_stage(config, tuned.run_id, report, splits, str(home), pid)
+        service: Deployment = deploy_stage(config, str(home), pid,
+                                           built={verdict.version: verdict.bento} if verdict.bento else None,
+                                           probe=read_examples(splits.test)[0].user)
 
     return {
         "mlflow_run_id": pid,
-        "model": chosen["source"],
-        "data": {"train": splits["train"], "counts": splits["counts"], "mixed_train": splits["mixed_train"]},
-        "baseline": baseline["all"],
-        "test": report["scores"],
-        "promotion": verdict,
-        "service": service,
+        "model": chosen.source,
+        "data": {"train": splits.train, "counts": splits.counts, "mixed_train": splits.mixed_train},
+        "baseline": baselines.results,
+        "test": report.scores,
+        "promotion": asdict(verdict),
+        "service": asdict(service),
     }

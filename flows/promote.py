@@ -15,62 +15,61 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
 from tasks import packaging, registry
-from tasks.datasets import read_examples
+from tasks.datasets import Splits, read_examples
 from tasks.evidence import table
 from tasks.processes import free_port
 from tasks.recipes import write_recipe
+from tasks.registry import Evaluation, Verdict
 from tasks.tracking import artifact_key, publish, stage_run
 
 
 @flow(name="promote")
-def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: dict, data: dict, home: str,
-                  parent_run_id: str) -> dict:
+def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluation, data: Splits, home: str,
+                  parent_run_id: str) -> Verdict:
     """Every candidate system through the gate; the best on the gate's metric that passes every rule is
     registered with its recipe, built, smoke-served and promoted. When none passes, the best-scoring one is
     registered as a recorded rejection. `data`: the data stage's result (train split for a retrieval pool, test
     split for the smoke prompts, split keys for the version)."""
     name = config.registered_model
     rules = registry.Rules.of(config.gate)
-    candidates = report["candidates"]
+    candidates = report.candidates
     with stage_run("promote", parent_run_id, registered_model=name, gate_metric=config.gate.metric,
-                   confidence=rules.confidence, candidates=",".join(c["system"] for c in candidates)) as run:
-        verdicts = [(c, registry.gate(c["evidence"], replace(rules, require_smoke=False))) for c in candidates]
+                   confidence=rules.confidence, candidates=",".join(c.system for c in candidates)) as run:
+        verdicts = [(c, registry.gate(c.evidence, replace(rules, require_smoke=False))) for c in candidates]
         passing = [c for c, verdict in verdicts if verdict.passed]
         # the best score wins; among equals the simpler system (candidates come simplest first)
-        chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c["score"])
-        recipe_dir = write_recipe(chosen["recipe"], Path(data["keys"]).parent.parent / "systems" / chosen["name"],
-                                  data["train"])
-        version = registry.register(name, chosen["weights_dir"], run.info.run_id,
-                                    chosen.get("metrics") or {config.gate.metric: chosen["score"]},
-                                    config.gate.metric, data["keys"], str(recipe_dir), chosen["system"])
-        evidence, bento = chosen["evidence"], None
+        chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c.score)
+        recipe_dir = write_recipe(chosen.recipe, Path(data.keys).parent.parent / "systems" / chosen.name, data.train)
+        version = registry.register(name, chosen.weights_dir, run.info.run_id,
+                                    chosen.metrics or {config.gate.metric: chosen.score},
+                                    config.gate.metric, data.keys, str(recipe_dir), chosen.system)
+        evidence, bento = chosen.evidence, None
         if config.gate.smoke_prompts and passing:
-            bento = packaging.build_bento(chosen["weights_dir"], name, version, config.task.system_prompt,
-                                          config.deploy.limits, str(recipe_dir), chosen["system"])
-            prompts = [e.user for e in read_examples(data["test"])[: config.gate.smoke_prompts]]
+            bento = packaging.build_bento(chosen.weights_dir, name, version, config.task.system_prompt,
+                                          config.deploy.limits, str(recipe_dir), chosen.system)
+            prompts = [e.user for e in read_examples(data.test)[: config.gate.smoke_prompts]]
             evidence = replace(evidence, smoke_failures=packaging.smoke_compare(
-                chosen["weights_dir"], bento, prompts, config.task.system_prompt, config.task.max_answer_tokens,
+                chosen.weights_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens,
                 home, free_port(), str(recipe_dir)))
         decision = registry.gate(evidence, rules)
         registry.record(name, version, decision)
-        mlflow.log_params({"version": version, "system": chosen["system"], "finetune_run": finetune_run_id,
+        mlflow.log_params({"version": version, "system": chosen.system, "finetune_run": finetune_run_id,
                            "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag(registry.REASONS_TAG, "; ".join(decision.reasons))
         why = (f"the best of {len(passing)} system(s) that passed every rule" if passing
                else "no system passed every rule; the best-scoring one is recorded as rejected")
-        others = "\n".join(f"- {c['system']}: {'pass' if v.passed else 'FAIL'} ({c['score']:.3f}): "
+        others = "\n".join(f"- {c.system}: {'pass' if v.passed else 'FAIL'} ({c.score:.3f}): "
                            + "; ".join(v.reasons) for c, v in verdicts if c is not chosen)
         publish(
             "promote",
-            f"## Gate: {name} v{version} ({chosen['system']}) — {'PASS' if decision.passed else 'FAIL'}\n\n"
-            f"Chosen: **{chosen['system']}**, {config.gate.metric} {chosen['score']:.3f} on the test split: {why}."
+            f"## Gate: {name} v{version} ({chosen.system}) — {'PASS' if decision.passed else 'FAIL'}\n\n"
+            f"Chosen: **{chosen.system}**, {config.gate.metric} {chosen.score:.3f} on the test split: {why}."
             "\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
-            + f"\n\n{table([(chosen['system'], c) for c in decision.comparisons])}\n"
+            + f"\n\n{table([(chosen.system, c) for c in decision.comparisons])}\n"
             + (f"\n### The other candidates\n\n{others}\n" if others else ""),
         )
-        print(f"promote: {name} v{version} ({chosen['system']}) {decision.summary}")
-    return {"version": version, "system": chosen["system"], "passed": decision.passed, "reasons": decision.reasons,
-            "bento": bento}
+        print(f"promote: {name} v{version} ({chosen.system}) {decision.summary}")
+    return Verdict(version, chosen.system, decision.passed, decision.reasons, bento)
 
 
 def _by_hand(model: str, outcome: str) -> None:

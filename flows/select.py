@@ -11,12 +11,13 @@ from flows.config import LifecycleConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
 from tasks.scoring import score, score_likelihood
-from tasks.selection import Budget, choose, measure_cost
+from tasks.selection import Budget, Selection, choose, measure_cost
 from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="select")
-def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation_path: str, parent_run_id: str) -> dict:
+def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation_path: str, parent_run_id: str
+                 ) -> Selection:
     task, models = config.task, config.models
     probe = chat_messages(read_examples(validation_path)[0], with_answer=False)  # a real prompt for the timing
     rows = []
@@ -52,4 +53,4 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             f"Chosen: **{best['source']}**: {reason}.",
         )
         print(f"select: chose {best['source']}: {reason}")
-    return best
+    return Selection(best["source"], best["model_dir"], reason, best["score"], best["likelihood"], best["result"])

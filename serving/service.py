@@ -72,7 +72,10 @@ class Generator:
         self.lock = threading.Lock()  # a stream and a batch at once would only fight over the same cores
 
     def _sampling(self, request: dict) -> dict:
+        """generate()'s sampling settings; a request's `seed` reseeds torch first (call under the lock)."""
         sample = request["temperature"] >= GREEDY_BELOW
+        if sample and request.get("seed") is not None:
+            self.torch.manual_seed(request["seed"])
         return {"do_sample": sample, "temperature": request["temperature"] if sample else None,
                 "top_p": request["top_p"] if sample else None, "top_k": None, "pad_token_id": self.pad}
 
@@ -104,7 +107,9 @@ class Generator:
         # seconds, so the bound is the request timeout itself.
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault((request["temperature"], request["top_p"]), []).append(i)
+            # a seeded request is generated alone: its answer must not depend on what it was batched with
+            alone = i if request.get("seed") is not None else None
+            groups.setdefault((request["temperature"], request["top_p"], alone), []).append(i)
         results: list[dict] = [{}] * len(requests)
         for members in groups.values():
             for i, result in zip(members, self._generate_group([requests[i] for i in members])):
@@ -164,6 +169,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0,
                                description="0 (the default here) is greedy; so is anything under 0.001")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, description="with sampling: the same seed and request give the same answer")
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
@@ -335,7 +341,8 @@ class Chat:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.max_tokens
         if max_tokens > self.max_tokens:
             raise HTTPException(400, f"max_tokens: {max_tokens} is over this service's limit of {self.max_tokens}")
-        return messages, {"ids": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p}
+        return messages, {"ids": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                          "seed": body.seed}
 
     def _completion(self, rid: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,

@@ -71,6 +71,33 @@ class TaskSpec:
     seed: int = 13
 
 
+@dataclass(frozen=True)
+class Splits:
+    """What the data stage hands on: the primary task's split files, the mixed training file (every task by
+    weight, plus production corrections), each task's own splits, and the data card's numbers."""
+    train: str
+    validation: str
+    test: str
+    rejects: str  # rejects.jsonl: every bad row with its reason
+    keys: str  # keys.json: the split fingerprints and the training keys, registered with a version
+    fingerprints: dict[str, str]
+    per_task: dict[str, dict[str, str]]  # task → split → file
+    counts: dict[str, dict[str, int]]  # task → split (and "rejected") → examples
+    mixed_train: dict[str, int]  # task (and "feedback") → examples in the mixed training file
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The primary task's split files by name."""
+        return {name: getattr(self, name) for name in SPLITS}
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """The lengths check's result: token counts per task (chat template applied) and how many examples left."""
+    lengths: dict[str, list[int]]
+    removed: int
+
+
 @dataclass
 class Outcome:
     examples: list[Example]
@@ -336,7 +363,7 @@ def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
 
 @task(name="prepare-data")
 def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
-                 out_dir: str, on_bad_rows: str = "error", corrections: list[str] = ()) -> dict:
+                 out_dir: str, on_bad_rows: str = "error", corrections: list[str] = ()) -> Splits:
     """Write the splits of every task (per task, and the mixed train file); return paths, counts, fingerprints.
 
     The first task is the primary one: its validation and test splits are what selection, baselines and
@@ -375,18 +402,18 @@ def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: f
     fingerprints = {name: fingerprint(primary[name]) for name in SPLITS}
     (out / "keys.json").write_text(json.dumps({"fingerprints": fingerprints, "train": sorted(
         {e.key for parts in per_task.values() for e in parts["train"] if e.key})}))
-    return {
-        "train": write_examples(out / "train.jsonl", train),
-        "validation": write_examples(out / "validation.jsonl", primary["validation"]),
-        "test": write_examples(out / "test.jsonl", primary["test"]),
-        "rejects": str(rejects_path),
-        "keys": str(out / "keys.json"),
-        "fingerprints": fingerprints,
-        "per_task": per_task_files,
-        "counts": counts,
-        "mixed_train": {name: sum(1 for e in train if e.task == name) for name in per_task}
+    return Splits(
+        train=write_examples(out / "train.jsonl", train),
+        validation=write_examples(out / "validation.jsonl", primary["validation"]),
+        test=write_examples(out / "test.jsonl", primary["test"]),
+        rejects=str(rejects_path),
+        keys=str(out / "keys.json"),
+        fingerprints=fingerprints,
+        per_task=per_task_files,
+        counts=counts,
+        mixed_train={name: sum(1 for e in train if e.task == name) for name in per_task}
         | ({"feedback": fed_back} if corrections else {}),
-    }
+    )
 
 
 def _write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
@@ -395,12 +422,12 @@ def _write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
 
 
 @task(name="fit-lengths")
-def fit_lengths(splits: dict, tokenizer_dir: str, max_tokens: dict[str, int]) -> dict:
+def fit_lengths(splits: Splits, tokenizer_dir: str, max_tokens: dict[str, int]) -> Lengths:
     """Every split file checked with the chosen model's tokenizer and chat template: an example longer than
     its task's `max_tokens` is removed (with its reason in rejects.jsonl), never truncated. Files are rewritten
     in place only when something was removed. Returns the token lengths per task and the removed count."""
     count = token_counter(tokenizer_dir)
-    paths = [splits[name] for name in SPLITS] + [f for files in splits["per_task"].values() for f in files.values()]
+    paths = [*splits.files.values()] + [f for files in splits.per_task.values() for f in files.values()]
     lengths: dict[str, list[int]] = {}
     measured: dict[tuple, int] = {}
     removed, dropped = [], set()
@@ -423,5 +450,5 @@ def fit_lengths(splits: dict, tokenizer_dir: str, max_tokens: dict[str, int]) ->
             if not kept:
                 raise DataError(f"{path}: every example is longer than max_tokens with {tokenizer_dir}'s tokenizer")
             write_examples(Path(path), kept)
-    _write_rejects(Path(splits["rejects"]), removed, mode="a")
-    return {"lengths": lengths, "removed": len(dropped)}
+    _write_rejects(Path(splits.rejects), removed, mode="a")
+    return Lengths(lengths, len(dropped))

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
@@ -32,6 +33,19 @@ def _bentoml(*args: str) -> str:
 
 class IncompleteSystem(ValueError):
     """A version whose recipe needs a part it does not carry; the message names the version and the part."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What the deploy stage hands on: whether a version is served, where, and its answer to a probe prompt."""
+    served: bool
+    version: str | None = None
+    bento: str | None = None
+    url: str | None = None
+    model: str | None = None  # the served model id, e.g. "reviews-assistant/4"
+    system: str | None = None  # e.g. "base + 3 retrieved shots, chat"
+    answer: str | None = None
+    reason: str | None = None  # why nothing is served
 
 
 @task(name="build-bento")

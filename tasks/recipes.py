@@ -56,6 +56,17 @@ class Recipe:
         return f"{weights} + {self.label}"
 
 
+@dataclass(frozen=True)
+class Baselines:
+    """What the baseline stage hands on: every prompt's validation result (by name, simplest first; each row is
+    the prompt variant with its metrics and `score` on the gate's metric), the best one (the bar), and the
+    fixed shots drawn per k (a fixed-shot recipe carries them)."""
+    best: str
+    variant: dict  # the best prompt: name, kind, shots, suffix (its lm-eval task), chat
+    results: dict[str, dict]
+    fixed: dict[int, list[dict]]
+
+
 def write_recipe(recipe: Recipe, out_dir: str | Path, pool_path: str | None = None) -> Path:
     """The recipe's files in `out_dir`; a retrieval recipe also gets its pool and the pool's embeddings."""
     out = Path(out_dir)

@@ -15,9 +15,11 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 
 from tasks.evidence import Comparison, compare
+from tasks.recipes import Recipe
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "tuneline.score"
+METRIC_TAG = "tuneline.metric."  # + a metric's name: the version's test score on it
 PREVIOUS_TAG = "tuneline.previous_champion"
 DECISION_TAG, REASONS_TAG = "tuneline.decision", "tuneline.reasons"
 SYSTEM_TAG = "tuneline.system"  # what the version is: "fine-tuned", "base + 3 retrieved shots, plain", …
@@ -71,6 +73,41 @@ class Decision:
     @property
     def summary(self) -> str:
         return ("PASS: " if self.passed else "FAIL: ") + "; ".join(self.reasons)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A system the evaluate stage scored on the test split, with the evidence the gate judges it on."""
+    name: str  # prompt | finetuned | finetuned+shots
+    system: str  # what the registry and the service call it, e.g. "fine-tuned + 3 retrieved shots, chat"
+    weights_dir: str
+    recipe: Recipe
+    evidence: Evidence
+    score: float  # mean per-item score on the gate's metric
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the evaluate stage hands on: the candidates for the gate (simplest first), every scored system's
+    test metrics by name, crashes, and what fine-tuning alone fixed and broke against the bar."""
+    candidates: list[Candidate]
+    scores: dict[str, dict] = field(default_factory=dict)
+    crashed: dict[str, str] = field(default_factory=dict)
+    fixed: int = 0
+    broke: int = 0
+    builtin: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the promote stage hands on: the version registered, the system it is, the gate's decision with its
+    reasons, and the Bento built for it (None unless it passed the metric rules and was smoke-served)."""
+    version: str
+    system: str
+    passed: bool
+    reasons: list[str]
+    bento: str | None = None
 
 
 def comparisons(evidence: Evidence, rules: Rules) -> list[Comparison]:
@@ -184,8 +221,7 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {f"tuneline.metric.{k}": f"{v:.6f}" for k, v in metrics.items() if v is not None}
-    tags[SCORE_TAG] = f"{metrics.get(gate_metric, float('nan')):.6f}"
+    tags = _score_tags(metrics, gate_metric)
     if keys_file:
         tags |= {SPLIT_TAG + split: value
                  for split, value in json.loads(Path(keys_file).read_text())["fingerprints"].items()}
@@ -194,6 +230,24 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
                                      description=f"System: {system}.")
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     return str(mv.version)
+
+
+def _score_tags(metrics: dict[str, float], gate_metric: str) -> dict[str, str]:
+    tags = {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items() if v is not None}
+    tags[SCORE_TAG] = f"{metrics.get(gate_metric, float('nan')):.6f}"
+    return tags
+
+
+def record_scores(name: str, version: str, metrics: dict[str, float], gate_metric: str) -> None:
+    """A version's test scores, measured after its registration (evaluate-version), as its tags."""
+    client = MlflowClient()
+    for key, value in _score_tags(metrics, gate_metric).items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def mark_pending(name: str, version: str) -> None:
+    """A version registered without a gate decision (finetune-model): evaluate it, then promote it by hand."""
+    MlflowClient().set_model_version_tag(name, version, DECISION_TAG, "pending")
 
 
 def _move_champion(client: MlflowClient, name: str, version: str) -> None:

@@ -35,6 +35,18 @@ class Budget:
         return found
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What selection hands on: the chosen model, why, and its zero-shot validation scoring (the baseline stage
+    reuses it instead of scoring the same prompt twice)."""
+    source: str
+    model_dir: str
+    reason: str
+    score: float  # validation score on the gate's metric
+    likelihood: float  # mean log-probability per token of the reference answers
+    result: dict  # the zero-shot validation scoring: metrics and samples
+
+
 class NoCandidateFits(ValueError):
     """Every candidate breaks the budget; the message lists each one's violations."""
 

@@ -137,19 +137,22 @@ def _merged(trainer: SFTTrainer, spec: TrainSpec, base_dir: Path, adapter_dir: P
     return trainer.model.merge_and_unload()
 
 
-@task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_path: str | None = None) -> dict:
-    """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
-    require_device(spec.method)
-    if spec.early_stopping_patience and not (val_path and spec.save_steps):
-        raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
+@dataclass(frozen=True)
+class FineTuned:
+    """What fine-tuning hands on: the merged weights (dense, safetensors) and the MLflow run that made them."""
+    merged: str
+    run_id: str
+    steps: int
+    train_loss: float
+    train_seconds: float
+    tokens_per_second: float
+
+
+def sft_trainer(model, tokenizer, spec: TrainSpec, train_path: str, val_path: str | None, checkpoints: Path,
+                device: str) -> SFTTrainer:
+    """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings, packing, LoRA/DoRA
+    through peft unless the method is full fine-tuning, early stopping on the validation loss when asked."""
     early = bool(spec.early_stopping_patience)
-    out, base = Path(out_dir), Path(base_dir)
-    if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
-        return {**json.loads((out / "result.json").read_text()), "cached": True}
-    checkpoints = out / "checkpoints"
-    device = resolve_device(spec.device)
-    model, tokenizer = _load_for(spec.method, base, device)
     args = SFTConfig(
         output_dir=str(checkpoints),
         learning_rate=spec.learning_rate,
@@ -183,12 +186,28 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
         use_dora=spec.method == "dora", task_type="CAUSAL_LM",
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model, args=args, train_dataset=conversational(read_examples(train_path)),
         eval_dataset=conversational(read_examples(val_path)) if early else None,
         processing_class=tokenizer, peft_config=peft_config,
         callbacks=[EarlyStoppingCallback(spec.early_stopping_patience)] if early else None,
     )
+
+
+@task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
+def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_path: str | None = None) -> dict:
+    """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
+    require_device(spec.method)
+    if spec.early_stopping_patience and not (val_path and spec.save_steps):
+        raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
+    out, base = Path(out_dir), Path(base_dir)
+    if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
+        return {**json.loads((out / "result.json").read_text()), "cached": True}
+    checkpoints = out / "checkpoints"
+    device = resolve_device(spec.device)
+    model, tokenizer = _load_for(spec.method, base, device)
+    trainer = sft_trainer(model, tokenizer, spec, train_path, val_path, checkpoints, device)
+    lora = spec.method != "full"
     resume = last_complete_checkpoint(checkpoints)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -199,7 +218,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
     tokens = max((float(log.get("num_tokens", 0)) for log in trainer.state.log_history), default=0.0)
 
     adapter_dir, merged_dir = out / "adapter", out / "merged"
-    if peft_config is not None:
+    if lora:
         trainer.model.save_pretrained(adapter_dir)
     _merged(trainer, spec, base, adapter_dir).save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
@@ -208,7 +227,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
     (merged_dir / META_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(checkpoints, ignore_errors=True)
     summary = {
-        "adapter": str(adapter_dir) if peft_config is not None else None,
+        "adapter": str(adapter_dir) if lora else None,
         "merged": str(merged_dir),
         "train_loss": float(result.training_loss),
         "train_seconds": seconds,

@@ -14,6 +14,7 @@ from flows.config import load_config
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.retrieval import attach_fixed, attach_shots, encoder, nearest, pick_fixed
 from tasks.scoring import score
+from tasks.selection import Selection
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -22,9 +23,8 @@ def splits(tmp_path_factory) -> dict:
     spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
     out = tmp_path_factory.mktemp("baseline-data")
     found = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip")
-    tasks_dir = write_tasks("reviews", {k: found[k] for k in ("train", "validation", "test")}, out / "tasks", 4,
-                            reasoning_tokens=4)
-    return {**found, "tasks_dir": str(tasks_dir), "out": out}
+    tasks_dir = write_tasks("reviews", found.files, out / "tasks", 4, reasoning_tokens=4)
+    return {**found.files, "data": found, "tasks_dir": str(tasks_dir), "out": out}
 
 
 def users(path: str) -> set[str]:
@@ -85,17 +85,16 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
     config.baseline.shots, config.baseline.retrieval_shots, config.baseline.chain_of_thought = [0, 2], 2, True
     zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
                     batch_size=3)
-    chosen = {"source": "tiny:0", "model_dir": tiny_model, "result": zero}
+    chosen = Selection("tiny:0", tiny_model, "the only candidate", zero["score"], 0.0, zero)
     mlflow.create_experiment("baseline", artifact_location=(splits["out"] / "artifacts").as_uri())
     mlflow.set_experiment("baseline")
     with mlflow.start_run() as parent:
-        found = baseline_stage(config, chosen, splits["tasks_dir"],
-                               {k: splits[k] for k in ("train", "validation", "test")}, parent.info.run_id)
+        found = baseline_stage(config, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
 
     expected = [f"{p}, {mode}" for mode in ("chat", "plain")
                 for p in ("0-shot", "2-shot", "chain of thought", "2 retrieved shots")]
-    assert list(found["all"]) == expected
-    assert found["best"] in expected and found["variant"]["name"] == found["best"]
+    assert list(found.results) == expected
+    assert found.best in expected and found.variant["name"] == found.best
     runs = {r.info.run_name: r for r in mlflow.search_runs(output_format="list")}
     assert {f"baseline {name}" for name in expected} <= set(runs)
     assert runs["baseline chain of thought, plain"].data.params["chat_template"] == "False"

@@ -85,6 +85,25 @@ def test_cli_check_states_the_power_of_the_test_split_and_warns_naming_the_numbe
                         "bar at 0.50)")
     assert lines[2].startswith("warning: gate.min_improvement +0.050 is below the smallest detectable gain 0.254 "
                                "for 48 test items")
+    assert lines[3] == "training: fine-tuning runs 30 steps of 4 examples: 0.09 epochs of the 1279 training examples"
+    assert lines[4] == ("warning: finetune.max_steps 30 covers 9% of an epoch (320 steps at 4 examples a step); "
+                        "set it to null to train for finetune.epochs (1)")
+
+
+def test_training_runs_by_epochs_by_default_and_warns_below_half_an_epoch():
+    from flows.config import FinetuneConfig
+    from flows.data import training_plan
+
+    assert FinetuneConfig().max_steps is None  # the default trains for `epochs`, whatever the data's size
+    config = load_config(DEMO)
+    config.finetune.max_steps, config.finetune.epochs, config.finetune.batch_size = None, 2, 8
+    assert training_plan(config, 100) == ("fine-tuning runs 26 steps of 8 examples: 2.00 epochs of the 100 training "
+                                          "examples", [])
+    config.finetune.max_steps = 7  # 7 of 13 steps an epoch: over half, no warning; 6 would be under
+    assert training_plan(config, 100)[1] == []
+    config.finetune.max_steps = 6
+    assert training_plan(config, 100)[1] == ["finetune.max_steps 6 covers 46% of an epoch (13 steps at 8 examples "
+                                             "a step); set it to null to train for finetune.epochs (2)"]
 
 
 def test_cli_pull_provisions_the_candidates_into_the_store_the_lifecycle_reads(tmp_path):

@@ -55,19 +55,19 @@ def test_adding_records_never_moves_an_existing_example_between_splits(tmp_path)
                              13, str(tmp_path / "a"), on_bad_rows="skip")
     after = prepare_data.fn([spec(jsonl(tmp_path, *rows[:500], name="b.jsonl"), labels={})], {"t": 1.0}, 0.1, 0.1,
                             13, str(tmp_path / "b"), on_bad_rows="skip")
-    where = {name: {e.key: name for e in read_examples(after[name])} for name in ("train", "validation", "test")}
-    moved = [(e.key, name) for name in ("train", "validation", "test") for e in read_examples(before[name])
+    where = {name: {e.key: name for e in read_examples(after.files[name])} for name in ("train", "validation", "test")}
+    moved = [(e.key, name) for name in ("train", "validation", "test") for e in read_examples(before.files[name])
              if where[name].get(e.key) != name]
     assert moved == []
-    assert sum(len(read_examples(after[n])) for n in ("train", "validation", "test")) > \
-        sum(len(read_examples(before[n])) for n in ("train", "validation", "test"))
+    assert sum(len(read_examples(after.files[n])) for n in ("train", "validation", "test")) > \
+        sum(len(read_examples(before.files[n])) for n in ("train", "validation", "test"))
     # fingerprints identify the splits: unchanged data, same fingerprints; more data, new ones
     again = prepare_data.fn([spec(jsonl(tmp_path, *rows[:400], name="c.jsonl"), labels={})], {"t": 1.0}, 0.1, 0.1,
                             13, str(tmp_path / "c"), on_bad_rows="skip")
-    assert again["fingerprints"] == before["fingerprints"] != after["fingerprints"]
-    keys = json.loads(Path(after["keys"]).read_text())
-    assert keys["fingerprints"] == after["fingerprints"]
-    assert set(keys["train"]) == {e.key for e in read_examples(after["train"])}
+    assert again.fingerprints == before.fingerprints != after.fingerprints
+    keys = json.loads(Path(after.keys).read_text())
+    assert keys["fingerprints"] == after.fingerprints
+    assert set(keys["train"]) == {e.key for e in read_examples(after.train)}
 
 
 def test_lengths_are_checked_with_the_chosen_models_tokenizer_and_leave_every_split(tmp_path, tiny_model):
@@ -77,11 +77,11 @@ def test_lengths_are_checked_with_the_chosen_models_tokenizer_and_leave_every_sp
     rows += [{"review": "very long " * (40 + i), "sentiment": "negative"} for i in range(30)]
     result = prepare_data.fn([spec(jsonl(tmp_path, *rows))], {"t": 1.0}, 0.2, 0.2, 3, str(tmp_path / "d"), "skip")
     fitted = fit_lengths.fn(result, tiny_model, {"t": 60})
-    assert fitted["removed"] == 30 and all(n > 0 for n in fitted["lengths"]["t"])
-    kept = [e for name in ("train", "validation", "test") for e in read_examples(result[name])]
+    assert fitted.removed == 30 and all(n > 0 for n in fitted.lengths["t"])
+    kept = [e for name in ("train", "validation", "test") for e in read_examples(result.files[name])]
     assert len(kept) == 60 and not any("very long" in e.user for e in kept)
-    assert not any("very long" in e.user for e in read_examples(result["per_task"]["t"]["train"]))
-    rejects = Path(result["rejects"]).read_text()
+    assert not any("very long" in e.user for e in read_examples(result.per_task["t"]["train"]))
+    rejects = Path(result.rejects).read_text()
     assert rejects.count("over-long") == 30 and "max_tokens 60" in rejects
 
 
@@ -168,30 +168,30 @@ def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
                    answer="{{ queue }}", labels={})
     result = prepare_data.fn([reviews, tickets], {"reviews": 1.0, "tickets": 1.0}, 0.1, 0.1, 13,
                              str(tmp_path), on_bad_rows="skip")
-    assert {e.task for e in read_examples(result["test"])} == {"reviews"}  # the primary task is scored
-    assert result["mixed_train"]["reviews"] == result["mixed_train"]["tickets"]
-    assert result["counts"]["reviews"]["rejected"] == 2
-    rejected = sum(c["rejected"] for c in result["counts"].values())
+    assert {e.task for e in read_examples(result.test)} == {"reviews"}  # the primary task is scored
+    assert result.mixed_train["reviews"] == result.mixed_train["tickets"]
+    assert result.counts["reviews"]["rejected"] == 2
+    rejected = sum(c["rejected"] for c in result.counts.values())
     assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == rejected
 
 
 def test_corrections_join_the_training_split_only_and_never_a_held_out_question(tmp_path):
     reviews = spec(DEMO_DATA, name="reviews", labels={})
     plain = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "a"), on_bad_rows="skip")
-    held_out = read_examples(plain["test"])[0]
+    held_out = read_examples(plain.test)[0]
     corrections = tmp_path / "round-001.jsonl"
     corrections.write_text(
         Example("feedback-1", "sys", "Review: a brand new question", '{"sentiment": "negative"}', "feedback").to_json()
         + "\n" + Example("feedback-2", "sys", held_out.user, "leaked answer", "feedback").to_json() + "\n")
     result = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "b"), on_bad_rows="skip",
                              corrections=[str(corrections)])
-    train = read_examples(result["train"])
+    train = read_examples(result.train)
     assert [e.id for e in train if e.task == "feedback"] == ["feedback-1"]
-    assert len(train) == len(read_examples(plain["train"])) + 1
-    assert [read_examples(result[s]) for s in ("validation", "test")] == \
-        [read_examples(plain[s]) for s in ("validation", "test")]  # held-out splits unchanged between rounds
-    assert result["mixed_train"]["feedback"] == 1
-    rejects = [json.loads(line) for line in Path(result["rejects"]).read_text().splitlines()]
+    assert len(train) == len(read_examples(plain.train)) + 1
+    assert [read_examples(result.files[s]) for s in ("validation", "test")] == \
+        [read_examples(plain.files[s]) for s in ("validation", "test")]  # held-out splits unchanged between rounds
+    assert result.mixed_train["feedback"] == 1
+    rejects = [json.loads(line) for line in Path(result.rejects).read_text().splitlines()]
     assert any("feedback-2" in r["where"] and "validation/test question" in r["reason"] for r in rejects)
 
 

@@ -7,6 +7,7 @@ import mlflow
 from evals.runner import write_tasks
 from flows.config import load_config
 from tasks.datasets import TaskSpec, prepare_data
+from tasks.recipes import Baselines
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -19,7 +20,7 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     config.evaluation.builtin_tasks = ["arc_easy"]  # needs the hub: must be skipped with a message offline
     spec = TaskSpec("reviews", str(DEMO_DATA), "sys", config.task.prompts, config.task.answer)
     splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
-    tasks_dir = write_tasks("reviews", {k: splits[k] for k in ("train", "validation", "test")}, tmp_path / "t", 8,
+    tasks_dir = write_tasks("reviews", splits.files, tmp_path / "t", 8,
                             reasoning_tokens=8)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -30,19 +31,19 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     with mlflow.start_run() as parent:
         cot = {"name": "chain of thought, plain", "kind": "cot", "shots": 0, "suffix": "_cot", "chat": False}
         zero = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}
-        report = evaluate_stage(config, tiny_model, str(broken), {"best": cot["name"], "variant": cot, "fixed": {},
-                                "all": {zero["name"]: {**zero, "score": 0.0}, cot["name"]: {**cot, "score": 0.1}}},
-                                str(tasks_dir), parent.info.run_id)
+        results = {zero["name"]: {**zero, "score": 0.0}, cot["name"]: {**cot, "score": 0.1}}
+        baselines = Baselines(best=cot["name"], variant=cot, results=results, fixed={})
+        report = evaluate_stage(config, tiny_model, str(broken), baselines, str(tasks_dir), parent.info.run_id)
 
     # the bar (chain of thought) cannot be served: the prompt candidate is the best servable recipe, zero-shot
     # here, which is the base model itself; the fine-tuned candidate crashed and says so to the gate
-    assert set(report["scores"]) == {"base", "baseline", "prompt"}
-    [finetuned] = report["candidates"]
-    assert finetuned["system"] == "fine-tuned" and finetuned["evidence"].candidate is None
-    assert "finetuned" in finetuned["evidence"].crashed
-    assert "HF_HUB_OFFLINE is set" in report["builtin"]["skipped"]
-    assert set(report["crashed"]) == {"finetuned"}
-    base = report["scores"]["base"]
+    assert set(report.scores) == {"base", "baseline", "prompt"}
+    [finetuned] = report.candidates
+    assert finetuned.system == "fine-tuned" and finetuned.evidence.candidate is None
+    assert "finetuned" in finetuned.evidence.crashed
+    assert "HF_HUB_OFFLINE is set" in report.builtin["skipped"]
+    assert set(report.crashed) == {"finetuned"}
+    base = report.scores["base"]
     assert set(base) >= {"exact_match", "field_f1", "rougeL", "stderr", "general_acc"}
     assert 0.0 <= base["general_acc"] <= 1.0
     stage = mlflow.search_runs(filter_string="tags.`tuneline.stage` = 'evaluate'", output_format="list")[0]

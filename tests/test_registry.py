@@ -10,8 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks import registry
+from tasks.datasets import Splits
 from tasks.recipes import Recipe
-from tasks.registry import Evidence, Rules
+from tasks.registry import Candidate, Evaluation, Evidence, Rules
 
 NAME = "gate-test"
 RULES = Rules(min_improvement=0.1, max_forgetting=0.05)
@@ -165,8 +166,7 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.registered_model = "never-built"
     evidence = replace(GOOD, candidate=right(40), bar=right(50), smoke_failures=None)
-    candidate = {"name": "finetuned", "system": "fine-tuned", "weights_dir": tiny_model, "recipe": Recipe(),
-                 "evidence": evidence, "score": 0.4}
+    candidate = Candidate("finetuned", "fine-tuned", tiny_model, Recipe(), evidence, score=0.4)
     keys = tmp_path / "data" / "keys.json"
     keys.parent.mkdir()
     keys.write_text('{"fingerprints": {"train": "a", "validation": "b", "test": "c"}, "train": []}')
@@ -174,12 +174,14 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
     mlflow.set_experiment("promote")
     with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
         pass
-    verdict = promote_stage(config, finetune.info.run_id, {"candidates": [candidate]},
-                            {"test": str(tmp_path / "no-test-split-needed.jsonl"), "keys": str(keys), "train": ""},
-                            str(home), parent.info.run_id)
-    assert not verdict["passed"] and verdict["bento"] is None
-    assert "smoke test not run: the rules above failed" in verdict["reasons"]
+    unused = str(tmp_path / "no-split-needed.jsonl")
+    data = Splits(unused, unused, unused, rejects="", keys=str(keys), fingerprints={}, per_task={}, counts={},
+                  mixed_train={})
+    verdict = promote_stage(config, finetune.info.run_id, Evaluation([candidate]), data, str(home),
+                            parent.info.run_id)
+    assert not verdict.passed and verdict.bento is None
+    assert "smoke test not run: the rules above failed" in verdict.reasons
     built = [m for m in bentoml.models.list() if m.info.labels.get("registered_model") == "never-built"]
     assert built == []
-    tags = MlflowClient().get_model_version("never-built", verdict["version"]).tags
+    tags = MlflowClient().get_model_version("never-built", verdict.version).tags
     assert tags["tuneline.decision"] == "fail" and "not shown to beat the bar" in tags["tuneline.reasons"]

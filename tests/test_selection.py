@@ -60,13 +60,13 @@ def test_select_stage_picks_the_better_of_two_tiny_models(tiny_model, prefect_ap
     # with its final norm negated, so every greedy choice differs from the good model's.
     spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
     splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
-    validation = read_examples(splits["validation"])[:4]
-    write_examples(Path(splits["validation"]), validation)
-    tasks_dir = write_tasks("reviews", {k: splits[k] for k in ("train", "validation", "test")}, tmp_path / "t", 6)
+    validation = read_examples(splits.validation)[:4]
+    write_examples(Path(splits.validation), validation)
+    tasks_dir = write_tasks("reviews", splits.files, tmp_path / "t", 6)
     said = score.fn(tiny_model, str(tasks_dir), "reviews_validation", system_prompt="sys", shots=0, limit=4,
                     batch_size=4)
     replies = {s["doc_id"]: s["response"] for s in said["samples"]}
-    write_examples(Path(splits["validation"]),
+    write_examples(Path(splits.validation),
                    [type(e)(e.id, e.system, e.user, replies[i], e.task) for i, e in enumerate(validation)])
     model, tokenizer = load(Path(tiny_model))
     model.model.norm.weight.data.neg_()
@@ -80,10 +80,10 @@ def test_select_stage_picks_the_better_of_two_tiny_models(tiny_model, prefect_ap
     mlflow.create_experiment("select", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("select")
     with mlflow.start_run() as parent:
-        chosen = select_stage(config, str(tmp_path / "store"), str(tasks_dir), splits["validation"],
+        chosen = select_stage(config, str(tmp_path / "store"), str(tasks_dir), splits.validation,
                               parent.info.run_id)
 
-    assert chosen["source"] == f"path:{tiny_model}" and chosen["score"] == 1.0
+    assert chosen.source == f"path:{tiny_model}" and chosen.score == 1.0
     runs = {r.info.run_name: r for r in mlflow.search_runs(output_format="list")}
     good, worse = runs[f"candidate path:{tiny_model}"], runs[f"candidate path:{tmp_path / 'worse'}"]
     assert worse.data.metrics["score"] < 1.0 and worse.data.metrics["tokens_per_s"] > 0

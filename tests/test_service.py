@@ -87,9 +87,15 @@ def test_stop_sequence_cuts_the_answer_plain_and_streamed(client):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
-def test_sampling_settings_are_accepted(client):
-    reply = ask(client, "Review: ok", max_tokens=4, temperature=0.8, top_p=0.9)
-    assert reply.usage.completion_tokens <= 4
+def test_sampling_follows_the_seed(client):
+    """At temperature 1 a random tiny model has many likely continuations: the same seed gives the same answer,
+    other seeds other answers."""
+    def sampled(seed: int, **kw) -> str:
+        return ask(client, "Review: ok", max_tokens=8, temperature=1.0, seed=seed, **kw).choices[0].message.content
+
+    first = sampled(1)
+    assert sampled(1) == first and sampled(1, top_p=0.9) == sampled(1, top_p=0.9)
+    assert len({first, *(sampled(seed) for seed in range(2, 6))}) >= 3
 
 
 def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(client):
@@ -132,11 +138,33 @@ def test_api_key_is_required_except_for_health(service):
         ask(openai.OpenAI(base_url=f"{service['url']}/v1", api_key="wrong", max_retries=0), "hi", max_tokens=2)
 
 
+def generate_calls(url: str) -> dict[str, float]:
+    """BentoML's own adaptive-batching histogram from /metrics: generate() calls, calls holding a single
+    request, and requests in all."""
+    found = {"calls": 0.0, "single": 0.0, "requests": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if not line.startswith("bentoml_service_adaptive_batch_size") or 'method_name="generate"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("bentoml_service_adaptive_batch_size_count"):
+            found["calls"] += value
+        elif line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            found["requests"] += value
+        elif 'le="1.0"' in line:
+            found["single"] += value
+    return found
+
+
 def test_concurrent_requests_are_batched_and_each_answered_and_recorded(client, service):
     questions = [f"Review: item {i} " + "long " * (i % 5) for i in range(12)]
     alone = [ask(client, q, max_tokens=6).choices[0].message.content for q in questions[:3]]
+    before = generate_calls(service["url"])
     with ThreadPoolExecutor(12) as pool:
         replies = list(pool.map(lambda q: ask(client, q, max_tokens=6), questions))
+    after = generate_calls(service["url"])
+    calls, single = after["calls"] - before["calls"], after["single"] - before["single"]
+    assert after["requests"] - before["requests"] == 12
+    assert calls < 12 and calls - single >= 1, (before, after)  # at least one generate() held several requests
     assert len({r.id for r in replies}) == 12
     assert [r.choices[0].message.content for r in replies[:3]] == alone  # left padding changes no greedy answer
     with sqlite3.connect(service["db"]) as db:

@@ -54,6 +54,6 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
 
     try:
         served = deploy_version(config)  # the champion, on the config's port
-        assert served["served"] and served["model"] == "alone-model/1"
+        assert served.served and served.model == "alone-model/1"
     finally:
         stop_started("bento", home)

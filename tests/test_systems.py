@@ -17,11 +17,11 @@ from mlflow import MlflowClient
 
 from evals import runner
 from tasks import packaging, registry
-from tasks.datasets import Example, write_examples
+from tasks.datasets import Example, Splits, write_examples
 from tasks.models import load, provision
 from tasks.processes import free_port, stop_started
 from tasks.recipes import POOL_FILE, Recipe, write_recipe
-from tasks.registry import Evidence
+from tasks.registry import Candidate, Evaluation, Evidence
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
 from tests.conftest import ROOT
 
@@ -55,12 +55,13 @@ def setting(tmp_path, mlflow_sqlite):
                                                 "train": [e.key for e in TRAIN]}))
     mlflow.create_experiment("systems", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("systems")
-    return config, {**files, "keys": str(data / "keys.json")}
+    return config, Splits(files["train"], files["test"], files["test"], rejects="", keys=str(data / "keys.json"),
+                          fingerprints={}, per_task={}, counts={}, mixed_train={})
 
 
-def candidate(name: str, weights: str, folder: str, recipe: Recipe, evidence: Evidence) -> dict:
-    return {"name": name, "system": recipe.describe(weights), "weights_dir": folder, "recipe": recipe,
-            "evidence": evidence, "score": sum(evidence.candidate.values()) / len(evidence.candidate)}
+def candidate(name: str, weights: str, folder: str, recipe: Recipe, evidence: Evidence) -> Candidate:
+    return Candidate(name, recipe.describe(weights), folder, recipe, evidence,
+                     score=sum(evidence.candidate.values()) / len(evidence.candidate))
 
 
 def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(setting, tiny_model, store, home,
@@ -71,60 +72,60 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
     config, data = setting
     tuned = str(provision("tiny:1", store))  # stands in for fine-tuned weights
     general = {"g": (right(50, 200), right(50, 200))}
-    prompt, fixed = Recipe.of(RETRIEVED, SYSTEM), pick_fixed(data["train"], 2, seed=13)
+    prompt, fixed = Recipe.of(RETRIEVED, SYSTEM), pick_fixed(data.train, 2, seed=13)
     tuned_fixed = Recipe.of(FIXED, SYSTEM, {2: fixed})
     with mlflow.start_run() as parent:
         # Round 1: retrieved shots on the base weights clearly beat the base zero-shot; fine-tuning does not beat
         # the bar. The prompt system wins, is built with its pool and encoder, and is smoke-served.
-        first = promote_stage(config, "no-finetune-run", {"candidates": [
+        first = promote_stage(config, "no-finetune-run", Evaluation([
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", weights_changed=False)),
             candidate("finetuned", "fine-tuned", tuned, Recipe(SYSTEM),
                       Evidence("exact_match", right(35), right(60), "2 retrieved shots, chat", general=general)),
-        ]}, data, str(home), parent.info.run_id)
-        assert first["passed"], first["reasons"]
-        assert first["system"] == "base + 2 retrieved shots, chat" and "smoke test passed" in first["reasons"]
-        assert "the base weights, unchanged: nothing to forget" in first["reasons"]
+        ]), data, str(home), parent.info.run_id)
+        assert first.passed, first.reasons
+        assert first.system == "base + 2 retrieved shots, chat" and "smoke test passed" in first.reasons
+        assert "the base weights, unchanged: nothing to forget" in first.reasons
 
         # Round 2: the fine-tuned weights (with 2 fixed shots, plain text) now win, also against the champion (the
         # prompt system) on the same items.
         config.gate.smoke_prompts = 0  # round 1 served and smoke-tested a Bento already; this one need not
-        second = promote_stage(config, "finetune-run", {"candidates": [
+        second = promote_stage(config, "finetune-run", Evaluation([
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", champion=right(60),
-                               champion_version=first["version"], weights_changed=False)),
+                               champion_version=first.version, weights_changed=False)),
             candidate("finetuned", "fine-tuned", tuned, tuned_fixed,
                       Evidence("exact_match", right(90), right(60), "2 retrieved shots, chat", champion=right(60),
-                               champion_version=first["version"], general=general)),
-        ]}, data, str(home), parent.info.run_id)
-    assert second["passed"] and second["system"] == "fine-tuned + 2 fixed shots, plain", second["reasons"]
+                               champion_version=first.version, general=general)),
+        ]), data, str(home), parent.info.run_id)
+    assert second.passed and second.system == "fine-tuned + 2 fixed shots, plain", second.reasons
     client = MlflowClient()
-    assert client.get_model_version(NAME, first["version"]).tags["tuneline.system"] == "base + 2 retrieved shots, chat"
-    assert client.get_model_version(NAME, second["version"]).description == "System: fine-tuned + 2 fixed shots, plain."
-    assert registry.champion(NAME)[0] == second["version"]
+    assert client.get_model_version(NAME, first.version).tags["tuneline.system"] == "base + 2 retrieved shots, chat"
+    assert client.get_model_version(NAME, second.version).description == "System: fine-tuned + 2 fixed shots, plain."
+    assert registry.champion(NAME)[0] == second.version
 
     # Rollback to the prompt system, then back by hand to the fine-tuned one: each time the deploy stage rebuilds
     # the system from the registry alone and serves it answering as lm-eval did in-process.
-    tasks_dir = runner.write_tasks("reviews", {"train": data["train"], "validation": data["test"],
-                                               "test": data["test"]}, tmp_path / "tasks", 6)
-    runner.write_listed_tasks("reviews", attach_shots.fn(data["train"], {"test": data["test"]}, 2, str(tasks_dir)),
+    tasks_dir = runner.write_tasks("reviews", {"train": data.train, "validation": data.test,
+                                               "test": data.test}, tmp_path / "tasks", 6)
+    runner.write_listed_tasks("reviews", attach_shots.fn(data.train, {"test": data.test}, 2, str(tasks_dir)),
                               tasks_dir, 6, "_retrieved")
-    runner.write_listed_tasks("reviews", attach_fixed.fn(fixed, {"test": data["test"]}, str(tasks_dir), "fixed2"),
+    runner.write_listed_tasks("reviews", attach_fixed.fn(fixed, {"test": data.test}, str(tasks_dir), "fixed2"),
                               tasks_dir, 6, "_fixed2")
     registry.rollback(NAME, "prefer the prompt system")
     try:
         served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
-        assert served["served"] and served["model"] == f"{NAME}/{first['version']}"
-        assert served["system"] == "base + 2 retrieved shots, chat"
-        models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()["data"][0]
+        assert served.served and served.model == f"{NAME}/{first.version}"
+        assert served.system == "base + 2 retrieved shots, chat"
+        models = httpx.get(f"{served.url}/v1/models", timeout=30).json()["data"][0]
         assert models["system"] == "base + 2 retrieved shots, chat"
-        assert_served_as_evaluated(served["url"], tiny_model, tasks_dir, "reviews_test_retrieved", chat=True)
+        assert_served_as_evaluated(served.url, tiny_model, tasks_dir, "reviews_test_retrieved", chat=True)
 
-        registry.promote_manually(NAME, second["version"], "back to the fine-tuned system")
+        registry.promote_manually(NAME, second.version, "back to the fine-tuned system")
         served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
-        assert served["model"] == f"{NAME}/{second['version']}"
-        assert served["system"] == "fine-tuned + 2 fixed shots, plain"
-        assert_served_as_evaluated(served["url"], tuned, tasks_dir, "reviews_test_fixed2", chat=False)
+        assert served.model == f"{NAME}/{second.version}"
+        assert served.system == "fine-tuned + 2 fixed shots, plain"
+        assert_served_as_evaluated(served.url, tuned, tasks_dir, "reviews_test_fixed2", chat=False)
     finally:
         stop_started("bento", Path(home))
 

@@ -13,7 +13,7 @@ import torch
 
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import META_FILE, load
-from tasks.training import TrainSpec, last_complete_checkpoint, qlora_quantization, require_device, train
+from tasks.training import TrainSpec, last_complete_checkpoint, qlora_quantization, require_device, sft_trainer, train
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -21,7 +21,7 @@ from tests.conftest import DEMO_DATA, ROOT
 def train_file(tmp_path_factory) -> str:
     spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
     out = tmp_path_factory.mktemp("data")
-    return prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip")["train"]
+    return prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip").train
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
@@ -42,9 +42,30 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
     assert changed
 
 
-def test_packing_trains_on_packed_sequences(tiny_model, train_file, tmp_path):
-    spec = TrainSpec(r=4, alpha=8, max_steps=2, batch_size=2, max_seq_length=128, packing=True)
-    result = train.fn(tiny_model, train_file, str(tmp_path), spec)
+def test_packing_puts_several_examples_in_a_sequence_without_padding_and_trains(tiny_model, train_file, tmp_path):
+    def first_batches(packing: bool) -> list[dict]:
+        model, tokenizer = load(Path(tiny_model))
+        spec = TrainSpec(r=4, alpha=8, max_steps=2, batch_size=2, max_seq_length=128, packing=packing)
+        loader = iter(sft_trainer(model, tokenizer, spec, train_file, None, tmp_path / str(packing), "cpu")
+                      .get_train_dataloader())
+        return [next(loader) for _ in range(3)]
+
+    def padding(batch: dict) -> int:
+        return int((batch["attention_mask"] == 0).sum()) if "attention_mask" in batch else 0
+
+    plain, packed = first_batches(False), first_batches(True)
+    assert all(b["input_ids"].shape[0] == 2 for b in plain)  # one example per row
+    assert sum(padding(b) for b in plain) > 0
+    # packed: each batch is one padding-free row of 2 sequences of up to 128 tokens; an example starts wherever
+    # the position ids restart at 0
+    examples = [int((b["position_ids"] == 0).sum()) for b in packed]
+    assert all(n > 2 for n in examples), examples  # more than one example per packed sequence
+    assert sum(padding(b) for b in packed) == 0
+    assert sum(b["input_ids"].numel() for b in packed) > sum(b["input_ids"].numel() for b in plain)
+
+    result = train.fn(tiny_model, train_file, str(tmp_path / "run"), TrainSpec(r=4, alpha=8, max_steps=2,
+                                                                               batch_size=2, max_seq_length=128,
+                                                                               packing=True))
     assert result["steps"] == 2 and result["tokens_per_second"] > 0
 
 
@@ -151,14 +172,14 @@ def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite,
     mlflow.set_experiment("seq")
     with mlflow.start_run() as parent:
         result = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
-    assert result["steps"] == 3
-    assert model_info(Path(result["merged"]))["source"] == "lora:lora:tiny:0"
-    metrics = mlflow.get_run(result["run_id"]).data.metrics
+    assert result.steps == 3
+    assert model_info(Path(result.merged))["source"] == "lora:lora:tiny:0"
+    metrics = mlflow.get_run(result.run_id).data.metrics
     assert {"stage0_train_loss", "stage1_train_loss"} <= set(metrics)
 
     # Without stages: one multi-task run on the weighted mixture of both tasks' training data.
     config.finetune.stages = []
     with mlflow.start_run() as parent:
         mixed = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
-    assert mixed["steps"] == 2 and model_info(Path(mixed["merged"]))["source"] == "lora:tiny:0"
-    assert {e.task for e in read_examples(splits["train"])} == {"reviews", "tickets"}
+    assert mixed.steps == 2 and model_info(Path(mixed.merged))["source"] == "lora:tiny:0"
+    assert {e.task for e in read_examples(splits.train)} == {"reviews", "tickets"}
