@@ -1,12 +1,17 @@
-"""Training throughput: tuneline's SFT vs a plain TRL SFTTrainer script, same model, data and hyperparameters,
-with and without packing, in one run (ratios within one run: these machines are noisy).
+"""Training throughput: tuneline's SFT against the fastest plain TRL SFTTrainer configuration for this device,
+same model, data and hyperparameters, in one run (ratios within one run: these machines are noisy).
 
 Run:  .venv/bin/python bench/train_throughput.py [--model tiny:0|gguf:smollm2-135m-instruct] [--steps 8]
 
-"Plain TRL" is what a user gets from SFTTrainer with only the hyperparameters set (and use_cpu on a CPU,
-without which it refuses to start): its device defaults (bf16 and gradient checkpointing, even on a CPU)
-are left as they are. tuneline chooses them from the device.
+"Plain TRL" is SFTTrainer with the hyperparameters set and each combination of the two device settings that
+decide its speed tried: bf16 autocast on or off, gradient checkpointing on or off (TRL's defaults are both on,
+even on a CPU, where bf16 is only fast with native bf16 instructions). The baseline is the fastest of the four;
+each is reported. tuneline chooses its settings from the device (tasks/training.py `device_settings`).
 Tokens are the non-padding tokens trained on (TRL's own running count), divided by the training wall time.
+
+The same run measures the dense matrix-multiply peak of each dtype (a 2048² GEMM, best of 5) and reports
+training's share of the peak of the dtype it used, counting 6 FLOPs per parameter per token (forward and
+backward through the whole network; LoRA's frozen base still runs both).
 """
 
 from __future__ import annotations
@@ -27,18 +32,37 @@ from trl import SFTConfig, SFTTrainer
 
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import load, provision
-from tasks.training import TrainSpec, conversational, train
+from tasks.training import TrainSpec, conversational, device_settings, resolve_device, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def plain_trl(model_dir: Path, train_path: str, out: Path, spec: TrainSpec) -> float:
-    """The baseline script: SFTTrainer with the same hyperparameters and TRL's own defaults for the rest."""
+def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of one size² × size² matrix product in `dtype` on the training device, best of `repeats`."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def plain_trl(model_dir: Path, train_path: str, out: Path, spec: TrainSpec, bf16: bool, checkpointing: bool
+              ) -> float:
+    """The baseline script: SFTTrainer with the same hyperparameters, the given device settings, and TRL's own
+    defaults for the rest. Returns tokens/s."""
     model, tokenizer = load(model_dir)
     args = SFTConfig(output_dir=str(out), learning_rate=spec.learning_rate, max_steps=spec.max_steps,
                      per_device_train_batch_size=spec.batch_size, max_length=spec.max_seq_length,
                      packing=spec.packing, report_to=[], save_strategy="no", logging_steps=1, seed=spec.seed,
-                     use_cpu=not torch.cuda.is_available())  # without it, TRL's bf16 default refuses a CPU
+                     bf16=bf16, activation_checkpointing=checkpointing,
+                     use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules="all-linear",
@@ -56,28 +80,40 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
         model_dir = provision(args.model, store)
+        parameters = sum(p.numel() for p in load(model_dir)[0].parameters())
         task = TaskSpec("reviews", str(ROOT / "data" / "reviews.jsonl"), "You extract structured data.",
                         ("Review: {{ review }}\nReturn JSON.",),
                         '{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
         train_path = prepare_data.fn([task], {"reviews": 1.0}, 0.1, 0.1, 13, str(work / "data"), "skip").train
-        rows = {}
-        for packing in (False, True):
-            spec = TrainSpec(r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, max_seq_length=256,
-                             packing=packing, warmup_ratio=0.0)
-            ours = train.fn(str(model_dir), train_path, str(work / f"ours-{packing}"), spec)["tokens_per_second"]
-            theirs = plain_trl(model_dir, train_path, work / f"plain-{packing}", spec)
-            rows[packing] = (ours, theirs)
-        unpacked_plain = rows[False][1]
-        print(f"model {args.model}, {args.steps} steps of batch {args.batch_size}")
-        print(f"{'':>10} {'tuneline tok/s':>15} {'plain TRL tok/s':>16} {'ratio':>6}")
-        for packing, (ours, theirs) in rows.items():
-            label = "packed" if packing else "unpacked"
-            print(f"{label:>10} {ours:>15.1f} {theirs:>16.1f} {ours / theirs:>6.2f}")
-        print(f"tuneline packed vs plain TRL unpacked: {rows[True][0] / unpacked_plain:.2f}x")
+        spec = TrainSpec(r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, max_seq_length=256,
+                         warmup_ratio=0.0)
+        ours = train.fn(str(model_dir), train_path, str(work / "ours"), spec)["tokens_per_second"]
+        plain = {(bf16, ckpt): plain_trl(model_dir, train_path, work / f"plain-{bf16}-{ckpt}", spec, bf16, ckpt)
+                 for bf16 in (True, False) for ckpt in (True, False)}
+
+    chosen = device_settings(resolve_device("auto"))
+    dtype = "bf16" if chosen["bf16"] else "fp32"
+    fastest = max(plain, key=plain.get)
+    print(f"model {args.model} ({parameters / 1e6:.0f}M parameters), LoRA r8, {args.steps} steps of batch "
+          f"{args.batch_size}, unpacked; {os.cpu_count()} CPU cores"
+          + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+    print(f"GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
+    print("| trainer | bf16 | gradient checkpointing | tokens/s | tuneline ÷ this |")
+    print("|---|---|---|---|---|")
+    print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | "
+          f"{'on' if chosen['activation_checkpointing'] else 'off'} | {ours:.1f} | 1.00 |")
+    for (bf16, ckpt), rate in plain.items():
+        mark = " (fastest plain)" if (bf16, ckpt) == fastest else ""
+        print(f"| plain TRL{mark} | {'on' if bf16 else 'off'} | {'on' if ckpt else 'off'} | {rate:.1f} | "
+              f"{ours / rate:.2f}× |")
+    share = 6 * parameters * ours / 1e9 / peaks[dtype]
+    print(f"\ntuneline vs the fastest plain TRL configuration: {ours / plain[fastest]:.2f}×; training reaches "
+          f"{share:.1%} of the {dtype} GEMM peak (6 FLOPs per parameter per token)")
 
 
 if __name__ == "__main__":

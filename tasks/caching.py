@@ -2,15 +2,19 @@
 
 Every iteration writes its splits and lm-eval tasks under a new folder and may merge the same weights into a
 new one, so Prefect's INPUTS policy (which hashes the arguments, here paths) would never hit. These keys hash
-what the result depends on instead: the model's files, the task's data files and settings, and the code
-under evals/ that renders and scores. Same inputs on a rerun → the persisted result, no recomputation.
+what the result depends on instead: the model's files, the task's data files and settings, the code under
+evals/ that renders and scores, and the machine and library versions that compute it (a cost measured on one
+machine says nothing of another). Same inputs on a rerun → the persisted result, no recomputation.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
+import os
+import platform
 from pathlib import Path
 
 import yaml
@@ -48,10 +52,30 @@ def task_digest(tasks_dir: str | Path, task_name: str) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
+LIBRARIES = ("torch", "transformers", "peft", "trl", "lm-eval")
+
+
+@functools.cache
+def environment() -> str:
+    """The machine (CPU model, cores, GPU) and the versions of the libraries that compute a cached result."""
+    import torch  # every task keyed here runs a model anyway
+
+    cpu = platform.processor()
+    try:  # Linux names the CPU here; platform.processor() is often empty there
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
+    return json.dumps({"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, **versions}, sort_keys=True)
+
+
 def by_content(context, parameters: dict) -> str:
-    """cache_key_fn: the task's name, its plain arguments, and the content behind its path arguments."""
+    """cache_key_fn: the task's name, its plain arguments, the content behind its path arguments, and the
+    environment (machine and library versions)."""
     plain = {k: v for k, v in parameters.items() if k not in {"model_dir", "tasks_dir"}}
-    parts = [context.task.name, json.dumps(plain, sort_keys=True, default=str), digest(EVALS)]
+    parts = [context.task.name, json.dumps(plain, sort_keys=True, default=str), digest(EVALS), environment()]
     if "model_dir" in parameters:
         parts.append(digest(parameters["model_dir"]))
     if "tasks_dir" in parameters:

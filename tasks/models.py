@@ -103,6 +103,15 @@ def _clear_gguf_marker(model) -> None:
         del model.config.quantization_config
 
 
+def _chat_turns(tok, spec: ShippedGGUF) -> None:
+    """A shipped base model's chat template and end of turn, which generation, evaluation and serving all stop
+    at."""
+    if spec.chat_template:
+        tok.chat_template = spec.chat_template
+    if spec.end_of_turn:
+        tok.eos_token = spec.end_of_turn
+
+
 def _load_source(kind: str, ref: str, work: Path, store: Path):
     if kind == "gguf":
         spec = SHIPPED[ref]
@@ -114,10 +123,8 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
         tok = AutoTokenizer.from_pretrained(_finished(tokenizer_job, f"gguf:{ref}", store))
         tok.init_kwargs.pop("local_files_only", None)  # how it was read here, not a property of the model
         _clear_gguf_marker(model)
-        if spec.chat_template:
-            tok.chat_template = spec.chat_template
-        if spec.end_of_turn:  # generation, evaluation and serving all stop at the end of the turn
-            tok.eos_token = spec.end_of_turn
+        _chat_turns(tok, spec)
+        if spec.end_of_turn:
             model.generation_config.eos_token_id = tok.eos_token_id
         return model, tok, spec.instruct
     # hf: and path: share one loader; transformers treats both as a pretrained name or folder.
@@ -131,9 +138,13 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
 
 def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct", seed: int = 0,
                store: Path | None = None) -> Path:
-    """A random 2-layer Llama (hidden 64) with a real tokenizer and chat template: fast enough for unit tests."""
+    """A random 2-layer Llama (hidden 64) with a real tokenizer and chat template: fast enough for unit tests.
+    With a shipped base model's tokenizer (Gemma's), that model's chat template and end of turn too."""
     tok_dir = provision_tokenizer(tokenizer_source, store or folder.parent)
     tok = AutoTokenizer.from_pretrained(tok_dir)
+    kind, ref = _parse(tokenizer_source)
+    if kind == "gguf":
+        _chat_turns(tok, SHIPPED[ref])
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from prefect import flow
@@ -59,3 +60,16 @@ def test_embeddings_are_reused_for_the_same_texts_and_redone_when_they_change(pr
     # the same texts in another batch: equal up to padding's float noise (why a recipe reuses these exact ones)
     assert np.allclose(redone.result()[:2], computed.result()[:2], atol=1e-5)
 
+
+
+def test_cache_keys_change_with_the_machine_and_library_versions(tiny_model, monkeypatch):
+    """A cost measured on one machine, or a score computed by other library versions, is not reused."""
+    from tasks import caching
+
+    context = SimpleNamespace(task=SimpleNamespace(name="measure-cost"))
+    parameters = {"model_dir": tiny_model, "messages": [{"role": "user", "content": "hi"}], "new_tokens": 4}
+    here = caching.by_content(context, parameters)
+    assert caching.by_content(context, parameters) == here
+    assert json.loads(caching.environment()).keys() == {"cpu", "cores", "gpu", *caching.LIBRARIES}
+    monkeypatch.setattr(caching, "environment", lambda: json.dumps({"cpu": "another machine"}))
+    assert caching.by_content(context, parameters) != here

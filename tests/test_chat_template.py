@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 from evals import runner
 from serving.service import Chat, ChatRequest
 from tasks.datasets import Example, write_examples
-from tasks.models import load
+from tasks.models import build_tiny, load
 from tasks.recipes import Recipe, prompt_text, shots_for, write_recipe
 from tasks.retrieval import attach_fixed, attach_shots, encoder_path, pick_fixed
 from tasks.training import conversational
@@ -20,8 +20,26 @@ SYSTEM = "You extract structured data from product reviews."
 EXAMPLE = Example("x", SYSTEM, "Review: The kettle leaks.\nReturn JSON.", '{"sentiment": "negative"}', "reviews")
 
 
-def test_train_eval_and_serve_render_identically(tiny_model, tmp_path):
-    model, tok = load(Path(tiny_model))
+@pytest.fixture(scope="module")
+def tiny_gemma(store) -> str:
+    """A tiny random model with Gemma 3's real tokenizer (converted from its GGUF without the weights) and the
+    chat template and end of turn tuneline gives Gemma: half of the demo's candidates render this way."""
+    folder = store / "tiny-gemma"
+    if not (folder / "config.json").is_file():
+        build_tiny(folder, "gguf:gemma-3-270m", store=store)
+    return str(folder)
+
+
+RENDERED = {  # how each template opens the system turn and opens the assistant's
+    "smollm2": (f"<|im_start|>system\n{SYSTEM}<|im_end|>", "<|im_start|>assistant\n"),
+    "gemma": (f"<bos><start_of_turn>user\n{SYSTEM}\n\n", "<start_of_turn>model\n"),
+}
+
+
+@pytest.mark.parametrize("template", ["smollm2", "gemma"])
+def test_train_eval_and_serve_render_identically(template, request, tmp_path):
+    folder = request.getfixturevalue("tiny_model" if template == "smollm2" else "tiny_gemma")
+    model, tok = load(Path(folder))
 
     # Training: the part of TRL's tokenised row that carries no loss (labels -100), rendered by TRL itself.
     args = SFTConfig(output_dir=str(tmp_path / "t"), use_cpu=True, bf16=False, report_to=[], max_length=256,
@@ -41,7 +59,8 @@ def test_train_eval_and_serve_render_identically(tiny_model, tmp_path):
     served = served_prompt(tok, tmp_path / "zero", Recipe(SYSTEM), EXAMPLE.user)
 
     assert trained == evaluated == served
-    assert served.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and served.endswith("<|im_start|>assistant\n")
+    opening, reply = RENDERED[template]
+    assert served.startswith(opening) and served.endswith(reply)
 
 
 def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Packaging: the smoke test catches a served model that answers differently from the one being promoted."""
+"""Packaging: the smoke test catches a served model that answers differently from the one being promoted.
+(A faithful service passing it is part of tests/test_systems.py and tests/test_lifecycle.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, t
     other = str(tmp_path / "other")
     bento = packaging.build_bento.fn(tiny_model, "smoke-test", "1", "You answer briefly.")
     prompts = ["Review: the kettle leaks", "Review: great shoes"]
-    faithful = packaging.smoke_compare.fn(tiny_model, bento, prompts, "You answer briefly.", 8, str(home), free_port())
-    assert faithful == []
     unfaithful = packaging.smoke_compare.fn(other, bento, prompts, "You answer briefly.", 8, str(home), free_port())
     assert len(unfaithful) == 2 and "served" in unfaithful[0]
     assert not (Path(home) / "bento-smoke.pid").exists()  # the temporary service was stopped

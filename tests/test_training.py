@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -13,7 +14,16 @@ import torch
 
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import META_FILE, load
-from tasks.training import TrainSpec, last_complete_checkpoint, qlora_quantization, require_device, sft_trainer, train
+from tasks.training import (
+    TrainSpec,
+    device_settings,
+    last_complete_checkpoint,
+    native_bf16,
+    qlora_quantization,
+    require_device,
+    sft_trainer,
+    train,
+)
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -69,6 +79,15 @@ def test_packing_puts_several_examples_in_a_sequence_without_padding_and_trains(
     assert result["steps"] == 2 and result["tokens_per_second"] > 0
 
 
+def test_peak_memory_is_the_trainings_own_not_the_processs_earlier_peak(tiny_model, train_file, tmp_path):
+    ballast = b"x" * (1 << 30)  # 1 GiB written, then freed: an earlier stage's peak in the same process
+    del ballast
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    spec = TrainSpec(r=4, alpha=8, max_steps=1, batch_size=2, max_seq_length=64, save_steps=None)
+    result = train.fn(tiny_model, train_file, str(tmp_path), spec)
+    assert 0 < result["peak_memory_mb"] < lifetime - 512, (result["peak_memory_mb"], lifetime)
+
+
 def test_registered_model_reloads_with_identical_outputs(tiny_model, train_file, tmp_path, mlflow_sqlite):
     """A PEFT model logged over a local base folder reloads with reinitialised base weights (MLflow 3.17); the
     merged folder must round-trip exactly."""
@@ -96,6 +115,14 @@ def test_qlora_on_cpu_fails_before_any_work(tiny_model, train_file, tmp_path):
     with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
         train.fn(tiny_model, train_file, str(tmp_path / "out"), TrainSpec(method="qlora"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cpu_trains_in_bf16_only_where_it_computes_bf16_natively():
+    flags = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {}\n"
+    assert native_bf16(flags.format("avx512_bf16")) and native_bf16(flags.format("amx_bf16 amx_tile"))
+    assert not native_bf16(flags.format("avx512_vnni"))
+    here = device_settings("cpu")
+    assert here["bf16"] == native_bf16() and not here["activation_checkpointing"] and here["use_cpu"]
 
 
 def test_qlora_loads_its_base_in_4bit_nf4_with_bf16_compute():
@@ -137,6 +164,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
     result = train.fn(tiny_model, train_file, str(out), spec)
     assert result["resumed_from"] == f"checkpoint-{saved}"
     assert result["steps"] == saved + 2
+    assert 0 < result["tokens"] <= 2 * 2 * 64  # this segment's 2 steps only: tokens/s is not inflated
     assert not (out / "checkpoints").exists()
 
     again = train.fn(tiny_model, train_file, str(out), spec)  # finished with these inputs: reused, not redone
