@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 
 from evals.runner import write_tasks
@@ -92,3 +94,33 @@ def test_the_champion_is_compared_only_on_test_items_it_never_trained_on(mlflow_
     assert not decision.passed and note in decision.reasons
     # a version whose training split was never recorded cannot be compared either
     assert "its training split was not recorded" in _champion_items(config, scored(["t0"]), (unknown, 0.5))[1]
+
+
+def test_a_configs_own_general_suite_is_scored_and_gated_on_forgetting_apart(tiny_model, tmp_path):
+    from evals import runner
+    from flows.data import general_suites
+    from tasks import registry
+    from tasks.scoring import score_general
+
+    custom = tmp_path / "Clinic Notes.jsonl"  # the documented schema: question, choices, answer index
+    custom.write_text("".join(json.dumps({"id": f"c{i}", "question": f"Which is the number {i}?",
+                                          "choices": [str(i), str(i + 7)], "answer": 0}) + "\n" for i in range(6)))
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.evaluation.general = [str(custom)]
+    suites = general_suites(config)
+    assert suites == (str(runner.GENERAL_DATA), str(custom))
+    splits = {s: str(DEMO_DATA) for s in ("train", "validation", "test")}
+    tasks_dir = write_tasks("reviews", splits, tmp_path / "tasks", 4, general=suites)
+    name = runner.suite_task(custom)
+    assert name == "tuneline_general_clinic_notes" and (tasks_dir / f"{name}.yaml").is_file()
+    scored = score_general.fn(tiny_model, str(tasks_dir), name, limit=None, batch_size=6)
+    assert len(scored["items"]) == 6 and scored["acc"] == sum(scored["items"].values()) / 6
+
+    # each suite is its own forgetting rule: a drop on the custom suite alone fails the gate, naming it
+    kept, forgotten = {str(i): 1.0 for i in range(200)}, {str(i): float(i % 2) for i in range(200)}
+    evidence = registry.Evidence("exact_match", {str(i): 1.0 for i in range(60)}, {str(i): 0.0 for i in range(60)},
+                                 general={"tuneline_general_general": (kept, kept), name: (kept, forgotten)},
+                                 smoke_failures=[])
+    reasons = registry.gate(evidence, registry.Rules(max_forgetting=0.05)).reasons
+    assert any(r.startswith("forgetting within the limit on general suite tuneline_general_general") for r in reasons)
+    assert any(r.startswith(f"may forget more than allowed on general suite {name}") for r in reasons)
