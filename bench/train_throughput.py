@@ -102,7 +102,7 @@ def main() -> None:
     print(f"model {args.model} ({parameters / 1e6:.0f}M parameters), LoRA r8, {args.steps} steps of batch "
           f"{args.batch_size}, unpacked; {os.cpu_count()} CPU cores"
           + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
-    print(f"GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
+    print(f"GEMM peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s\n")
     print("| trainer | bf16 | gradient checkpointing | tokens/s | tuneline ÷ this |")
     print("|---|---|---|---|---|")
     print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | "
