@@ -1,6 +1,7 @@
 """Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue),
-and support tickets for multi-task runs. (The general suite for the forgetting check has its own generator:
-evals/data/make_general.py.)
+support tickets for multi-task runs and for a classify task (the ticket's queue), and a multiple-choice set
+(which of four problems a review describes) for a choice task. (The general suite for the forgetting check has
+its own generator: evals/data/make_general.py.)
 
 Run: python data/make_demo_data.py   (deterministic: the same seed writes byte-identical files)
 
@@ -18,6 +19,7 @@ from pathlib import Path
 SEED = 20261122
 N_REVIEWS = 1600
 N_TICKETS = 800
+N_QUIZ = 600
 HERE = Path(__file__).resolve().parent
 
 # product label -> ways a customer refers to it
@@ -153,6 +155,19 @@ def make_ticket(rng: random.Random, idx: int) -> dict:
     return {"id": f"tkt-{idx:05d}", "ticket": text, "queue": queue, "priority": "high" if urgent else "normal"}
 
 
+def make_quiz(rng: random.Random, idx: int) -> dict:
+    """A review that names a problem, four problems to choose from (one right, shuffled) and the right letter: the
+    shape of public multiple-choice sets (question, list of choices, answer)."""
+    review = make_review(rng, idx)
+    while review["issue"] == "none":
+        review = make_review(rng, idx)
+    wrong = rng.sample([i for i in sorted(ISSUES) if i != review["issue"]], 3)
+    choices = wrong + [review["issue"]]
+    rng.shuffle(choices)
+    return {"id": f"quiz-{idx:05d}", "review": review["review"], "choices": choices,
+            "answer": "ABCD"[choices.index(review["issue"])]}
+
+
 def _write(out: Path, rows: list[dict]) -> None:
     with out.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -164,6 +179,8 @@ def main() -> None:
     rng = random.Random(SEED)
     _write(HERE / "reviews.jsonl", [make_review(rng, i) for i in range(N_REVIEWS)])
     _write(HERE / "tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
+    quiz = random.Random(SEED + 1)  # its own stream: the files above stay byte-identical
+    _write(HERE / "review_quiz.jsonl", [make_quiz(quiz, i) for i in range(N_QUIZ)])
 
 
 if __name__ == "__main__":

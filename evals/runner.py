@@ -10,15 +10,18 @@ import functools
 import logging
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import evaluate as hf_evaluate
+import numpy as np
 import yaml
 from lm_eval import evaluator as lm_evaluator
 from lm_eval import simple_evaluate
 from lm_eval.loggers.utils import add_env_info
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 EVALS = Path(__file__).resolve().parent
 SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
@@ -26,6 +29,7 @@ COT_TASK = EVALS / "tasks" / "chain_of_thought.yaml"
 RETRIEVED_TASK = EVALS / "tasks" / "listed_shots.yaml"
 LIKELIHOOD_TASK = EVALS / "tasks" / "answer_likelihood.yaml"
 GENERAL_TASK = EVALS / "tasks" / "general_mc.yaml"
+RANKED = yaml.safe_load((EVALS / "tasks" / "ranked_answer.yaml").read_text())  # keys laid over a generated task
 GENERAL_DATA = EVALS / "data" / "general.jsonl"
 GENERAL = "tuneline_general"  # prefix of each general suite's task name
 METRIC = "exact_match"
@@ -54,10 +58,11 @@ def suite_task(path: str | Path) -> str:
 
 
 def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
-                reasoning_tokens: int = 192, general: tuple[str, ...] = (str(GENERAL_DATA),)) -> Path:
+                reasoning_tokens: int = 192, general: tuple[str, ...] = (str(GENERAL_DATA),),
+                ranked: bool = False) -> Path:
     """One lm-eval task per scored split (`<task>_validation`, `<task>_test`), its chain-of-thought variant
-    (`…_cot`, with `reasoning_tokens` more to generate), and one task per general suite in `general`;
-    returns the folder holding them."""
+    (`…_cot`, with `reasoning_tokens` more to generate), with `ranked` its ranked-answer twin (`…_ranked`), and
+    one task per general suite in `general`; returns the folder holding them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_files = {name: str(Path(path).resolve()) for name, path in splits.items()}
@@ -66,6 +71,8 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
                     {"do_sample": False, "max_gen_toks": max_answer_tokens})
         _write_task(out, f"{task}_{split}_cot", COT_TASK, data_files, split,
                     {"do_sample": False, "until": ["\n\n\n"], "max_gen_toks": max_answer_tokens + reasoning_tokens})
+        if ranked:
+            _write_task(out, f"{task}_{split}_ranked", SHARED_TASK, data_files, split, None)
     _write_task(out, f"{task}_validation_likelihood", LIKELIHOOD_TASK, data_files, "validation", {})
     for path in general:
         name = suite_task(path)
@@ -76,20 +83,26 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
 
 
 def write_listed_tasks(task: str, files: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
-                       suffix: str) -> Path:
-    """`<task>_<split><suffix>` for each split in `files`, whose records carry their own `shots` (retrieved for
-    each question, or the same fixed shots for all): lm-eval puts exactly those before the question."""
+                       suffix: str, ranked: bool = False) -> Path:
+    """`<task>_<split><suffix>` (and with `ranked` its `…_ranked` twin) for each split in `files`, whose records
+    carry their own `shots` (retrieved for each question, or the same fixed shots for all): lm-eval puts exactly
+    those before the question."""
     out = Path(out_dir)
     data_files = {name: str(Path(path).resolve()) for name, path in files.items()}
     for split in files:
         _write_task(out, f"{task}_{split}{suffix}", RETRIEVED_TASK, data_files, split,
                     {"do_sample": False, "max_gen_toks": max_answer_tokens}, fewshot_split=split)
+        if ranked:
+            _write_task(out, f"{task}_{split}{suffix}_ranked", RETRIEVED_TASK, data_files, split, None,
+                        fewshot_split=split)
     return out
 
 
-def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str, generation: dict, **extra) -> None:
+def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str, generation: dict | None,
+                **extra) -> None:
+    """One task YAML including `shared`; without `generation` settings, the ranked-answer keys laid over it."""
     spec = {"include": str(shared), "task": name, "dataset_kwargs": {"data_files": data_files},
-            "test_split": split, **extra, "generation_kwargs": generation}
+            "test_split": split, **extra, **({"generation_kwargs": generation} if generation is not None else RANKED)}
     (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -163,15 +176,18 @@ def _metric(path: Path):
 
 
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
-             chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+             chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu",
+             kind: str = "generate") -> dict:
     """Score a loaded model on one generated task; returns score, stderr, n, text metrics and every sample.
 
     `chat`: render with the model's chat template and the system prompt (shots as earlier turns), as training
-    and serving do; otherwise plain text continuation with neither."""
+    and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
+    ranked twin is scored in the same pass, and accuracy (the most likely allowed reply) is the score."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    ranked = f"{task}_ranked" if kind != "generate" else None
     results = simple_evaluate(
         model=lm,
-        tasks=[task],
+        tasks=[task] + ([ranked] if ranked else []),
         num_fewshot=shots,
         limit=limit,
         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
@@ -196,10 +212,47 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         }
         for s in results["samples"][task]
     ]
-    return {
+    out = {
         "score": float(scores[key]),
         "stderr": _stderr(scores.get(key.replace(",", "_stderr,", 1))),
         "n": len(samples),
         "metrics": {METRIC: float(scores[key]), **text_metrics(samples)},
         "samples": samples,
     }
+    if ranked:  # accuracy first (the score), exact match of the generated reply beside it
+        found = ranking(results, ranked, samples, per_class=kind == "classify")
+        out.update(found, metrics={**found["metrics"], **out["metrics"]})
+    return out
+
+
+def ranking(results: dict, task: str, samples: list[dict], per_class: bool) -> dict:
+    """The ranked twin's results folded into the generated samples (same doc ids): per item the most likely
+    allowed reply, each reply's probability (softmax of the summed log-probabilities) and its 0/1 `accuracy`;
+    overall accuracy (the score), length-normalised accuracy, the majority rate of the scored items' answers,
+    and with `per_class` precision, recall and F1 per label and the confusion matrix."""
+    scores, by_id = results["results"][task], {s["doc_id"]: s for s in samples}
+    golds, preds = [], []
+    for s in results["samples"][task]:
+        choices = list(s["doc"]["choices"])
+        logprobs = np.array([float(r[0]) for r in s["filtered_resps"]])
+        probs = np.exp(logprobs - logprobs.max())
+        item = by_id[s["doc_id"]]
+        item.update(accuracy=float(s["acc"]), accuracy_norm=float(s["acc_norm"]), gold=s["doc"]["assistant"],
+                    prediction=choices[int(logprobs.argmax())],
+                    probabilities=dict(zip(choices, (probs / probs.sum()).round(6).tolist())))
+        golds.append(item["gold"])
+        preds.append(item["prediction"])
+    counts = Counter(golds)
+    majority, seen = counts.most_common(1)[0]
+    out = {"score": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")),
+           "majority": {"answer": majority, "rate": seen / len(golds)}}
+    metrics = {"accuracy": out["score"], "accuracy_norm": float(scores["acc_norm,none"])}
+    if per_class:
+        labels = sorted(counts | Counter(preds))
+        p, r, f, support = precision_recall_fscore_support(golds, preds, labels=labels, zero_division=0)
+        out["classes"] = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                  "support": int(support[i])} for i, label in enumerate(labels)}
+        out["confusion"] = {"labels": labels, "matrix": confusion_matrix(golds, preds, labels=labels).tolist()}
+        metrics["macro_f1"] = float(np.mean(f))
+    out["metrics"] = metrics
+    return out

@@ -12,7 +12,7 @@ from flows.config import LifecycleConfig
 from tasks.datasets import Splits
 from tasks.recipes import Baselines
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
-from tasks.scoring import score
+from tasks.scoring import score, table
 from tasks.selection import Selection
 from tasks.tracking import log_eval, publish, stage_run
 
@@ -20,24 +20,28 @@ from tasks.tracking import log_eval, publish, stage_run
 @flow(name="baseline")
 def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, splits: Splits,
                    parent_run_id: str) -> Baselines:
-    task, plan, metric = config.task, config.baseline.variants(), config.gate.metric
+    task, metric = config.task, config.gate.metric
+    plan = config.baseline.variants(ranked=task.ranked)
     results = {}
     with stage_run("baseline", parent_run_id, model=chosen.source, prompts=len(plan)):
         held_out = {"validation": splits.validation, "test": splits.test}  # for choosing, and for evaluate
         if config.baseline.retrieval_shots:
             files = attach_shots(splits.train, held_out, config.baseline.retrieval_shots, tasks_dir)
-            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved")
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved",
+                               ranked=task.ranked)
         fixed = {k: pick_fixed(splits.train, k, config.data.seed) for k in config.baseline.shots if k}
         for k, shots in fixed.items():
             files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
-            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}")
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}",
+                               ranked=task.ranked)
         for v in plan:
             if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
                 result = chosen.result
             else:
                 result = score(chosen.model_dir, tasks_dir, f"{task.name}_validation{v['suffix']}",
                                system_prompt=task.system_prompt, shots=v["shots"], chat=v["chat"],
-                               limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
+                               limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
+                               kind=task.kind)
             log_eval(f"baseline {v['name']}", result, kind=v["kind"], shots=v["shots"], chat_template=v["chat"],
                      split="validation")
             results[v["name"]] = {**v, **result["metrics"], "score": result["metrics"][metric],
@@ -46,12 +50,10 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
         mlflow.log_metrics({f"score_{name.replace(',', '').replace(' ', '_')}": r["score"]
                             for name, r in results.items()})
         mlflow.log_params({"best_baseline": best["name"], "ranked_by": metric})
-        table = "\n".join(f"| {name} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {r['field_f1']:.3f} "
-                          f"| {r['rougeL']:.3f} |" for name, r in results.items())
         publish(
             "baseline",
             f"## Prompt baselines on {chosen.source} (validation split)\n\n"
-            f"| prompt | exact match ± se | field F1 | ROUGE-L |\n|---|---|---|---|\n{table}\n\n"
+            f"{table(results, task.ranked, first='prompt')}\n\n"
             f"Bar for fine-tuning: **{best['name']}** (best {metric}, the gate's metric; ties keep the simpler "
             "prompt). Each prompt's samples are in its MLflow run.",
         )

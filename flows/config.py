@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,9 +31,20 @@ class DataConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """What the model must learn: the data, how a record becomes a chat turn, and how answers are scored."""
+    """What the model must learn: the data, how a record becomes a chat turn, and how answers are scored.
+
+    `kind` decides the scoring. generate: the reply is generated and compared with the answer. classify: the
+    answer is one of `labels` (one entry); choice: one of a per-record list (`choices`, each rendered through
+    `choice_answer`). For both, the candidates are ranked by the model's log-likelihood of each one as the
+    assistant reply (lm-eval multiple_choice): accuracy is the primary metric, exact match of the generated reply
+    is still reported beside it."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Literal["generate", "classify", "choice"] = "generate"
+    choices: str | None = Field(None, description="choice: the record field holding the list of answers")
+    choice_answer: str = Field("{{ choice }}", min_length=1,
+                               description="choice: how candidate i is written as the reply; variables choice, "
+                                           "letter (A, B, …), index (0, 1, …) and the record's fields")
     data: str = Field(min_length=1, description="a .jsonl/.csv/.parquet file, or hf:<dataset id>[:split]")
     fields: dict[str, str] = Field(default_factory=dict, description="template variable -> source column")
     labels: dict[str, list[str]] = Field(default_factory=dict, description="variable -> allowed values")
@@ -56,9 +67,25 @@ class TaskConfig(_Strict):
             raise ValueError("prompt must be a non-empty template or a non-empty list of them")
         return value
 
+    @model_validator(mode="after")
+    def _kind_has_its_answers(self) -> TaskConfig:
+        if self.kind == "classify" and len(self.labels) != 1:
+            raise ValueError(f"kind classify needs exactly one entry in labels (the class field), got "
+                             f"{sorted(self.labels) or 'none'}")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError("kind choice needs `choices`: the record field holding each record's list of answers")
+        if self.kind != "choice" and self.choices:
+            raise ValueError(f"choices is for kind choice, not {self.kind}")
+        return self
+
     @property
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+
+    @property
+    def ranked(self) -> bool:
+        """Scored by ranking candidate answers by likelihood (classify, choice) rather than by generation."""
+        return self.kind != "generate"
 
 
 class BudgetConfig(_Strict):
@@ -93,10 +120,11 @@ class BaselineConfig(_Strict):
     retrieval_shots: int = Field(3, ge=0, description="k nearest training examples by MiniLM embedding; 0: off")
     without_chat_template: bool = Field(True, description="also score each prompt as plain text, no system prompt")
 
-    def variants(self) -> list[dict]:
-        """Every prompt to score, simplest first (a tie keeps the simpler prompt)."""
+    def variants(self, ranked: bool = False) -> list[dict]:
+        """Every prompt to score, simplest first (a tie keeps the simpler prompt). Ranked tasks (classify,
+        choice) have no chain of thought: the answers are ranked by likelihood, nothing is reasoned out first."""
         kinds = [("fixed", k, f"_fixed{k}" if k else "", f"{k}-shot") for k in self.shots]
-        if self.chain_of_thought:
+        if self.chain_of_thought and not ranked:
             kinds.append(("cot", 0, "_cot", "chain of thought"))
         if self.retrieval_shots:
             kinds.append(("retrieved", self.retrieval_shots, "_retrieved", f"{self.retrieval_shots} retrieved shots"))
@@ -166,7 +194,9 @@ class GateConfig(_Strict):
     confidence bound at `confidence` clears it (exact McNemar bounds for exact match, a paired bootstrap for
     field F1 and ROUGE-L): a point estimate alone never passes a rule."""
 
-    metric: Literal["exact_match", "field_f1", "rougeL"] = "exact_match"
+    metric: Literal["exact_match", "field_f1", "rougeL", "accuracy"] | None = Field(
+        None, description="default: the task kind's primary metric (accuracy for classify and choice, else "
+                          "exact_match)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of every rule's bound")
     min_improvement: float = Field(
         0.0, description="lower bound of (fine-tuned - best baseline) must exceed this (negative: tolerate)"
@@ -183,6 +213,8 @@ class DeployConfig(_Strict):
     port: int = Field(3000, gt=0, lt=65536)
     max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
     max_tokens: int = Field(256, gt=0, description="the default and the largest max_tokens a request may ask for")
+    constrain: bool = Field(True, description="classify: reply with the most likely label and every label's "
+                                              "probability (a request may ask for free text)")
 
     @property
     def limits(self) -> dict[str, int]:
@@ -230,9 +262,18 @@ class LifecycleConfig(_Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @model_validator(mode="after")
+    def _metric_of_the_kind(self) -> LifecycleConfig:
+        if self.gate.metric is None:
+            self.gate.metric = "accuracy" if self.task.ranked else "exact_match"
+        elif (self.gate.metric == "accuracy") != self.task.ranked:
+            raise ValueError(f"gate.metric {self.gate.metric} does not score a {self.task.kind} task "
+                             f"(accuracy is for classify and choice)")
+        return self
+
 
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "<top level>"
+    return ".".join(str(part) for part in loc)
 
 
 def load_config(path: str | Path) -> LifecycleConfig:
@@ -253,7 +294,8 @@ def load_config(path: str | Path) -> LifecycleConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {_field_path(first['loc'])}: {first['msg']}{more}") from None
+        where = f"{_field_path(first['loc'])}: " if first["loc"] else ""  # a whole-config rule names its fields
+        raise ConfigError(f"{path}: {where}{first['msg']}{more}") from None
     tasks = [("task", config.task)] + [(f"extra_tasks.{i}", t) for i, t in enumerate(config.extra_tasks)]
     names = [t.name for _, t in tasks]
     if len(set(names)) != len(names):

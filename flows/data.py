@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,7 @@ from prefect import flow
 from evals.runner import GENERAL_DATA, write_tasks
 from flows.config import LifecycleConfig, TaskConfig
 from tasks import evidence
-from tasks.datasets import Lengths, Splits, TaskSpec, fit_lengths, prepare_data, read_examples
+from tasks.datasets import Lengths, Splits, TaskSpec, fit_lengths, label_replies, prepare_data, read_examples
 from tasks.tracking import publish, stage_run
 
 
@@ -23,6 +24,7 @@ def task_spec(task: TaskConfig, seed: int, default_max_tokens: int) -> TaskSpec:
         name=task.name, source=task.data, system=task.system_prompt, prompts=task.prompts, answer=task.answer,
         fields=dict(task.fields), labels={k: tuple(v) for k, v in task.labels.items()},
         prompt_choice=task.prompt_choice, max_tokens=task.max_tokens or default_max_tokens, seed=seed,
+        kind=task.kind, choices=task.choices, choice_answer=task.choice_answer,
     )
 
 
@@ -43,7 +45,7 @@ def power(config: LifecycleConfig, test_items: int, rate: float = 0.5) -> tuple[
     """What the scored test split can show at the gate's confidence (`rate`: the bar's exact match; before
     the baselines are known, 0.5, the widest case)."""
     n = min(test_items, config.task.max_test_examples)
-    return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement)
+    return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement, config.gate.metric)
 
 
 def training_plan(config: LifecycleConfig, train_examples: int) -> tuple[str, list[str]]:
@@ -61,6 +63,18 @@ def training_plan(config: LifecycleConfig, train_examples: int) -> tuple[str, li
                         f"({epoch} steps at {per_step} examples a step); set it to null to train for "
                         f"finetune.epochs ({ft.epochs:g})")
     return note, warnings
+
+
+def _balance(answers: dict[str, Counter]) -> str:
+    """The right answers' counts per split and each split's majority rate: "0.552 on a set that is 52.5 % one
+    class" must read as what it is."""
+    if not answers:
+        return ""
+    names = sorted(set().union(*answers.values()), key=lambda a: -answers["train"][a])
+    rows = "\n".join(f"| {a} | " + " | ".join(str(answers[s][a]) for s in answers) + " |" for a in names)
+    majority = " | ".join(f"{max(c.values()) / sum(c.values()):.3f}" for c in answers.values())
+    return (f"| right answer | {' | '.join(answers)} |\n|---|{'---|' * len(answers)}\n{rows}\n"
+            f"| *majority rate* | {majority} |\n\n")
 
 
 @flow(name="data")
@@ -84,8 +98,11 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
         mlflow.log_artifact(result.keys, "data_card")
         mlflow.log_text(json.dumps({"counts": result.counts, "mixed_train": result.mixed_train}, indent=2),
                         "data_card/counts.json")
+        answers = {}  # classify / choice: how often each answer is the right one, per split (class balance)
         for split_name in ("train", "validation", "test"):
             examples = read_examples(result.files[split_name])
+            if config.task.ranked:
+                answers[split_name] = Counter(e.assistant for e in examples if e.task == config.task.name)
             if split_name == "train":
                 mlflow.log_text("".join(e.to_json() + "\n" for e in examples[:10]), "data_card/samples.jsonl")
             frame = pd.DataFrame([e.__dict__ for e in examples])
@@ -98,9 +115,12 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
         mlflow.set_tag("tuneline.training_plan", plan)
         rows = "\n".join(f"| {name} | {c['train']} | {c['validation']} | {c['test']} | {c['rejected']} |"
                          for name, c in result.counts.items())
+        balance = _balance(answers)
+        if answers:
+            mlflow.log_dict({split: dict(c) for split, c in answers.items()}, "data_card/answers.json")
         publish("data", "## Data\n\n| task | train | validation | test | rejected |\n|---|---|---|---|---|\n"
                         f"{rows}\n\nTraining mixture: {result.mixed_train}. Split fingerprints: "
-                        f"{result.fingerprints}.\n\n**Power:** {note}.\n\n**Training:** {plan}."
+                        f"{result.fingerprints}.\n\n{balance}**Power:** {note}.\n\n**Training:** {plan}."
                         + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                         + "\n\nData card, rejects, split keys and samples are in the MLflow run.")
         print(f"data: {result.counts}; mixed train {result.mixed_train} ({Path(result.rejects).name}); "
@@ -133,8 +153,21 @@ def prepare(config: LifecycleConfig, run_dir: Path, parent_run_id: str,
     splits = data_stage(config, str(run_dir / "data"), parent_run_id, corrections)
     tasks_dir = write_tasks(config.task.name, splits.files, run_dir / "eval_tasks",
                             config.task.max_answer_tokens, config.baseline.reasoning_tokens,
-                            general_suites(config))
+                            general_suites(config), ranked=config.task.ranked)
     return splits, str(tasks_dir)
+
+
+def served_answers(config: LifecycleConfig) -> list[str] | None:
+    """What a classifier's service replies with unless a request asks otherwise (deploy.constrain): its labels
+    as the answer template writes them."""
+    task = config.task
+    if task.kind != "classify" or not config.deploy.constrain:
+        return None
+    replies = label_replies(task.answer, {k: tuple(v) for k, v in task.labels.items()})
+    if replies is None:
+        print(f"deploy: the answer template {task.answer!r} reads more than the label, so the replies differ "
+              "from record to record: served as free text (a request may list its answers in response_format)")
+    return list(replies) if replies else None
 
 
 def general_suites(config: LifecycleConfig) -> tuple[str, ...]:

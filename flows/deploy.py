@@ -9,7 +9,7 @@ import mlflow
 from prefect import flow
 
 from flows.config import LifecycleConfig, load_config
-from flows.data import task_spec
+from flows.data import served_answers, task_spec
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
 from tasks.packaging import Deployment
@@ -43,7 +43,8 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
                 tag = packaging.build_bento(str(model_dir), name, version, config.task.system_prompt,
-                                            config.deploy.limits, system=registry.system(name, version))
+                                            config.deploy.limits, system=registry.system(name, version),
+                                            answers=served_answers(config))
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")

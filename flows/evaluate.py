@@ -16,7 +16,7 @@ from evals import runner
 from evals.runner import write_listed_tasks
 from flows.config import LifecycleConfig, load_config
 from flows.data import general_suites, power, prepare
-from tasks import registry, tracking
+from tasks import registry, scoring, tracking
 from tasks.evidence import table
 from tasks.paths import run_folder
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
@@ -31,16 +31,35 @@ ZERO = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat
 CLEAN_SHARE = 0.8
 
 
-def _wins_and_losses(before: dict, after: dict) -> list[dict]:
-    """Per test example: what fine-tuning fixed (wrong → right) and what it broke (right → wrong)."""
+def _wins_and_losses(before: dict, after: dict, metric: str) -> list[dict]:
+    """Per test example: what fine-tuning fixed (wrong → right on the gate's metric) and what it broke."""
     old = {s["doc_id"]: s for s in before["samples"]}
     changes = []
     for new in after["samples"]:
         prev = old.get(new["doc_id"])
-        if prev is not None and prev["exact_match"] != new["exact_match"]:
-            changes.append({"change": "fixed" if new["exact_match"] else "broke", "prompt": new["prompt"],
-                            "target": new["target"], "before": prev["response"], "after": new["response"]})
+        if prev is not None and prev[metric] != new[metric]:
+            changes.append({"change": "fixed" if new[metric] > prev[metric] else "broke", "prompt": new["prompt"],
+                            "target": new["target"], "before": prev.get("prediction", prev["response"]),
+                            "after": new.get("prediction", new["response"])})
     return changes
+
+
+def _confusion_plot(confusion: dict, title: str):
+    """A classifier's confusion matrix: true label by row, predicted by column, counts in the cells."""
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    fig = Figure(figsize=(1.2 + 0.7 * len(labels), 1.0 + 0.6 * len(labels)))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def _plot(rows: dict[str, dict], metric: str):
@@ -48,7 +67,8 @@ def _plot(rows: dict[str, dict], metric: str):
     ax = fig.subplots()
     names = list(rows)
     ax.bar(names, [rows[n].get(metric, 0.0) for n in names],
-           yerr=[rows[n].get("stderr", 0.0) if metric == "exact_match" else 0.0 for n in names], capsize=4)
+           yerr=[rows[n].get("stderr", 0.0) if metric in ("exact_match", "accuracy") else 0.0 for n in names],
+           capsize=4)
     ax.set_ylabel(f"{metric} (test split)")
     ax.set_ylim(0, 1)
     fig.tight_layout()
@@ -88,7 +108,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
             done[same] = name
             try:
                 results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],
-                                      chat=v["chat"], **common)
+                                      chat=v["chat"], kind=task.kind, **common)
             except Exception as exc:  # recorded for the gate, which fails on any crash; the report goes on
                 crashed[name] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -139,17 +159,21 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")
                 mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low,
                                     f"{slug}_high": c.high, f"{slug}_p": c.p_value})
-        changes = _wins_and_losses(results["baseline"], results["finetuned"]) \
+        changes = _wins_and_losses(results["baseline"], results["finetuned"], gate_metric) \
             if {"baseline", "finetuned"} <= results.keys() else []
         fixed, broke = sum(c["change"] == "fixed" for c in changes), sum(c["change"] == "broke" for c in changes)
         mlflow.log_metrics({"fixed_by_finetuning": fixed, "broken_by_finetuning": broke})
         mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
         mlflow.log_figure(_plot(rows, gate_metric), "report/comparison.png")
-        bar_rate = rows.get("baseline", {}).get("exact_match", 0.5)
+        for name, r in results.items():
+            if "confusion" in r:
+                mlflow.log_figure(_confusion_plot(r["confusion"], name), f"report/confusion_{name}.png")
+                mlflow.log_dict({"classes": r["classes"], "confusion": r["confusion"]}, f"report/classes_{name}.json")
+        bar_rate = rows.get("baseline", {}).get(gate_metric, 0.5)
         note_power, warnings = power(config, len(_items(results.get("baseline"), gate_metric) or {})
                                      or task.max_test_examples, bar_rate)
         markdown = _report(rows, crashed, fixed, broke, plan, candidates, compared, note, note_power, warnings,
-                           gate_metric)
+                           gate_metric, results)
         mlflow.log_text(markdown, "report/report.md")
         publish("evaluate", markdown)
         print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
@@ -166,7 +190,8 @@ def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dic
         test = {"test": str(Path(tasks_dir).parent / "data" / "test.jsonl")}
         files = attach_shots(str(Path(folder) / POOL_FILE), test, recipe.k, tasks_dir, prefix="champion") \
             if recipe.shots == "retrieved" else attach_fixed(list(recipe.fixed), test, tasks_dir, "champion")
-        write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, "_champion")
+        write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, "_champion",
+                           ranked=config.task.ranked)
     return {"name": recipe.label, "kind": recipe.shots, "shots": recipe.k,
             "suffix": "_champion" if recipe.shots != "none" else "", "chat": recipe.chat}
 
@@ -223,17 +248,25 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
 
 def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list[registry.Candidate],
             compared: dict,
-            champion_note: str | None, power_note: str, warnings: list[str], metric: str) -> str:
+            champion_note: str | None, power_note: str, warnings: list[str], metric: str, results: dict) -> str:
     label = {"base": "base, 0-shot chat", "baseline": f"bar: {plan['baseline'][1]['name']} on the base weights",
              "prompt": f"base + {plan['prompt'][1]['name']}", "finetuned": "fine-tuned",
              "finetuned+shots": f"fine-tuned + {plan.get('finetuned+shots', (None, {'name': ''}))[1]['name']}",
              "champion": f"champion ({plan['champion'][1]['name']})" if "champion" in plan else "champion"}
+    ranked = metric == "accuracy"
     lines = ["## Evaluation on the test split", "",
-             "| system | exact match ± se | field F1 | ROUGE-L | general acc |", "|---|---|---|---|---|"]
-    for name, r in rows.items():
-        general = "–" if r["general_acc"] is None else f"{r['general_acc']:.3f}"
-        lines.append(f"| {label.get(name, name)} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | "
-                     f"{r['field_f1']:.3f} | {r['rougeL']:.3f} | {general} |")
+             scoring.table({label.get(name, name): r for name, r in rows.items()}, ranked,
+                           extra=(("general_acc", "general acc"),))]
+    majority = next((r["majority"] for r in results.values() if "majority" in r), None)
+    if majority:  # the same test items for every system
+        lines += ["", f"Majority answer of the scored test items: **{majority['answer']}**, "
+                      f"{majority['rate']:.3f} of them: what always giving that answer scores."]
+    for name, r in results.items():
+        if "classes" in r and name in ("finetuned", "baseline"):
+            lines += ["", f"Per class, {label.get(name, name)} (confusion matrix: report/confusion_{name}.png):", "",
+                      "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+            lines += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+                      for c, m in r["classes"].items()]
     lines += ["", f"Fine-tuning fixed **{fixed}** test examples of the bar's and broke **{broke}** "
                   "(report/wins_losses.jsonl in the MLflow run).", "",
               f"### Candidate systems, paired on {metric} (candidate minus the other; forgetting: base minus "
@@ -265,7 +298,7 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
             result = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", system_prompt=task.system_prompt,
                            shots=v["shots"], chat=v["chat"], limit=task.max_test_examples,
-                           batch_size=config.evaluation.batch_size)
+                           batch_size=config.evaluation.batch_size, kind=task.kind)
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,
                                                    batch_size=config.evaluation.batch_size)["acc"]

@@ -28,7 +28,8 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             info = model_info(folder)
             cost = measure_cost(folder, probe, models.cost_tokens)
             result = score(folder, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
-                           shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size)
+                           shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
+                           kind=task.kind)
             likely = score_likelihood(folder, tasks_dir, f"{task.name}_validation_likelihood",
                                       system_prompt=task.system_prompt, limit=task.max_validation_examples,
                                       batch_size=config.evaluation.batch_size)

@@ -8,7 +8,10 @@ Two BentoML services in one Bento:
 The system comes from the BentoML model `tuneline-chat`, baked into the Bento at build time: the weights,
 its registry name and version, what kind of system it is, its prompt recipe (tuneline_recipe.json: system
 prompt, chat template on or off, fixed shots or k shots retrieved from its pool by the bundled sentence
-encoder) and the limits. The recipe is applied to every request exactly as evaluation applied it.
+encoder), the limits, and for a classifier its labels. The recipe is applied to every request exactly as
+evaluation applied it. A classifier replies with its most likely label and every label's probability, ranked as
+evaluation ranked them; any request can ask for that over its own answers (a json_schema response format with an
+enum), or for free text (`{"type": "text"}`).
 
 Environment: TUNELINE_API_KEY (if set, `Authorization: Bearer <key>` is required on /v1 and /feedback),
 TUNELINE_FEEDBACK_DB (default $TUNELINE_HOME/feedback.db), TUNELINE_BATCHING=off (one generation at a time:
@@ -117,6 +120,21 @@ class Generator:
         return results
 
     @bentoml.api
+    def rank(self, request: dict) -> list[float]:
+        """The summed log-probability of each continuation (token ids) after the prompt's ids: one forward
+        pass over every prompt + continuation, right-padded."""
+        prompt, continuations = request["ids"], request["continuations"]
+        rows = [prompt + c for c in continuations]
+        width = max(len(r) for r in rows)
+        ids = self.torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
+        mask = self.torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        with self.lock, self.torch.no_grad():
+            logprobs = self.torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        # the token at position p is predicted by the logits at p - 1
+        return [float(sum(logprobs[i, len(prompt) + j - 1, token] for j, token in enumerate(c)))
+                for i, c in enumerate(continuations)]
+
+    @bentoml.api
     def stream(self, request: dict) -> t.Generator[str, None, None]:
         """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason",
         "completion_tokens"}."""
@@ -173,6 +191,20 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    response_format: dict | None = Field(None, description='{"type": "json_schema", "json_schema": {"schema": '
+                                         '{"enum": [...]}}}: reply with the most likely of those answers; '
+                                         '{"type": "text"}: free text, also from a classifier')
+
+    @property
+    def enum(self) -> list[str] | None:
+        """The allowed answers a json_schema response format lists, if it does."""
+        if not self.response_format or self.response_format.get("type") != "json_schema":
+            return None
+        enum = (self.response_format.get("json_schema") or {}).get("schema", {}).get("enum")
+        if not isinstance(enum, list) or len(enum) < 2 or not all(isinstance(a, str) and a for a in enum):
+            raise HTTPException(400, "response_format.json_schema.schema.enum: a list of at least 2 non-empty "
+                                     "strings is required")
+        return enum
 
     @property
     def stops(self) -> list[str]:
@@ -282,6 +314,7 @@ class Chat:
         self.recipe = self._load_recipe(Path(self.model_ref.path))
         self.max_prompt_tokens = int(meta.get("max_prompt_tokens", 1024))
         self.max_tokens = int(meta.get("max_tokens", 256))
+        self.answers = meta.get("answers")  # a classifier's labels: its replies are ranked, not generated
         home = Path(os.environ.get("TUNELINE_HOME", "."))
         self.store = Store(Path(os.environ.get("TUNELINE_FEEDBACK_DB", home / "feedback.db")))
 
@@ -342,7 +375,7 @@ class Chat:
         if max_tokens > self.max_tokens:
             raise HTTPException(400, f"max_tokens: {max_tokens} is over this service's limit of {self.max_tokens}")
         return messages, {"ids": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                          "seed": body.seed}
+                          "seed": body.seed, "text": text}
 
     def _completion(self, rid: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
@@ -359,7 +392,15 @@ class Chat:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, _: None = Depends(require_key)):
         messages, request = self._prepare(body)
+        text = request.pop("text")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        free = (body.response_format or {}).get("type") == "text"
+        answers = body.enum or (None if free else self.answers)
+        if answers:
+            if body.stream:
+                raise HTTPException(400, "stream: a ranked answer is one reply; send stream false, or "
+                                         'response_format {"type": "text"} for streamed free text')
+            return await self._ranked(rid, messages, text, answers, as_json=body.enum is not None)
         if body.stream:
             return StreamingResponse(self._stream(rid, messages, request, body.stops), media_type="text/event-stream")
         try:
@@ -372,6 +413,29 @@ class Chat:
                   else result["completion_tokens"])
         await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
+
+    async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool) -> dict:
+        """The most likely of `answers` as the reply, with every answer's probability (softmax of the summed
+        log-probabilities), scored as evaluation (lm-eval) scores them: each answer follows the rendered prompt
+        (after a newline for a plain-text recipe), trailing whitespace of the prompt moves to the answer, and the
+        answer's tokens are those of prompt + answer past the prompt's own."""
+        context = text.rstrip()
+        delimiter = text[len(context):] + ("" if self.recipe["chat"] else "\n")
+        ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        continuations = [self.tokenizer(context + delimiter + a, add_special_tokens=False)["input_ids"][len(ids):]
+                         for a in answers]
+        try:
+            logprobs = np.array(await self.generator.to_async.rank({"ids": ids, "continuations": continuations}))
+        except Exception as exc:  # as for generation: the client may retry
+            raise HTTPException(503, f"ranking failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
+        probs = np.exp(logprobs - logprobs.max())
+        probs /= probs.sum()
+        best = answers[int(logprobs.argmax())]
+        reply = json.dumps(best) if as_json else best
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, reply)
+        out = self._completion(rid, reply, "stop", len(ids), len(continuations[int(logprobs.argmax())]))
+        out["choices"][0]["probabilities"] = {a: round(float(p), 6) for a, p in zip(answers, probs)}
+        return out
 
     async def _generate(self, request: dict, attempts: int = 4) -> list[dict]:
         """The generator call, sent again when the connection between the two services drops under it.

@@ -50,6 +50,7 @@ class Example:
     assistant: str
     task: str = ""
     key: str = ""  # hash of the normalised input fields: decides the split, and pairs items across rounds
+    choices: tuple[str, ...] = ()  # classify / choice: every allowed reply, rendered as the answer is
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -69,6 +70,9 @@ class TaskSpec:
     prompt_choice: str = "per_example"  # or "first"
     max_tokens: int | None = None
     seed: int = 13
+    kind: str = "generate"  # or classify, choice: the reply is one of `choices` (see candidates)
+    choices: str | None = None  # choice: the field with each record's list of answers
+    choice_answer: str = "{{ choice }}"
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,43 @@ def _as_text(value) -> str:
     return str(value) if isinstance(value, SCALARS) else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def candidates(spec: TaskSpec, compiled: dict, context: dict, record: dict, answer: str
+               ) -> tuple[tuple[str, ...], str | None]:
+    """Every reply a classify or choice record allows, rendered exactly as its answer is (the same template,
+    stripped), or the fault that makes the row unusable. classify: the answer template with the class field set
+    to each label in turn; choice: `choice_answer` over each item of the record's list."""
+    if spec.kind == "classify":
+        [(var, labels)] = spec.labels.items()
+        options = [compiled[spec.answer].render(**{**context, var: label}).strip() for label in labels]
+    elif spec.kind == "choice":
+        column = spec.fields.get(spec.choices, spec.choices)
+        items = record.get(column)
+        if not isinstance(items, list) or len(items) < 2:
+            return (), f"{column!r} must be a list of at least 2 answers, got {json.dumps(items)[:60]}"
+        options = [compiled[spec.choice_answer].render(**{**context, column: items, "choice": item,
+                                                          "letter": chr(65 + i), "index": i}).strip()
+                   for i, item in enumerate(items)]
+    else:
+        return (), None
+    if any(not o for o in options) or len(set(options)) < len(options):
+        return (), f"the allowed answers must be distinct and non-empty, got {options}"
+    if answer not in options:
+        return (), f"the answer {answer!r} is not one of the allowed answers {options}"
+    return tuple(options), None
+
+
+def label_replies(answer: str, labels: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+    """A classifier's replies for serving: the answer template rendered with each label alone (as `candidates`
+    renders them); None when the template reads more of a record than its label, as the replies then differ
+    from record to record."""
+    [(var, values)] = labels.items()
+    try:
+        template = _JINJA.from_string(answer)
+        return tuple(template.render(**{var: value}).strip() for value in values)
+    except TemplateError:
+        return None
+
+
 def example_key(normalised_input: str) -> str:
     return hashlib.sha256(normalised_input.encode()).hexdigest()[:16]
 
@@ -251,7 +292,7 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         raise DataError(f"{spec.source}: template variable {names} has no column; columns are {columns}")
 
     # Compiled once: compiling per row cost 4 s on the demo data.
-    compiled = {text: _JINJA.from_string(text) for text in (*spec.prompts, spec.answer)}
+    compiled = {text: _JINJA.from_string(text) for text in (*spec.prompts, spec.answer, spec.choice_answer)}
     rng = random.Random(spec.seed)
     examples, rejects, seen = [], [], {}
 
@@ -272,11 +313,15 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         try:
             user = compiled[prompt].render(**context).strip()
             assistant = compiled[spec.answer].render(**context).strip()
+            options, fault = candidates(spec, compiled, context, record, assistant)
         except TemplateError as exc:  # e.g. choices[3] in a row with three choices
             reject(where, f"template error: {exc} (the templates read {', '.join(sorted(variables))})", record)
             continue
         if not user or not assistant:
             reject(where, f"the {'prompt' if not user else 'answer'} template renders empty text", record)
+            continue
+        if fault:
+            reject(where, fault, record)
             continue
         # Duplicates are judged on the record's input fields, so one review phrased by two templates is
         # still one example (and cannot land in both train and test).
@@ -284,7 +329,8 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         if key in seen:
             reject(where, f"duplicate of {seen[key]}", record)
             continue
-        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name, example_key(key))
+        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name, example_key(key),
+                          options)
         seen[key] = where
         examples.append(example)
     if not examples:
@@ -345,7 +391,8 @@ def write_examples(path: Path, examples: list[Example]) -> str:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    return [Example(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [Example(**{**raw, "choices": tuple(raw.get("choices", ()))})
+            for raw in map(json.loads, Path(path).read_text(encoding="utf-8").splitlines())]
 
 
 def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:

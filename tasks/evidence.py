@@ -124,8 +124,9 @@ def _bootstrap(rule, x, y, *, threshold, direction, confidence, seed) -> Compari
 
 # ---------------------------------------------------------------------------------------------- power
 def min_detectable(n: int, rate: float, confidence: float, power: float = POWER) -> float:
-    """Smallest true gain in exact match that `n` paired items detect at `confidence` with `power`, when both
-    systems are near `rate` and err independently (discordance 2 p (1 - p)). Correlated errors detect less."""
+    """Smallest true gain in a 0/1 metric (exact match, accuracy) that `n` paired items detect at `confidence`
+    with `power`, when both systems are near `rate` and err independently (discordance 2 p (1 - p)). Correlated
+    errors detect less."""
     if n < 1:
         return math.inf
     discordance = max(2 * rate * (1 - rate), 1 / n)
@@ -140,11 +141,12 @@ def best_lower_bound(n: int, rate: float, confidence: float) -> float:
     return wins / n * (2 * (1 - confidence) ** (1 / wins) - 1)
 
 
-def power_note(n: int, rate: float, confidence: float, min_improvement: float) -> tuple[str, list[str]]:
+def power_note(n: int, rate: float, confidence: float, min_improvement: float, metric: str = "exact_match"
+               ) -> tuple[str, list[str]]:
     """What a test split of `n` items can show, and warnings naming the numbers when the gate cannot be met."""
     mdd = min_detectable(n, rate, confidence)
     level = round(100 * confidence)
-    note = (f"{n} test items detect a gain of {mdd:.3f} in exact match ({level} % confidence, "
+    note = (f"{n} test items detect a gain of {mdd:.3f} in {metric.replace('_', ' ')} ({level} % confidence, "
             f"{round(100 * POWER)} % power, bar at {rate:.2f})")
     warnings = []
     best = best_lower_bound(n, rate, confidence)

@@ -50,12 +50,13 @@ class Deployment:
 
 @task(name="build-bento")
 def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str,
-                limits: dict[str, int] | None = None, recipe_dir: str | None = None, system: str = "fine-tuned"
-                ) -> str:
+                limits: dict[str, int] | None = None, recipe_dir: str | None = None, system: str = "fine-tuned",
+                answers: list[str] | None = None) -> str:
     """Put the system into BentoML's store — the weights, the prompt recipe (in `model_dir` itself for a
     downloaded version, else in `recipe_dir`) and for retrieval its pool, embeddings and encoder — with its
-    registry identity, what kind of system it is (`system`, named in every reply) and request limits, then build
-    the Bento. A system without a recipe serves the weights zero-shot with `system_prompt`."""
+    registry identity, what kind of system it is (`system`, named in every reply), request limits and for a
+    classifier the `answers` it ranks, then build the Bento. A system without a recipe serves the weights
+    zero-shot with `system_prompt`."""
     folders = [Path(model_dir)] + ([Path(recipe_dir)] if recipe_dir else [])
     recipe = read_recipe(recipe_dir or model_dir)
     recipe_files = [f for f in (RECIPE_FILE, POOL_FILE, EMBEDDINGS_FILE) if any((d / f).is_file() for d in folders)]
@@ -69,7 +70,7 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
                                    "retrieval needs is not installed here")
     metadata = {"registered_model": registered_model, "version": str(version),
                 "system_prompt": recipe.system_prompt if RECIPE_FILE in recipe_files else system_prompt,
-                "system": system, **(limits or {})}
+                "system": system, **(limits or {}), **({"answers": list(answers)} if answers else {})}
     with bentoml.models.create(
         BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
@@ -142,7 +143,7 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
         url = _ready(*launched)
         failures = []
         for content, reference in zip(prompts, expected):
-            served = chat.fn(url, content, max_tokens)["choices"][0]["message"]["content"]
+            served = chat.fn(url, content, max_tokens, free=True)["choices"][0]["message"]["content"]
             if served != reference:
                 failures.append(f"{content[:60]!r}: served {served[:60]!r} != in-process {reference[:60]!r}")
         return failures
@@ -151,12 +152,14 @@ def smoke_compare(model_dir: str, bento_tag: str, prompts: list[str], system_pro
 
 
 @task(name="chat-request", retries=2, retry_delay_seconds=2)
-def chat(url: str, content: str, max_tokens: int = 48, stop: list[str] | None = None) -> dict:
-    """One chat request against the running service; the JSON reply."""
+def chat(url: str, content: str, max_tokens: int = 48, stop: list[str] | None = None, free: bool = False) -> dict:
+    """One chat request against the running service; the JSON reply (`free`: generated text, also from a
+    classifier)."""
     key = os.environ.get("TUNELINE_API_KEY")
     response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {key}"} if key else {},
                           json={"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                                **({"stop": stop} if stop else {})})
+                                **({"stop": stop} if stop else {}),
+                                **({"response_format": {"type": "text"}} if free else {})})
     response.raise_for_status()
     return response.json()

@@ -3,6 +3,7 @@ prompt the model was trained with are the ones it is scored and served with."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,31 @@ def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_serv
     if shots == "retrieved":  # the two nearest pool examples, the nearest right before the question
         assert served.index("teapot") < served.index("leaks everywhere") < served.index(EXAMPLE.user)
     assert ("<|im_start|>system" in served) == chat
+
+
+@pytest.mark.parametrize("template", ["smollm2", "gemma"])
+def test_ranked_answers_are_scored_as_the_reply_training_teaches(template, request, tmp_path):
+    """Each allowed answer of a classify task is scored by lm-eval as the continuation of the same prompt that
+    training and serving render, and prompt + answer is exactly how TRL renders that answer as the reply."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = request.getfixturevalue("tiny_model" if template == "smollm2" else "tiny_gemma")
+    model, tok = load(Path(folder))
+    example = Example("x", SYSTEM, EXAMPLE.user, "negative", "reviews", "k", ("positive", "negative", "neutral"))
+    splits = {name: write_examples(tmp_path / f"{name}.jsonl", [example]) for name in ("train", "validation", "test")}
+    tasks_dir = runner.write_tasks("reviews", splits, tmp_path / "tasks", max_answer_tokens=2, ranked=True)
+    scored = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=["reviews_test_ranked"],
+                             task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                             apply_chat_template=True, system_instruction=SYSTEM, log_samples=True)
+    pairs = [tuple(a) for a in scored["samples"]["reviews_test_ranked"][0]["arguments"]]
+    served = served_prompt(tok, tmp_path / "zero", Recipe(SYSTEM), example.user)
+
+    assert [answer for _, answer in pairs] == list(example.choices)
+    args = SFTConfig(output_dir=str(tmp_path / "t"), use_cpu=True, bf16=False, report_to=[], max_length=256)
+    trained = SFTTrainer(model=model, args=args, processing_class=tok, train_dataset=conversational(
+        [replace(example, assistant=choice) for choice in example.choices])).train_dataset
+    for (context, answer), row in zip(pairs, trained):
+        assert context == served
+        assert tok.decode(row["input_ids"]).startswith(context + answer)

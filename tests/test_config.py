@@ -46,6 +46,12 @@ def test_demo_config_is_valid_and_resolves_data_against_its_folder():
         (lambda c: c.update(extra_tasks=[dict(c["task"])]), "extra_tasks: task names must be unique"),
         (lambda c: c["finetune"].update(stages=[{"task": "nope"}]), "finetune.stages.0.task: unknown task 'nope'"),
         (lambda c: c["finetune"].update(method="prefix"), "finetune.method: Input should be 'lora', 'qlora'"),
+        (lambda c: c["task"].update(kind="classify"), "task: Value error, kind classify needs exactly one entry in "
+                                                      "labels (the class field), got ['rating', 'sentiment']"),
+        (lambda c: c["task"].update(kind="choice"), "task: Value error, kind choice needs `choices`"),
+        (lambda c: c["task"].update(choices="options"), "task: Value error, choices is for kind choice"),
+        (lambda c: c["gate"].update(metric="accuracy"), "Value error, gate.metric accuracy does not score a "
+                                                        "generate task"),
     ],
 )
 def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
@@ -55,6 +61,12 @@ def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
     message = str(err.value)
     assert message.startswith(f"{path}: ") and expected in message
     assert "\n" not in message
+
+
+def test_each_bundled_config_is_valid_and_the_gate_metric_follows_the_task_kind():
+    metrics = {path.name: load_config(path).gate.metric for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    assert metrics == {"choice.yaml": "accuracy", "classify.yaml": "accuracy", "demo.yaml": "exact_match",
+                       "multitask.yaml": "exact_match"}
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -10,7 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.datasets import DataError, Example, TaskSpec, mix, normalise, prepare_data, read_examples, split, to_examples
+from tasks.datasets import (
+    DataError,
+    Example,
+    TaskSpec,
+    mix,
+    normalise,
+    prepare_data,
+    read_examples,
+    split,
+    to_examples,
+    write_examples,
+)
 from tests.conftest import DEMO_DATA
 
 PROMPT = "Review: {{ review }}"
@@ -235,3 +246,53 @@ def test_a_template_that_renders_empty_text_is_a_bad_row(tmp_path):
     with pytest.raises(DataError, match=r"data.jsonl:1: the answer template renders empty text"):
         to_examples(task, "error")
     assert [(e.user, e.assistant) for e in to_examples(task, "skip").examples] == [("meh", "c")]
+
+
+def test_a_classify_record_allows_each_label_written_as_the_answer_template_writes_it(tmp_path):
+    path = jsonl(tmp_path, {"text": "charged twice", "queue": "billing"}, {"text": "parcel lost", "queue": "shipping"})
+    examples = to_examples(spec(path, prompts=("Ticket: {{ text }}",), answer="queue: {{ queue }}",
+                                labels={"queue": ("billing", "shipping")}, kind="classify")).examples
+    assert [e.choices for e in examples] == [("queue: billing", "queue: shipping")] * 2
+    assert [e.assistant for e in examples] == ["queue: billing", "queue: shipping"]
+    assert read_examples(write_examples(tmp_path / "split.jsonl", examples)) == examples  # the split files keep them
+
+
+QUIZ = {"q": "Which is a fruit?", "choices": ["carrot", "apple", "leek"], "answer": "B", "index": 1}
+
+
+@pytest.mark.parametrize(("choice_answer", "answer", "choices", "gold"), [
+    ("{{ letter }}", "{{ answer }}", ("A", "B", "C"), "B"),
+    ("{{ choice }}", "{{ choices[index] }}", ("carrot", "apple", "leek"), "apple"),
+    ("{{ index }}", "{{ index }}", ("0", "1", "2"), "1"),
+    ("{{ letter }}. {{ choice }}", "B. {{ choices[index] }}", ("A. carrot", "B. apple", "C. leek"), "B. apple"),
+])
+def test_a_choice_record_lists_its_own_answers_by_letter_text_or_index(tmp_path, choice_answer, answer, choices, gold):
+    prompt = "{{ q }}\n{% for c in choices %}{{ 'ABC'[loop.index0] }}. {{ c }}\n{% endfor %}"
+    [example] = to_examples(spec(jsonl(tmp_path, QUIZ), prompts=(prompt,), answer=answer, labels={}, kind="choice",
+                                 choices="choices", choice_answer=choice_answer)).examples
+    assert example.choices == choices and example.assistant == gold
+    assert example.user == "Which is a fruit?\nA. carrot\nB. apple\nC. leek"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    (QUIZ | {"answer": "E"}, "the answer 'E' is not one of the allowed answers ['A', 'B', 'C']"),
+    (QUIZ | {"choices": "carrot"}, "'choices' must be a list of at least 2 answers, got \"carrot\""),
+    (QUIZ | {"choices": ["apple"]}, "'choices' must be a list of at least 2 answers"),
+    (QUIZ | {"choices": ["apple", "apple"], "answer": "A"}, None),  # letters stay distinct
+])
+def test_choice_rows_without_a_usable_answer_list_are_bad_rows_naming_the_line(tmp_path, row, message):
+    path = jsonl(tmp_path, QUIZ | {"q": "first"}, row)
+    choice = spec(path, prompts=("{{ q }}",), answer="{{ answer }}", labels={}, kind="choice", choices="choices",
+                  choice_answer="{{ letter }}")
+    if message is None:
+        assert len(to_examples(choice).examples) == 2
+        by_text = spec(path, prompts=("{{ q }}",), answer="{{ choices[0] }}", labels={}, kind="choice",
+                       choices="choices")
+        with pytest.raises(DataError, match=rf"{path}:2: the allowed answers must be distinct"):
+            to_examples(by_text)
+        return
+    with pytest.raises(DataError) as err:
+        to_examples(choice)
+    assert str(err.value) == f"{path}:2: {message}" or str(err.value).startswith(f"{path}:2: {message}")
+    outcome = to_examples(choice, on_bad_rows="skip")
+    assert len(outcome.examples) == 1 and outcome.rejects[0]["where"] == f"{path}:2"

@@ -1,14 +1,21 @@
-"""The evaluate stage: base, baseline and fine-tuned side by side; a crashed evaluation is recorded, not hidden."""
+"""The evaluate stage: base, baseline and fine-tuned side by side; a crashed evaluation is recorded, not hidden;
+ranked answers (classify, choice) scored as the argmax of their summed log-probabilities."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
+import numpy as np
+import pytest
+import torch
 
+from evals import runner
 from evals.runner import write_tasks
 from flows.config import load_config
-from tasks.datasets import TaskSpec, prepare_data
+from tasks.datasets import Example, TaskSpec, prepare_data, write_examples
+from tasks.models import load
 from tasks.recipes import Baselines
 from tests.conftest import DEMO_DATA, ROOT
 
@@ -124,3 +131,51 @@ def test_a_configs_own_general_suite_is_scored_and_gated_on_forgetting_apart(tin
     reasons = registry.gate(evidence, registry.Rules(max_forgetting=0.05)).reasons
     assert any(r.startswith("forgetting within the limit on general suite tuneline_general_general") for r in reasons)
     assert any(r.startswith(f"may forget more than allowed on general suite {name}") for r in reasons)
+
+
+LABELS = ("billing", "shipping", "returns")
+TICKETS = ["I was charged twice", "my parcel has not moved", "how do I send back a lamp", "the refund never came",
+           "the courier left it next door", "I need a return label", "my invoice is wrong", "tracking does not work",
+           "can I exchange the shoes", "charged for a cancelled order", "the box arrived crushed", "wrong size"]
+
+
+def summed_logprob(model, tok, context: str, answer: str) -> float:
+    """By hand: the model's log-probability of `answer`'s tokens right after `context` (one forward pass)."""
+    ids = tok(context, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(context + answer, add_special_tokens=False)["input_ids"][len(ids):]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids + answer_ids])).logits[0].float(), dim=-1)
+    return float(sum(logprobs[len(ids) + j - 1, token] for j, token in enumerate(answer_ids)))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_ranked_answers_are_the_argmax_of_summed_log_probs_and_the_classes_add_up(tiny_model, tmp_path, chat):
+    model, tok = load(Path(tiny_model))
+    examples = [Example(f"t{i}", "Route the ticket.", f"Ticket: {text}\nQueue?", LABELS[i % 3], "route", f"k{i}",
+                        LABELS) for i, text in enumerate(TICKETS)]
+    files = {name: write_examples(tmp_path / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    tasks_dir = write_tasks("route", files, tmp_path / "tasks", max_answer_tokens=3, ranked=True)
+    result = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt="Route the ticket.", chat=chat,
+                             batch_size=5, kind="classify")
+
+    hits = 0
+    for sample in result["samples"]:
+        example = examples[sample["doc_id"]]
+        context = tok.apply_chat_template([{"role": "system", "content": example.system},
+                                           {"role": "user", "content": example.user}],
+                                          tokenize=False, add_generation_prompt=True) if chat else example.user
+        by_hand = np.array([summed_logprob(model, tok, context, ("" if chat else "\n") + a) for a in LABELS])
+        probs = np.exp(by_hand - by_hand.max()) / np.exp(by_hand - by_hand.max()).sum()
+        assert sample["prediction"] == LABELS[int(by_hand.argmax())]
+        assert list(sample["probabilities"]) == list(LABELS)
+        assert np.allclose(list(sample["probabilities"].values()), probs, atol=1e-4)
+        assert sample["accuracy"] == float(sample["prediction"] == example.assistant)
+        hits += sample["accuracy"]
+    assert result["score"] == result["metrics"]["accuracy"] == hits / len(examples)
+    assert {"accuracy_norm", "macro_f1", "exact_match", "field_f1"} <= result["metrics"].keys()
+
+    matrix = np.array(result["confusion"]["matrix"])
+    assert result["confusion"]["labels"] == sorted(LABELS) and matrix.sum() == len(examples)
+    assert [int(row.sum()) for row in matrix] == [result["classes"][c]["support"] for c in sorted(LABELS)] == [4, 4, 4]
+    assert np.trace(matrix) == hits
+    assert result["majority"] == {"answer": "billing", "rate": 4 / 12}

@@ -256,3 +256,50 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(service):
             given(op.as_strategy(generation_mode=mode))(send)()
     assert not failures, failures[:5]
     assert statuses[2] > 0 and statuses[4] > 0, statuses  # both well-formed and malformed requests were sent
+
+
+def test_a_classifier_replies_with_its_most_likely_label_and_every_labels_probability_as_evaluated(
+        tiny_model, home, tmp_path):
+    from evals import runner
+    from tasks.datasets import Example, write_examples
+    from tasks.models import load
+
+    labels = ("billing", "shipping", "returns")
+    examples = [Example(f"t{i}", SYSTEM, f"Ticket: {text}\nQueue?", labels[i % 3], "route", f"k{i}", labels)
+                for i, text in enumerate(["I was charged twice", "my parcel is lost", "send back a lamp"])]
+    files = {name: write_examples(tmp_path / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    tasks_dir = runner.write_tasks("route", files, tmp_path / "tasks", max_answer_tokens=3, ranked=True)
+    model, tok = load(Path(tiny_model))
+    evaluated = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt=SYSTEM, kind="classify")["samples"]
+
+    bento = packaging.build_bento.fn(tiny_model, "router", "1", SYSTEM, {"max_prompt_tokens": 64, "max_tokens": 8},
+                                     answers=list(labels))
+    url = packaging.serve.fn(bento, free_port(), str(home), name="bento-classifier-test",
+                             feedback_db=str(tmp_path / "feedback.db"))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for sample in evaluated:  # the service ranks the labels exactly as evaluation did
+            reply = client.chat.completions.create(
+                model="router/1", messages=[{"role": "user", "content": examples[sample["doc_id"]].user}])
+            choice = reply.choices[0].model_dump()
+            assert choice["message"]["content"] == sample["prediction"] in labels
+            assert list(choice["probabilities"]) == list(labels)
+            assert abs(sum(choice["probabilities"].values()) - 1) < 1e-5
+            assert all(abs(choice["probabilities"][a] - p) < 1e-4 for a, p in sample["probabilities"].items())
+
+        question = [{"role": "user", "content": "Ticket: where is my refund?"}]
+        yes_no = {"type": "json_schema",
+                  "json_schema": {"name": "a", "schema": {"type": "string", "enum": ["yes", "no"]}}}
+        own = client.chat.completions.create(model="router/1", messages=question, response_format=yes_no)
+        assert json.loads(own.choices[0].message.content) in ("yes", "no")  # the request's own answers, as JSON
+        assert set(own.choices[0].model_dump()["probabilities"]) == {"yes", "no"}
+        free = client.chat.completions.create(model="router/1", messages=question, max_tokens=4,
+                                              response_format={"type": "text"})
+        assert "probabilities" not in free.choices[0].model_dump() and free.usage.completion_tokens == 4
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": question, "stream": True}, timeout=60)
+        assert streamed.status_code == 400 and "stream" in streamed.json()["error"]["message"]
+        bad = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": question, "response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": []}}}})
+        assert bad.status_code == 400 and "response_format.json_schema.schema.enum" in bad.json()["error"]["message"]
+    finally:
+        stop_started("bento-classifier-test", Path(home))
