@@ -157,7 +157,7 @@ class FinetuneStage(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora needs CUDA
+    method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora: 4-bit NF4 base (bitsandbytes), CPU or CUDA
     lora: LoraConfig = LoraConfig()  # r, alpha, dropout, target modules for lora, qlora and dora
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"

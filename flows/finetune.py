@@ -14,7 +14,7 @@ from tasks.datasets import Splits
 from tasks.models import provision_model
 from tasks.paths import run_folder
 from tasks.tracking import publish, stage_run
-from tasks.training import FineTuned, TrainSpec, require_device, run_key, train
+from tasks.training import FineTuned, TrainSpec, run_key, train
 
 
 def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainSpec:
@@ -80,7 +80,6 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     config = load_config(config_path)
     if max_steps is not None:
         config.finetune.max_steps = max_steps
-    require_device(config.finetune.method)
     source = model or config.models.candidates[0]
     home = tracking.open_experiment(config.name)
     run_dir = run_folder(home, config.name)

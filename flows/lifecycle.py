@@ -27,7 +27,7 @@ from tasks.paths import run_folder
 from tasks.recipes import Baselines
 from tasks.registry import Evaluation, Verdict
 from tasks.selection import Selection
-from tasks.training import FineTuned, require_device
+from tasks.training import FineTuned
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -40,7 +40,6 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
     config = load_config(config_path)
     if serve is not None:
         config.deploy.serve = serve
-    require_device(config.finetune.method)  # before any work: a QLoRA config on a CPU-only machine stops here
     home = tracking.open_experiment(config.name)
     run_dir = run_folder(home, config.name)
 

@@ -93,4 +93,7 @@ def _write_with_shots(target: Path, examples: list[Example], shots: list[list[di
 
 
 def shot(example: Example) -> dict:
-    return {"id": example.id, "user": example.user, "assistant": example.assistant}
+    """An example as a shot before a question; a ranked task's shot keeps its allowed replies, as lm-eval writes
+    a multiple-choice shot's answer through them."""
+    return {"id": example.id, "user": example.user, "assistant": example.assistant,
+            **({"choices": list(example.choices)} if example.choices else {})}

@@ -93,13 +93,6 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def require_device(method: str) -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: say so before any work is done."""
-    if method == "qlora" and not torch.cuda.is_available():
-        raise RuntimeError("finetune.method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); "
-                           "none is available here: use lora or dora on this machine")
-
-
 def resolve_device(device: str) -> str:
     """`auto` is CUDA when present, else the CPU; asking for CUDA without one is an error, not a fallback."""
     if device == "auto":
@@ -139,21 +132,27 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
-def qlora_quantization() -> BitsAndBytesConfig:
-    """QLoRA's base weights: 4-bit NF4 with double quantisation, computing in bf16."""
+def qlora_quantization(device: str = "cuda") -> BitsAndBytesConfig:
+    """QLoRA's base weights: 4-bit NF4 with double quantisation, computing in bf16 on CUDA and in fp32 on a CPU
+    (bitsandbytes' CPU 4-bit path; bf16 there is emulated unless the CPU has it natively)."""
+    compute = torch.bfloat16 if device == "cuda" or native_bf16() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute)
 
 
 def _load_for(method: str, base_dir: Path, device: str):
     if method != "qlora":
         return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None)
-    from peft import prepare_model_for_kbit_training  # CUDA path only
+    from peft import prepare_model_for_kbit_training
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qlora_quantization(),
-                                                 dtype=torch.bfloat16, use_safetensors=True, device_map={"": 0},
+    quantization = qlora_quantization(device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization,
+                                                 dtype=quantization.bnb_4bit_compute_dtype, use_safetensors=True,
+                                                 device_map={"": 0} if device == "cuda" else "cpu",
                                                  attn_implementation="sdpa")
-    return prepare_model_for_kbit_training(model), AutoTokenizer.from_pretrained(base_dir)
+    # activation checkpointing only where device_settings turns it on: a CPU has the memory to spare
+    return (prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda"),
+            AutoTokenizer.from_pretrained(base_dir))
 
 
 def _merged(trainer: SFTTrainer, spec: TrainSpec, base_dir: Path, adapter_dir: Path):
@@ -226,7 +225,6 @@ def sft_trainer(model, tokenizer, spec: TrainSpec, train_path: str, val_path: st
 @task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
 def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_path: str | None = None) -> dict:
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
-    require_device(spec.method)
     if spec.early_stopping_patience and not (val_path and spec.save_steps):
         raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
     out, base = Path(out_dir), Path(base_dir)
@@ -269,6 +267,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_pat
         "tokens_per_second": tokens / seconds if seconds else 0.0,
         "peak_memory_mb": peak_memory_mb(),
         "best_eval_loss": trainer.state.best_metric,
+        "base_weights": "nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
     return {**summary, "cached": False}

@@ -18,7 +18,8 @@ from tasks.retrieval import attach_fixed, attach_shots, encoder_path, pick_fixed
 from tasks.training import conversational
 
 SYSTEM = "You extract structured data from product reviews."
-EXAMPLE = Example("x", SYSTEM, "Review: The kettle leaks.\nReturn JSON.", '{"sentiment": "negative"}', "reviews")
+REPLIES = ('{"sentiment": "negative"}', '{"sentiment": "positive"}')  # a ranked task's allowed replies
+EXAMPLE = Example("x", SYSTEM, "Review: The kettle leaks.\nReturn JSON.", REPLIES[0], "reviews", "", REPLIES)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | 
     return tok.decode(Chat.inner._prepare(service, request)[1]["ids"])
 
 
-POOL = [Example(f"p{i}", SYSTEM, f"Review: {text}", answer, "reviews") for i, (text, answer) in enumerate([
+POOL = [Example(f"p{i}", SYSTEM, f"Review: {text}", answer, "reviews", "", REPLIES) for i, (text, answer) in enumerate([
     ("The kettle leaks everywhere.", '{"sentiment": "negative"}'),
     ("Love these running shoes.", '{"sentiment": "positive"}'),
     ("The lamp flickers a lot.", '{"sentiment": "negative"}'),
@@ -96,9 +97,11 @@ def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_serv
     files = attach_shots.fn(train, {"test": test}, 2, str(tasks_dir)) if shots == "retrieved" else \
         attach_fixed.fn(fixed, {"test": test}, str(tasks_dir), "fixed2")
     suffix = "_retrieved" if shots == "retrieved" else "_fixed2"
-    runner.write_listed_tasks("reviews", files, tasks_dir, 2, suffix)
-    evaluated = runner.evaluate(model, tok, tasks_dir, f"reviews_test{suffix}", system_prompt=SYSTEM, shots=2,
-                                chat=chat, limit=1, batch_size=1)["samples"][0]["prompt"]
+    runner.write_listed_tasks("reviews", files, tasks_dir, 2, suffix, ranked=True)
+    [sample] = runner.evaluate(model, tok, tasks_dir, f"reviews_test{suffix}", system_prompt=SYSTEM, shots=2,
+                               chat=chat, limit=1, batch_size=1, kind="classify")["samples"]
+    evaluated = sample["prompt"]
+    assert sample["prediction"] in REPLIES  # the ranked twin takes the same listed shots
 
     variant = {"name": "x", "kind": shots, "shots": 2, "suffix": suffix, "chat": chat}
     recipe = Recipe.of(variant, SYSTEM, {2: fixed})

@@ -20,7 +20,6 @@ from tasks.training import (
     last_complete_checkpoint,
     native_bf16,
     qlora_quantization,
-    require_device,
     sft_trainer,
     train,
 )
@@ -88,15 +87,19 @@ def test_peak_memory_is_the_trainings_own_not_the_processs_earlier_peak(tiny_mod
     assert 0 < result["peak_memory_mb"] < lifetime - 512, (result["peak_memory_mb"], lifetime)
 
 
-def test_registered_model_reloads_with_identical_outputs(tiny_model, train_file, tmp_path, mlflow_sqlite):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_registered_model_reloads_with_identical_outputs(method, tiny_model, train_file, tmp_path, mlflow_sqlite):
     """A PEFT model logged over a local base folder reloads with reinitialised base weights (MLflow 3.17); the
-    merged folder must round-trip exactly."""
+    merged folder must round-trip exactly. QLoRA trains for real here, on the CPU: bitsandbytes' NF4 base with
+    fp32 compute, the adapter merged into the dense base."""
     import mlflow
 
     from tasks import registry
 
     result = train.fn(tiny_model, train_file, str(tmp_path / "run"),
-                      TrainSpec(r=4, alpha=8, learning_rate=1e-2, max_steps=2, batch_size=2, max_seq_length=64))
+                      TrainSpec(method, r=4, alpha=8, learning_rate=1e-2, max_steps=2, batch_size=2, max_seq_length=64))
+    assert result["base_weights"] == ("nf4 4-bit" if method == "qlora" else "torch.float32")
+    assert result["steps"] == 2 and result["train_loss"] > 0
     mlflow.create_experiment("rt", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("rt")
     with mlflow.start_run() as run:
@@ -107,14 +110,9 @@ def test_registered_model_reloads_with_identical_outputs(tiny_model, train_file,
     ids = tok(["The kettle leaks.", "Great shoes, would buy again"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(trained(**ids).logits, reloaded(**ids).logits)
-
-
-def test_qlora_on_cpu_fails_before_any_work(tiny_model, train_file, tmp_path):
-    with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
-        require_device("qlora")
-    with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
-        train.fn(tiny_model, train_file, str(tmp_path / "out"), TrainSpec(method="qlora"))
-    assert not (tmp_path / "out").exists()
+    base, _ = load(Path(tiny_model))
+    assert not any("lora" in name for name, _ in trained.named_parameters())  # dense, the adapter merged in
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
 
 
 def test_a_cpu_trains_in_bf16_only_where_it_computes_bf16_natively():
@@ -125,13 +123,14 @@ def test_a_cpu_trains_in_bf16_only_where_it_computes_bf16_natively():
     assert here["bf16"] == native_bf16() and not here["activation_checkpointing"] and here["use_cpu"]
 
 
-def test_qlora_loads_its_base_in_4bit_nf4_with_bf16_compute():
-    """The CUDA path cannot run here; its quantisation settings can be checked (a lost `load_in_4bit` once
-    made "qlora" train an unquantised bf16 model)."""
-    quant = qlora_quantization()
-    assert quant.load_in_4bit and not quant.load_in_8bit
-    assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
-    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+def test_qlora_loads_its_base_in_4bit_nf4_computing_in_bf16_on_cuda_and_fp32_on_a_cpu():
+    """The CUDA settings are checked here too (a lost `load_in_4bit` once made "qlora" train an unquantised
+    bf16 model)."""
+    for device, compute in (("cuda", torch.bfloat16), ("cpu", torch.bfloat16 if native_bf16() else torch.float32)):
+        quant = qlora_quantization(device)
+        assert quant.load_in_4bit and not quant.load_in_8bit
+        assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
+        assert quant.bnb_4bit_compute_dtype == compute
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, tmp_path):
