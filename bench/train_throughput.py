@@ -32,7 +32,8 @@ from trl import SFTConfig, SFTTrainer
 
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import load, provision
-from tasks.training import TrainSpec, conversational, device_settings, resolve_device, train
+from tasks.training import conversational, device_settings, resolve_device, train
+from tasks.training_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def plain_trl(model_dir: Path, train_path: str, out: Path, spec: TrainSpec, bf16: bool, checkpointing: bool
+def plain_trl(model_dir: Path, train_path: str, out: Path, spec: FinetuneConfig, bf16: bool, checkpointing: bool
               ) -> float:
     """The baseline script: SFTTrainer with the same hyperparameters, the given device settings, and TRL's own
     defaults for the rest. Returns tokens/s."""
@@ -65,7 +66,7 @@ def plain_trl(model_dir: Path, train_path: str, out: Path, spec: TrainSpec, bf16
                      use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversational(read_examples(train_path)),
                          processing_class=tokenizer,
-                         peft_config=LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules="all-linear",
+                         peft_config=LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     started = time.perf_counter()
     trainer.train()
@@ -90,8 +91,8 @@ def main() -> None:
                         ("Review: {{ review }}\nReturn JSON.",),
                         '{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
         train_path = prepare_data.fn([task], {"reviews": 1.0}, 0.1, 0.1, 13, str(work / "data"), "skip").train
-        spec = TrainSpec(r=8, alpha=16, max_steps=args.steps, batch_size=args.batch_size, max_seq_length=256,
-                         warmup_ratio=0.0)
+        spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=args.steps, batch_size=args.batch_size,
+                              max_seq_length=256, warmup_ratio=0.0)
         ours = train.fn(str(model_dir), train_path, str(work / "ours"), spec)["tokens_per_second"]
         plain = {(bf16, ckpt): plain_trl(model_dir, train_path, work / f"plain-{bf16}-{ckpt}", spec, bf16, ckpt)
                  for bf16 in (True, False) for ckpt in (True, False)}

@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from tasks.training_config import FinetuneConfig, FinetuneStage, LoraConfig, Strict
+
+__all__ = ["ConfigError", "FinetuneConfig", "FinetuneStage", "LifecycleConfig", "LoraConfig", "load_config"]
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and the field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """How every task's records are split and how bad rows are treated."""
 
     validation: float = Field(0.1, gt=0, lt=0.5)
@@ -30,7 +31,7 @@ class DataConfig(_Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     """What the model must learn: the data, how a record becomes a chat turn, and how answers are scored.
 
     `kind` decides the scoring. generate: the reply is generated and compared with the answer. classify: the
@@ -88,7 +89,7 @@ class TaskConfig(_Strict):
         return self.kind != "generate"
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(Strict):
     """Selection picks the best validation score among the candidates within these limits (None: no limit)."""
 
     max_parameters: int | None = Field(None, gt=0)
@@ -96,7 +97,7 @@ class BudgetConfig(_Strict):
     max_memory_mb: float | None = Field(None, gt=0, description="peak process memory while generating")
 
 
-class ModelsConfig(_Strict):
+class ModelsConfig(Strict):
     candidates: list[str] = Field(min_length=1)
     budget: BudgetConfig = BudgetConfig()
     cost_tokens: int = Field(32, gt=0, description="tokens generated to measure each candidate's speed")
@@ -110,7 +111,7 @@ class ModelsConfig(_Strict):
         return value
 
 
-class BaselineConfig(_Strict):
+class BaselineConfig(Strict):
     """The prompt-engineering baselines scored on the chosen model; the best is the bar fine-tuning must clear."""
 
     shots: list[int] = Field(default_factory=lambda: [0, 3],
@@ -141,43 +142,7 @@ class BaselineConfig(_Strict):
         return value
 
 
-class LoraConfig(_Strict):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)  # on a CPU, torch's dropout mask costs ~30 % of a LoRA step
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class FinetuneStage(_Strict):
-    """One step of sequential fine-tuning: train on one task, starting from the previous stage's weights."""
-
-    task: str
-    max_steps: int | None = Field(None, gt=0, description="default: finetune.max_steps")
-    learning_rate: float | None = Field(None, gt=0, description="default: finetune.learning_rate")
-
-
-class FinetuneConfig(_Strict):
-    method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora: 4-bit NF4 base (bitsandbytes), CPU or CUDA
-    lora: LoraConfig = LoraConfig()  # r, alpha, dropout, target modules for lora, qlora and dora
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_steps: int | None = Field(None, gt=0, description="default null: train for `epochs` over the training split")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_seq_length: int = Field(256, gt=16)
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_steps: int | None = Field(10, gt=0, description="checkpoint every N steps; a restarted run resumes")
-    packing: bool = False
-    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better val loss")
-    stages: list[FinetuneStage] = Field(default_factory=list,
-                                        description="sequential fine-tuning; empty: one run on the task mixture")
-
-
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     batch_size: int = Field(8, gt=0)
     general: list[str] = Field(default_factory=list, description="your own multiple-choice suites (JSONL: "
                                "question, choices, answer index), each gated on forgetting beside the bundled one")
@@ -187,7 +152,7 @@ class EvalConfig(_Strict):
     builtin_limit: int | None = Field(200, gt=0)
 
 
-class GateConfig(_Strict):
+class GateConfig(Strict):
     """The rules a fine-tuned model must pass to become `champion`; every rule is checked and reported.
 
     Each rule compares two systems item by item on the same test items and passes only when the one-sided
@@ -208,7 +173,7 @@ class GateConfig(_Strict):
     smoke_prompts: int = Field(3, ge=0, description="test prompts the built service must answer as in-process")
 
 
-class DeployConfig(_Strict):
+class DeployConfig(Strict):
     serve: bool = True
     port: int = Field(3000, gt=0, lt=65536)
     max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
@@ -222,7 +187,7 @@ class DeployConfig(_Strict):
         return {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens": self.max_tokens}
 
 
-class FeedbackConfig(_Strict):
+class FeedbackConfig(Strict):
     """How production feedback becomes the next round's training data (flows/feedback.py)."""
 
     approve_at: int | None = Field(None, ge=1, le=5,
@@ -230,7 +195,7 @@ class FeedbackConfig(_Strict):
     min_examples: int = Field(1, gt=0, description="fewer new examples: the round ends with 'no new feedback'")
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     """Prefect schedules `tuneline up` gives this config's deployments (cron, in `timezone`); None: on demand."""
 
     lifecycle: str | None = None
@@ -245,7 +210,7 @@ class ScheduleConfig(_Strict):
         return value
 
 
-class LifecycleConfig(_Strict):
+class LifecycleConfig(Strict):
     """One iteration of the lifecycle."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name")

@@ -7,26 +7,14 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from flows.config import FinetuneConfig, FinetuneStage, LifecycleConfig, load_config
+from flows.config import LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare, training_plan
 from tasks import registry, tracking
 from tasks.datasets import Splits
 from tasks.models import provision_model
 from tasks.paths import run_folder
 from tasks.tracking import publish, stage_run
-from tasks.training import FineTuned, TrainSpec, run_key, train
-
-
-def train_spec(ft: FinetuneConfig, stage: FinetuneStage | None = None) -> TrainSpec:
-    return TrainSpec(
-        method=ft.method, r=ft.lora.r, alpha=ft.lora.alpha, dropout=ft.lora.dropout,
-        target_modules=ft.lora.target_modules, learning_rate=(stage and stage.learning_rate) or ft.learning_rate,
-        lr_scheduler=ft.lr_scheduler, warmup_ratio=ft.warmup_ratio,
-        max_steps=(stage and stage.max_steps) or ft.max_steps, epochs=ft.epochs, batch_size=ft.batch_size,
-        gradient_accumulation_steps=ft.gradient_accumulation_steps, weight_decay=ft.weight_decay,
-        max_seq_length=ft.max_seq_length, seed=ft.seed, save_steps=ft.save_steps, packing=ft.packing,
-        early_stopping_patience=ft.early_stopping_patience, device=ft.device,
-    )
+from tasks.training import FineTuned, run_key, train
 
 
 @flow(name="finetune")
@@ -44,7 +32,7 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
         current = base_dir
         for step, (task, stage) in enumerate(plan):
             files = splits.per_task[task] if task else splits.files
-            spec = train_spec(config.finetune, stage)
+            spec = config.finetune.for_stage(stage) if stage else config.finetune
             out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
             result = train(current, files["train"], out_dir, spec, files["validation"])
             prefix = f"stage{step}_" if task else ""

@@ -9,19 +9,21 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel
 from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
 from tasks.datasets import Example, chat_messages, read_examples
 from tasks.models import META_FILE, load, model_info
+from tasks.training_config import FinetuneConfig
 
 
 def conversational(examples: list[Example]) -> Dataset:
@@ -33,39 +35,13 @@ def conversational(examples: list[Example]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything one SFT run needs: the method and the hyperparameters that matter."""
-
-    method: str = "lora"  # lora | qlora | dora | full
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"  # peft picks every linear layer but the output head
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    max_steps: int | None = 40  # None: train for `epochs`
-    epochs: float = 1.0
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.0
-    max_seq_length: int = 256
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda: bf16, activation checkpointing and SDPA attention on CUDA
-    save_steps: int | None = None  # checkpoint every N steps; a restarted run resumes from the last one
-    packing: bool = False  # several short examples per sequence (best-fit); the loss stays on completions
-    early_stopping_patience: int | None = None  # stop after N evaluations (every save_steps) without a lower
-    # validation loss, and keep the best checkpoint's weights
-
-
-def run_key(base_dir: str, train_path: str, spec: TrainSpec) -> str:
+def run_key(base_dir: str, train_path: str, spec: FinetuneConfig) -> str:
     """Names a run by its inputs: the same base, data and settings resume (or reuse) the same folder."""
     digest = hashlib.sha256()
     digest.update(Path(base_dir, META_FILE).read_bytes())
     digest.update(Path(base_dir).resolve().as_posix().encode())
     digest.update(Path(train_path).read_bytes())
-    digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    digest.update(spec.model_dump_json(exclude={"stages"}).encode())
     return digest.hexdigest()[:16]
 
 
@@ -155,7 +131,7 @@ def _load_for(method: str, base_dir: Path, device: str):
             AutoTokenizer.from_pretrained(base_dir))
 
 
-def _merged(trainer: SFTTrainer, spec: TrainSpec, base_dir: Path, adapter_dir: Path):
+def _merged(trainer: SFTTrainer, spec: FinetuneConfig, base_dir: Path, adapter_dir: Path):
     """Dense weights to register: exact for full and (Do)LoRA; QLoRA's adapter is merged into the fp32 base."""
     if spec.method == "full":
         return trainer.model
@@ -176,7 +152,7 @@ class FineTuned:
     tokens_per_second: float
 
 
-def sft_trainer(model, tokenizer, spec: TrainSpec, train_path: str, val_path: str | None, checkpoints: Path,
+def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_path: str | None, checkpoints: Path,
                 device: str) -> SFTTrainer:
     """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings, packing, LoRA/DoRA
     through peft unless the method is full fine-tuning, early stopping on the validation loss when asked."""
@@ -210,8 +186,9 @@ def sft_trainer(model, tokenizer, spec: TrainSpec, train_path: str, val_path: st
         greater_is_better=False if early else None,
         **device_settings(device),
     )
-    peft_config = None if spec.method == "full" else LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+    peft_config = None if spec.method == "full" else PeftLoraConfig(
+        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
         use_dora=spec.method == "dora", task_type="CAUSAL_LM",
     )
     return SFTTrainer(
@@ -223,7 +200,7 @@ def sft_trainer(model, tokenizer, spec: TrainSpec, train_path: str, val_path: st
 
 
 @task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def train(base_dir: str, train_path: str, out_dir: str, spec: TrainSpec, val_path: str | None = None) -> dict:
+def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_path: str | None = None) -> dict:
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
     if spec.early_stopping_patience and not (val_path and spec.save_steps):
         raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")

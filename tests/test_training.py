@@ -15,7 +15,6 @@ import torch
 from tasks.datasets import TaskSpec, prepare_data, read_examples
 from tasks.models import META_FILE, load
 from tasks.training import (
-    TrainSpec,
     device_settings,
     last_complete_checkpoint,
     native_bf16,
@@ -23,7 +22,10 @@ from tasks.training import (
     sft_trainer,
     train,
 )
+from tasks.training_config import FinetuneConfig, LoraConfig
 from tests.conftest import DEMO_DATA, ROOT
+
+SMALL = LoraConfig(r=4, alpha=8)  # enough rank for the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def train_file(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
 def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, train_file, tmp_path):
-    spec = TrainSpec(method=method, r=4, alpha=8, learning_rate=1e-2, max_steps=2, batch_size=2,
+    spec = FinetuneConfig(method=method, lora=SMALL, learning_rate=1e-2, max_steps=2, batch_size=2,
                      max_seq_length=64, lr_scheduler="linear", warmup_ratio=0.5, weight_decay=0.01)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec)
     assert result["steps"] == 2 and result["train_loss"] > 0
@@ -54,7 +56,7 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
 def test_packing_puts_several_examples_in_a_sequence_without_padding_and_trains(tiny_model, train_file, tmp_path):
     def first_batches(packing: bool) -> list[dict]:
         model, tokenizer = load(Path(tiny_model))
-        spec = TrainSpec(r=4, alpha=8, max_steps=2, batch_size=2, max_seq_length=128, packing=packing)
+        spec = FinetuneConfig(lora=SMALL, max_steps=2, batch_size=2, max_seq_length=128, packing=packing)
         loader = iter(sft_trainer(model, tokenizer, spec, train_file, None, tmp_path / str(packing), "cpu")
                       .get_train_dataloader())
         return [next(loader) for _ in range(3)]
@@ -72,7 +74,7 @@ def test_packing_puts_several_examples_in_a_sequence_without_padding_and_trains(
     assert sum(padding(b) for b in packed) == 0
     assert sum(b["input_ids"].numel() for b in packed) > sum(b["input_ids"].numel() for b in plain)
 
-    result = train.fn(tiny_model, train_file, str(tmp_path / "run"), TrainSpec(r=4, alpha=8, max_steps=2,
+    result = train.fn(tiny_model, train_file, str(tmp_path / "run"), FinetuneConfig(lora=SMALL, max_steps=2,
                                                                                batch_size=2, max_seq_length=128,
                                                                                packing=True))
     assert result["steps"] == 2 and result["tokens_per_second"] > 0
@@ -82,7 +84,7 @@ def test_peak_memory_is_the_trainings_own_not_the_processs_earlier_peak(tiny_mod
     ballast = b"x" * (1 << 30)  # 1 GiB written, then freed: an earlier stage's peak in the same process
     del ballast
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    spec = TrainSpec(r=4, alpha=8, max_steps=1, batch_size=2, max_seq_length=64, save_steps=None)
+    spec = FinetuneConfig(lora=SMALL, max_steps=1, batch_size=2, max_seq_length=64, save_steps=None)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec)
     assert 0 < result["peak_memory_mb"] < lifetime - 512, (result["peak_memory_mb"], lifetime)
 
@@ -97,7 +99,8 @@ def test_registered_model_reloads_with_identical_outputs(method, tiny_model, tra
     from tasks import registry
 
     result = train.fn(tiny_model, train_file, str(tmp_path / "run"),
-                      TrainSpec(method, r=4, alpha=8, learning_rate=1e-2, max_steps=2, batch_size=2, max_seq_length=64))
+                      FinetuneConfig(method=method, lora=SMALL, learning_rate=1e-2, max_steps=2, batch_size=2,
+                                     max_seq_length=64))
     assert result["base_weights"] == ("nf4 4-bit" if method == "qlora" else "torch.float32")
     assert result["steps"] == 2 and result["train_loss"] > 0
     mlflow.create_experiment("rt", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -139,9 +142,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"
-        "from tasks.training import TrainSpec, train\n"
-        f"train.fn({tiny_model!r}, {train_file!r}, {str(out)!r}, TrainSpec(r=4, alpha=8, max_steps=400, "
-        "batch_size=2, max_seq_length=64, save_steps=1))\n"
+        "from tasks.training import train\n"
+        "from tasks.training_config import FinetuneConfig\n"
+        f"train.fn({tiny_model!r}, {train_file!r}, {str(out)!r}, FinetuneConfig(lora={{'r': 4, 'alpha': 8}}, "
+        "max_steps=400, batch_size=2, max_seq_length=64, save_steps=1))\n"
     )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -159,7 +163,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
     saved = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
     assert 3 <= saved < 400
 
-    spec = TrainSpec(r=4, alpha=8, max_steps=saved + 2, batch_size=2, max_seq_length=64, save_steps=1)
+    spec = FinetuneConfig(lora=SMALL, max_steps=saved + 2, batch_size=2, max_seq_length=64, save_steps=1)
     result = train.fn(tiny_model, train_file, str(out), spec)
     assert result["resumed_from"] == f"checkpoint-{saved}"
     assert result["steps"] == saved + 2
@@ -172,13 +176,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
 
 def test_early_stopping_ends_a_diverging_run_and_keeps_the_best(tiny_model, train_file, tmp_path):
     val = str(Path(train_file).with_name("validation.jsonl"))
-    spec = TrainSpec(r=4, alpha=8, learning_rate=5.0, max_steps=30, batch_size=2, max_seq_length=64,
+    spec = FinetuneConfig(lora=SMALL, learning_rate=5.0, max_steps=30, batch_size=2, max_seq_length=64,
                      save_steps=1, early_stopping_patience=1, lr_scheduler="constant", warmup_ratio=0.0)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec, val)
     assert result["steps"] < 30 and result["best_eval_loss"] is not None
     with pytest.raises(ValueError, match="early stopping needs a validation file"):
-        train.fn(tiny_model, train_file, str(tmp_path / "x"), TrainSpec(early_stopping_patience=1, save_steps=None),
-                 val)
+        train.fn(tiny_model, train_file, str(tmp_path / "x"),
+                 FinetuneConfig(early_stopping_patience=1, save_steps=None), val)
 
 
 def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite, tmp_path):
