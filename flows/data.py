@@ -105,7 +105,9 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
                 answers[split_name] = Counter(e.assistant for e in examples if e.task == config.task.name)
             if split_name == "train":
                 mlflow.log_text("".join(e.to_json() + "\n" for e in examples[:10]), "data_card/samples.jsonl")
-            frame = pd.DataFrame([e.__dict__ for e in examples])
+            # as the split file holds them (choices a list, absent for generated tasks): MLflow infers no schema
+            # from tuples or empty lists
+            frame = pd.DataFrame([json.loads(e.to_json()) for e in examples])
             mlflow.log_input(mlflow.data.from_pandas(frame, source=result.files[split_name], name=split_name),
                              context=split_name)
         note, warnings = power(config, result.counts[config.task.name]["test"])

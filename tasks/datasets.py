@@ -53,7 +53,11 @@ class Example:
     choices: tuple[str, ...] = ()  # classify / choice: every allowed reply, rendered as the answer is
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """One JSONL line; `choices` only where a ranked task has them."""
+        fields = asdict(self)
+        if not self.choices:
+            del fields["choices"]
+        return json.dumps(fields, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,7 @@ def _write_with_shots(target: Path, examples: list[Example], shots: list[list[di
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", encoding="utf-8") as f:
         for example, listed in zip(examples, shots):
-            f.write(json.dumps({**asdict(example), "shots": listed}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**json.loads(example.to_json()), "shots": listed}, ensure_ascii=False) + "\n")
     return str(target)
 
 
