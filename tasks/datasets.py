@@ -395,7 +395,9 @@ def write_examples(path: Path, examples: list[Example]) -> str:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    return [Example(**{**raw, "choices": tuple(raw.get("choices", ()))})
+    """Examples from a split file, or from a registered retrieval system's pool, whose rows are shots (no
+    system prompt of their own)."""
+    return [Example(**{"system": "", **raw, "choices": tuple(raw.get("choices", ()))})
             for raw in map(json.loads, Path(path).read_text(encoding="utf-8").splitlines())]
 
 

@@ -179,3 +179,27 @@ def test_ranked_answers_are_the_argmax_of_summed_log_probs_and_the_classes_add_u
     assert [int(row.sum()) for row in matrix] == [result["classes"][c]["support"] for c in sorted(LABELS)] == [4, 4, 4]
     assert np.trace(matrix) == hits
     assert result["majority"] == {"answer": "billing", "rate": 4 / 12}
+
+
+def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model, tmp_path):
+    """The next round compares the champion as it is served: a retrieval system's recipe picks its shots from
+    the pool registered with it (rows that are shots, without a system prompt), not from this run's data."""
+    from flows.evaluate import _system_variant
+    from tasks.recipes import Recipe, write_recipe
+    from tasks.retrieval import ENCODER
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    pool = [Example(f"p{i}", "sys", f"Review: {text}", f'{{"sentiment": "{label}"}}', "reviews", f"k{i}")
+            for i, (text, label) in enumerate([("The kettle leaks.", "negative"), ("Love the shoes.", "positive"),
+                                               ("The lamp flickers.", "negative")])]
+    champion = write_recipe(Recipe("sys", True, "retrieved", 2, encoder=ENCODER), tmp_path / "champion",
+                            write_examples(tmp_path / "pool.jsonl", pool))
+    run = tmp_path / "run"
+    write_examples(run / "data" / "test.jsonl", [Example("t", "sys", "Review: My teapot leaks.", "x", "reviews", "t")])
+    variant = _system_variant(config, str(champion), str(run / "eval_tasks"))
+    assert (variant["suffix"], variant["shots"], variant["chat"]) == ("_champion", 2, True)
+    model, tok = load(Path(tiny_model))
+    [sample] = runner.evaluate(model, tok, run / "eval_tasks", f"reviews_test{variant['suffix']}", system_prompt="sys",
+                               shots=2, limit=1, batch_size=1)["samples"]
+    assert sample["prompt"].index("kettle") < sample["prompt"].index("teapot")  # its nearest pool shot, listed
+    assert "Love the shoes" not in sample["prompt"]
