@@ -46,10 +46,19 @@ def _environment() -> dict:
     return found
 
 
-# By hand, as lm-eval has no switch for it: simple_evaluate records the environment in every result through
-# torch's collect_env, which runs `pip list` and other subprocesses (~1.2 s a call on 2 cores). An iteration
-# scores a dozen times in one process and never reads it, so it is collected once per process.
-lm_evaluator.add_env_info = lambda storage: storage.update(_environment())
+def _evaluate(**kwargs) -> dict:
+    """lm-eval's simple_evaluate, with the environment it records collected once per process.
+
+    By hand, as lm-eval has no switch for it: simple_evaluate records the environment in every result through
+    torch's collect_env, which runs `pip list` and other subprocesses (~1.2 s a call on 2 cores). An iteration
+    scores a dozen times in one process and never reads it. Swapped in for the call only: importing this module
+    changes nothing in lm-eval."""
+    original = lm_evaluator.add_env_info
+    lm_evaluator.add_env_info = lambda storage: storage.update(_environment())
+    try:
+        return simple_evaluate(**kwargs)
+    finally:
+        lm_evaluator.add_env_info = original
 
 
 def suite_task(path: str | Path) -> str:
@@ -110,7 +119,7 @@ def general_accuracy(model, tokenizer, tasks_dir: str | Path, suite: str, *, lim
                      batch_size: int = 8, device: str = "cpu") -> dict:
     """Accuracy on one general multiple-choice suite (the forgetting check), with every item's 0/1 result."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = simple_evaluate(model=lm, tasks=[suite], num_fewshot=0, limit=limit, bootstrap_iters=1000,
+    results = _evaluate(model=lm, tasks=[suite], num_fewshot=0, limit=limit, bootstrap_iters=1000,
                               task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                               log_samples=True, random_seed=0)
     scores = results["results"][suite]
@@ -124,7 +133,7 @@ def answer_likelihood(model, tokenizer, tasks_dir: str | Path, task: str, *, sys
     """Mean log-probability per token of the reference answers (chat template, system prompt): how close a
     model is to the task even when it never produces an answer exactly."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=0,
+    results = _evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=0,
                               task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                               apply_chat_template=True, system_instruction=system_prompt or None,
                               log_samples=True, random_seed=0)
@@ -151,7 +160,7 @@ def builtin(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size
             device: str = "cpu") -> dict[str, dict]:
     """lm-eval built-in tasks by name (their data comes from the hub): every numeric metric per task."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=1000,
+    results = _evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=1000,
                               random_seed=0)
     return {task: {k.replace(",", "_"): float(v) for k, v in scores.items() if isinstance(v, (int, float))}
             for task, scores in results["results"].items()}
@@ -185,7 +194,7 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
     ranked twin is scored in the same pass, and accuracy (the most likely allowed reply) is the score."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ranked = f"{task}_ranked" if kind != "generate" else None
-    results = simple_evaluate(
+    results = _evaluate(
         model=lm,
         tasks=[task] + ([ranked] if ranked else []),
         num_fewshot=shots,
