@@ -84,7 +84,7 @@ def stack(tmp_path_factory) -> Stack:
     demo["models"]["candidates"] = ["tiny:0"]
     demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
     demo["finetune"].update(max_steps=2, batch_size=4, max_seq_length=128)
-    demo["evaluation"]["general_limit"] = 20
+    demo["evaluation"]["general_limit"] = 10
     # random tiny weights: let the gate pass (tests/test_lifecycle.py runs the gate's own rules on a learnable task)
     demo["gate"].update(min_improvement=-1.0, champion_margin=1.0, max_forgetting=1.0,
                         smoke_prompts=0)  # the smoke test's own serve costs ~30 s a round; test_lifecycle runs it
@@ -161,8 +161,9 @@ def test_each_stage_publishes_a_markdown_artifact_linking_its_mlflow_run(stack):
 
 
 def test_prefect_restart_keeps_history_and_deployments(stack):
-    """The Prefect server crashes and `tuneline up` runs again: history and deployments are kept, MLflow is
-    reused; the next test's feedback round runs on the restarted stack."""
+    """The Prefect server (stopped by its PID, and only it) goes away and `tuneline up` runs again: it starts
+    Prefect, reuses the running MLflow, and history and deployments are kept; the next test's feedback round
+    runs on the restarted stack."""
     from tasks.processes import stop_started
 
     def finished() -> set[str]:  # scheduled future runs are re-created when the deployments are re-registered
@@ -170,7 +171,13 @@ def test_prefect_restart_keeps_history_and_deployments(stack):
         return {r["id"] for r in runs if r["state"]["type"] != "SCHEDULED"}
 
     before = finished()
+    pid = int((stack.home / "prefect.pid").read_text())
     assert "stopped" in stop_started("prefect", stack.home)  # the server only; its database stays on disk
+    with pytest.raises(ProcessLookupError):  # stopped by its PID: the process is gone
+        os.kill(pid, 0)
+    assert "left alone" in stop_started("prefect", stack.home)  # nothing recorded: nothing else is touched
+    with pytest.raises(httpx.HTTPError):
+        stack.api("GET", "/health")
     up = stack.tuneline("up", "--config", str(stack.config))
     assert up.returncode == 0, up.stdout + up.stderr
     assert "prefect: started" in up.stdout and "mlflow: reusing" in up.stdout, up.stdout
