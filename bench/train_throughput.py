@@ -30,8 +30,9 @@ import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from tasks.datasets import TaskSpec, prepare_data, read_examples
+from tasks.datasets import prepare_data, read_examples
 from tasks.models import load, provision
+from tasks.schema import TaskConfig
 from tasks.training import conversational, device_settings, resolve_device, train
 from tasks.training_config import FinetuneConfig
 
@@ -87,10 +88,10 @@ def main() -> None:
         store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
         model_dir = provision(args.model, store)
         parameters = sum(p.numel() for p in load(model_dir)[0].parameters())
-        task = TaskSpec("reviews", str(ROOT / "data" / "reviews.jsonl"), "You extract structured data.",
-                        ("Review: {{ review }}\nReturn JSON.",),
-                        '{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
-        train_path = prepare_data.fn([task], {"reviews": 1.0}, 0.1, 0.1, 13, str(work / "data"), "skip").train
+        task = TaskConfig(name="reviews", data=str(ROOT / "data" / "reviews.jsonl"),
+                          system_prompt="You extract structured data.", prompt="Review: {{ review }}\nReturn JSON.",
+                          answer='{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
+        train_path = prepare_data.fn([task], 0.1, 0.1, 13, str(work / "data"), "skip").train
         spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=args.steps, batch_size=args.batch_size,
                               max_seq_length=256, warmup_ratio=0.0)
         ours = train.fn(str(model_dir), train_path, str(work / "ours"), spec)["tokens_per_second"]

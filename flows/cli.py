@@ -66,12 +66,12 @@ def check(config: Path) -> None:
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return
-    from flows.data import power, task_spec, training_plan  # the data layer only when the config is valid
+    from flows.data import power, training_plan  # the data layer only when the config is valid
     from tasks.datasets import DataError, split, to_examples
 
     try:
-        parts = [split(to_examples(task_spec(t, cfg.data.seed, cfg.finetune.max_seq_length), "skip").examples,
-                       cfg.data.validation, cfg.data.test, cfg.data.seed) for t in (cfg.task, *cfg.extra_tasks)]
+        parts = [split(to_examples(t, "skip", cfg.data.seed).examples, cfg.data.validation, cfg.data.test,
+                       cfg.data.seed) for t in (cfg.task, *cfg.extra_tasks)]
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -13,19 +13,10 @@ from matplotlib.figure import Figure
 from prefect import flow
 
 from evals.runner import GENERAL_DATA, write_tasks
-from flows.config import LifecycleConfig, TaskConfig
+from flows.config import LifecycleConfig
 from tasks import evidence
-from tasks.datasets import Lengths, Splits, TaskSpec, fit_lengths, label_replies, prepare_data, read_examples
+from tasks.datasets import Lengths, Splits, fit_lengths, label_replies, prepare_data, read_examples
 from tasks.tracking import publish, stage_run
-
-
-def task_spec(task: TaskConfig, seed: int, default_max_tokens: int) -> TaskSpec:
-    return TaskSpec(
-        name=task.name, source=task.data, system=task.system_prompt, prompts=task.prompts, answer=task.answer,
-        fields=dict(task.fields), labels={k: tuple(v) for k, v in task.labels.items()},
-        prompt_choice=task.prompt_choice, max_tokens=task.max_tokens or default_max_tokens, seed=seed,
-        kind=task.kind, choices=task.choices, choice_answer=task.choice_answer,
-    )
 
 
 def _length_plot(lengths: dict[str, list[int]], limit: int):
@@ -84,11 +75,9 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
     samples. `corrections`: chat-example files from production feedback, added to the training file only."""
     d = config.data
     tasks = [config.task, *config.extra_tasks]
-    specs = [task_spec(t, d.seed, config.finetune.max_seq_length) for t in tasks]
     with stage_run("data", parent_run_id, seed=d.seed, on_bad_rows=d.on_bad_rows,
                    tasks=",".join(t.name for t in tasks)):
-        result = prepare_data(specs, {t.name: t.weight for t in tasks}, d.validation, d.test, d.seed, out_dir,
-                              d.on_bad_rows, corrections or [])
+        result = prepare_data(tasks, d.validation, d.test, d.seed, out_dir, d.on_bad_rows, corrections or [])
         for name, counts in result.counts.items():
             mlflow.log_metrics({f"{name}_{split}": n for split, n in counts.items()})
         mlflow.log_metrics({f"mixed_train_{name}": n for name, n in result.mixed_train.items()})
@@ -165,7 +154,7 @@ def served_answers(config: LifecycleConfig) -> list[str] | None:
     task = config.task
     if task.kind != "classify" or not config.deploy.constrain:
         return None
-    replies = label_replies(task.answer, {k: tuple(v) for k, v in task.labels.items()})
+    replies = label_replies(task.answer, task.labels)
     if replies is None:
         print(f"deploy: the answer template {task.answer!r} reads more than the label, so the replies differ "
               "from record to record: served as free text (a request may list its answers in response_format)")

@@ -9,7 +9,7 @@ import mlflow
 from prefect import flow
 
 from flows.config import LifecycleConfig, load_config
-from flows.data import served_answers, task_spec
+from flows.data import served_answers
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
 from tasks.packaging import Deployment
@@ -18,8 +18,7 @@ from tasks.tracking import publish, stage_run
 
 def _probe(config: LifecycleConfig) -> str:
     """The first usable record of the task's data, rendered as training renders it: a realistic smoke prompt."""
-    spec = task_spec(config.task, config.data.seed, config.finetune.max_seq_length)
-    return to_examples(spec, on_bad_rows="skip").examples[0].user
+    return to_examples(config.task, "skip", config.data.seed).examples[0].user
 
 
 @flow(name="deploy")

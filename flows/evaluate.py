@@ -152,8 +152,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 for name, r in results.items()}
         for name, row in rows.items():
             mlflow.log_metrics({f"{name.replace('+', '_')}_{k}": v for k, v in row.items() if v is not None})
-        rules = registry.Rules.of(config.gate)
-        compared = {c.name: registry.comparisons(c.evidence, rules) for c in candidates}
+        compared = {c.name: registry.comparisons(c.evidence, config.gate) for c in candidates}
         for name, found in compared.items():
             for c in found:
                 slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")

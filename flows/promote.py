@@ -32,11 +32,12 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
     registered as a recorded rejection. `data`: the data stage's result (train split for a retrieval pool, test
     split for the smoke prompts, split keys for the version)."""
     name = config.registered_model
-    rules = registry.Rules.of(config.gate)
+    rules = config.gate
+    unserved = rules.model_copy(update={"smoke_prompts": 0})  # the metric rules first: only a pass is served
     candidates = report.candidates
-    with stage_run("promote", parent_run_id, registered_model=name, gate_metric=config.gate.metric,
+    with stage_run("promote", parent_run_id, registered_model=name, gate_metric=rules.metric,
                    confidence=rules.confidence, candidates=",".join(c.system for c in candidates)) as run:
-        verdicts = [(c, registry.gate(c.evidence, replace(rules, require_smoke=False))) for c in candidates]
+        verdicts = [(c, registry.gate(c.evidence, unserved)) for c in candidates]
         passing = [c for c, verdict in verdicts if verdict.passed]
         # the best score wins; among equals the simpler system (candidates come simplest first)
         chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c.score)

@@ -11,7 +11,7 @@ from flows.config import LifecycleConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
 from tasks.scoring import score, score_likelihood
-from tasks.selection import Budget, Selection, choose, measure_cost
+from tasks.selection import Selection, choose, measure_cost
 from tasks.tracking import log_eval, publish, stage_run
 
 
@@ -38,7 +38,7 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             rows.append({"source": source, "model_dir": folder, "instruct": info["instruct"], **cost,
                          "score": result["metrics"][config.gate.metric], "stderr": result["stderr"],
                          "likelihood": likely["mean_logprob"], "result": result})
-        best, reason = choose(rows, Budget(**models.budget.model_dump()))
+        best, reason = choose(rows, models.budget)
         mlflow.log_params({"chosen": best["source"]})
         mlflow.log_metric("chosen_score", best["score"])
         mlflow.set_tag("tuneline.reason", reason)

@@ -15,12 +15,14 @@ import random
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from prefect import task
+
+from tasks.schema import TaskConfig
 
 SPLITS = ("train", "validation", "test")
 SCALARS = (str, int, float, bool)
@@ -58,25 +60,6 @@ class Example:
         if not self.choices:
             del fields["choices"]
         return json.dumps(fields, ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one task's records become chat examples (the data half of a task in the config)."""
-
-    name: str
-    source: str
-    system: str
-    prompts: tuple[str, ...]
-    answer: str
-    fields: dict[str, str] = field(default_factory=dict)  # template variable -> source column
-    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # variable -> allowed values
-    prompt_choice: str = "per_example"  # or "first"
-    max_tokens: int | None = None
-    seed: int = 13
-    kind: str = "generate"  # or classify, choice: the reply is one of `choices` (see candidates)
-    choices: str | None = None  # choice: the field with each record's list of answers
-    choice_answer: str = "{{ choice }}"
 
 
 @dataclass(frozen=True)
@@ -219,12 +202,12 @@ def _null_inside(value, where: str) -> str | None:
     return None
 
 
-def _check(record: dict, spec: TaskSpec, variables: set[str]) -> tuple[dict, str | None]:
+def _check(record: dict, task: TaskConfig, variables: set[str]) -> tuple[dict, str | None]:
     """The template context of a record, or the first fault in it. Fields may be text, numbers, lists and
     objects (templates index and loop over them); what must be text is what the templates render."""
     context = {}
     for var in sorted(variables):
-        column = spec.fields.get(var, var)
+        column = task.fields.get(var, var)
         if column not in record:
             return context, f"missing field {column!r}"
         value = record[column]
@@ -232,7 +215,7 @@ def _check(record: dict, spec: TaskSpec, variables: set[str]) -> tuple[dict, str
             return context, f"empty value in {where!r}"
         if value == [] or value == {}:
             return context, f"empty value in {column!r}"
-        allowed = spec.labels.get(var)
+        allowed = task.labels.get(var)
         if allowed and (not isinstance(value, SCALARS) or str(value) not in allowed):
             return context, f"label {value!r} in {column!r} is not one of {list(allowed)}"
         context[var] = value
@@ -244,20 +227,20 @@ def _as_text(value) -> str:
     return str(value) if isinstance(value, SCALARS) else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def candidates(spec: TaskSpec, compiled: dict, context: dict, record: dict, answer: str
+def candidates(task: TaskConfig, compiled: dict, context: dict, record: dict, answer: str
                ) -> tuple[tuple[str, ...], str | None]:
     """Every reply a classify or choice record allows, rendered exactly as its answer is (the same template,
     stripped), or the fault that makes the row unusable. classify: the answer template with the class field set
     to each label in turn; choice: `choice_answer` over each item of the record's list."""
-    if spec.kind == "classify":
-        [(var, labels)] = spec.labels.items()
-        options = [compiled[spec.answer].render(**{**context, var: label}).strip() for label in labels]
-    elif spec.kind == "choice":
-        column = spec.fields.get(spec.choices, spec.choices)
+    if task.kind == "classify":
+        [(var, labels)] = task.labels.items()
+        options = [compiled[task.answer].render(**{**context, var: label}).strip() for label in labels]
+    elif task.kind == "choice":
+        column = task.fields.get(task.choices, task.choices)
         items = record.get(column)
         if not isinstance(items, list) or len(items) < 2:
             return (), f"{column!r} must be a list of at least 2 answers, got {json.dumps(items)[:60]}"
-        options = [compiled[spec.choice_answer].render(**{**context, column: items, "choice": item,
+        options = [compiled[task.choice_answer].render(**{**context, column: items, "choice": item,
                                                           "letter": chr(65 + i), "index": i}).strip()
                    for i, item in enumerate(items)]
     else:
@@ -269,7 +252,7 @@ def candidates(spec: TaskSpec, compiled: dict, context: dict, record: dict, answ
     return tuple(options), None
 
 
-def label_replies(answer: str, labels: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+def label_replies(answer: str, labels: dict[str, list[str]]) -> tuple[str, ...] | None:
     """A classifier's replies for serving: the answer template rendered with each label alone (as `candidates`
     renders them); None when the template reads more of a record than its label, as the replies then differ
     from record to record."""
@@ -285,19 +268,20 @@ def example_key(normalised_input: str) -> str:
     return hashlib.sha256(normalised_input.encode()).hexdigest()[:16]
 
 
-def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
-    """Render every record of `spec.source`; faults raise (on_bad_rows=error) or become rejects (skip)."""
-    variables = template_variables(*spec.prompts, spec.answer)
-    input_vars = sorted(template_variables(*spec.prompts))
-    rows, columns = read_rows(spec.source)
-    unmapped = sorted(v for v in variables if spec.fields.get(v, v) not in columns)
+def to_examples(task: TaskConfig, on_bad_rows: str = "error", seed: int = 13) -> Outcome:
+    """Render every record of `task.data`; faults raise (on_bad_rows=error) or become rejects (skip). `seed`
+    (the config's data.seed) draws each record's prompt template when the task has several."""
+    variables = template_variables(*task.prompts, task.answer)
+    input_vars = sorted(template_variables(*task.prompts))
+    rows, columns = read_rows(task.data)
+    unmapped = sorted(v for v in variables if task.fields.get(v, v) not in columns)
     if unmapped and columns:  # no row has the column: the config is wrong, not the rows
-        names = ", ".join(f"{v!r} (column {spec.fields.get(v, v)!r})" for v in unmapped)
-        raise DataError(f"{spec.source}: template variable {names} has no column; columns are {columns}")
+        names = ", ".join(f"{v!r} (column {task.fields.get(v, v)!r})" for v in unmapped)
+        raise DataError(f"{task.data}: template variable {names} has no column; columns are {columns}")
 
     # Compiled once: compiling per row cost 4 s on the demo data.
-    compiled = {text: _JINJA.from_string(text) for text in (*spec.prompts, spec.answer, spec.choice_answer)}
-    rng = random.Random(spec.seed)
+    compiled = {text: _JINJA.from_string(text) for text in (*task.prompts, task.answer, task.choice_answer)}
+    rng = random.Random(seed)
     examples, rejects, seen = [], [], {}
 
     def reject(where: str, reason: str, record: dict | None) -> None:
@@ -309,15 +293,15 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         if fault:
             reject(where, fault, None)
             continue
-        context, fault = _check(record, spec, variables)
+        context, fault = _check(record, task, variables)
         if fault:
             reject(where, fault, record)
             continue
-        prompt = spec.prompts[0] if spec.prompt_choice == "first" else rng.choice(spec.prompts)
+        prompt = task.prompts[0] if task.prompt_choice == "first" else rng.choice(task.prompts)
         try:
             user = compiled[prompt].render(**context).strip()
-            assistant = compiled[spec.answer].render(**context).strip()
-            options, fault = candidates(spec, compiled, context, record, assistant)
+            assistant = compiled[task.answer].render(**context).strip()
+            options, fault = candidates(task, compiled, context, record, assistant)
         except TemplateError as exc:  # e.g. choices[3] in a row with three choices
             reject(where, f"template error: {exc} (the templates read {', '.join(sorted(variables))})", record)
             continue
@@ -333,12 +317,12 @@ def to_examples(spec: TaskSpec, on_bad_rows: str = "error") -> Outcome:
         if key in seen:
             reject(where, f"duplicate of {seen[key]}", record)
             continue
-        example = Example(str(record.get("id", where)), spec.system, user, assistant, spec.name, example_key(key),
-                          options)
+        example = Example(str(record.get("id", where)), task.system_prompt, user, assistant, task.name,
+                          example_key(key), options)
         seen[key] = where
         examples.append(example)
     if not examples:
-        raise DataError(f"{spec.source}: every row was rejected ({len(rejects)}); first: {rejects[0]['reason']}")
+        raise DataError(f"{task.data}: every row was rejected ({len(rejects)}); first: {rejects[0]['reason']}")
     return Outcome(examples, rejects)
 
 
@@ -415,28 +399,28 @@ def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
 
 
 @task(name="prepare-data")
-def prepare_data(specs: list[TaskSpec], weights: dict[str, float], validation: float, test: float, seed: int,
-                 out_dir: str, on_bad_rows: str = "error", corrections: list[str] = ()) -> Splits:
+def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: int, out_dir: str,
+                 on_bad_rows: str = "error", corrections: list[str] = ()) -> Splits:
     """Write the splits of every task (per task, and the mixed train file); return paths, counts, fingerprints.
 
     The first task is the primary one: its validation and test splits are what selection, baselines and
-    the gate score. Every task's train split goes into the mixture by weight. `corrections` (chat-example
+    the gate score. Every task's train split goes into the mixture by its `weight`. `corrections` (chat-example
     JSONL from production feedback) join the training file only, minus any whose prompt is a validation or
     test question: the held-out splits stay comparable from round to round. Token lengths are checked later,
     with the chosen model's tokenizer (`fit_lengths`).
     """
     out = Path(out_dir)
     per_task, per_task_files, rejects, counts = {}, {}, [], {}
-    for spec in specs:
-        outcome = to_examples(spec, on_bad_rows)
+    for task_config in tasks:
+        name = task_config.name
+        outcome = to_examples(task_config, on_bad_rows, seed)
         parts = split(outcome.examples, validation, test, seed)
-        per_task[spec.name] = parts
-        rejects += [{**r, "task": spec.name} for r in outcome.rejects]
-        counts[spec.name] = {name: len(parts[name]) for name in SPLITS} | {"rejected": len(outcome.rejects)}
-        per_task_files[spec.name] = {name: write_examples(out / spec.name / f"{name}.jsonl", parts[name])
-                                     for name in SPLITS}
-    primary = per_task[specs[0].name]
-    train = mix({name: parts["train"] for name, parts in per_task.items()}, weights, seed)
+        per_task[name] = parts
+        rejects += [{**r, "task": name} for r in outcome.rejects]
+        counts[name] = {s: len(parts[s]) for s in SPLITS} | {"rejected": len(outcome.rejects)}
+        per_task_files[name] = {s: write_examples(out / name / f"{s}.jsonl", parts[s]) for s in SPLITS}
+    primary = per_task[tasks[0].name]
+    train = mix({name: parts["train"] for name, parts in per_task.items()}, {t.name: t.weight for t in tasks}, seed)
     held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test")
                 for e in parts[name]}
     fed_back = 0

@@ -16,6 +16,7 @@ from prefect import task
 
 from tasks.evidence import Comparison, compare
 from tasks.recipes import Recipe
+from tasks.schema import GateConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "tuneline.score"
@@ -45,23 +46,6 @@ class Evidence:
     weights_changed: bool = True  # False: a prompt recipe on the base weights, which cannot forget
     crashed: dict[str, str] = field(default_factory=dict)
     smoke_failures: list[str] | None = None  # None: not run; [] passed
-
-
-@dataclass(frozen=True)
-class Rules:
-    """The gate's thresholds; each is met only by the one-sided bound at `confidence`, never a point estimate."""
-
-    min_improvement: float = 0.0
-    champion_margin: float = 0.0
-    max_forgetting: float = 0.05
-    confidence: float = 0.95
-    require_smoke: bool = True
-
-    @classmethod
-    def of(cls, gate) -> Rules:
-        """From the config's `gate` section."""
-        return cls(gate.min_improvement, gate.champion_margin, gate.max_forgetting, gate.confidence,
-                   require_smoke=gate.smoke_prompts > 0)
 
 
 @dataclass
@@ -110,7 +94,7 @@ class Verdict:
     bento: str | None = None
 
 
-def comparisons(evidence: Evidence, rules: Rules) -> list[Comparison]:
+def comparisons(evidence: Evidence, rules: GateConfig) -> list[Comparison]:
     """Every paired comparison the evidence allows: vs the bar, vs the champion, forgetting per general suite."""
     found = []
     if evidence.candidate is not None and evidence.bar is not None:
@@ -125,7 +109,7 @@ def comparisons(evidence: Evidence, rules: Rules) -> list[Comparison]:
     return found
 
 
-def gate(evidence: Evidence, rules: Rules) -> Decision:
+def gate(evidence: Evidence, rules: GateConfig) -> Decision:
     """Every rule is checked and reported, pass or fail, with n, the difference, its interval and the p-value,
     so a reviewer sees why. Missing evidence fails; a champion that cannot be compared fails its rule."""
     reasons, passed = [], True

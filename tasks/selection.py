@@ -14,25 +14,7 @@ from dataclasses import dataclass
 from prefect import task
 
 from tasks.caching import by_content
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Limits a chosen model must respect; None leaves a dimension free."""
-
-    max_parameters: int | None = None
-    min_tokens_per_s: float | None = None
-    max_memory_mb: float | None = None
-
-    def violations(self, row: dict) -> list[str]:
-        found = []
-        if self.max_parameters is not None and row["parameters"] > self.max_parameters:
-            found.append(f"{row['parameters'] / 1e6:.0f}M parameters > {self.max_parameters / 1e6:.0f}M")
-        if self.min_tokens_per_s is not None and row["tokens_per_s"] < self.min_tokens_per_s:
-            found.append(f"{row['tokens_per_s']:.1f} tokens/s < {self.min_tokens_per_s}")
-        if self.max_memory_mb is not None and row["peak_memory_mb"] > self.max_memory_mb:
-            found.append(f"{row['peak_memory_mb']:.0f} MB peak memory > {self.max_memory_mb:.0f} MB")
-        return found
+from tasks.schema import BudgetConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +33,7 @@ class NoCandidateFits(ValueError):
     """Every candidate breaks the budget; the message lists each one's violations."""
 
 
-def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
+def choose(rows: list[dict], budget: BudgetConfig) -> tuple[dict, str]:
     """The best validation score among candidates within the budget; a tie goes to the model that finds the
     reference answers more likely (`likelihood`, mean log-probability per token), then to the smaller model,
     which is cheaper to train and serve. Returns the row and the reason in words."""

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks.schema import TaskConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "reviews.jsonl"
+# The demo reviews' sentiment as a one-word reply: the small task most unit tests split and score.
+SENTIMENT = TaskConfig(name="reviews", data=str(DEMO_DATA), system_prompt="sys", prompt="Review: {{ review }}",
+                       answer="{{ sentiment }}")
 
 
 @pytest.fixture(scope="session")

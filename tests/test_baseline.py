@@ -11,18 +11,17 @@ import pytest
 
 from evals.runner import write_listed_tasks, write_tasks
 from flows.config import load_config
-from tasks.datasets import TaskSpec, prepare_data, read_examples
+from tasks.datasets import prepare_data, read_examples
 from tasks.retrieval import attach_fixed, attach_shots, encoder, nearest, pick_fixed
 from tasks.scoring import score
 from tasks.selection import Selection
-from tests.conftest import DEMO_DATA, ROOT
+from tests.conftest import ROOT, SENTIMENT
 
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> dict:
-    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
     out = tmp_path_factory.mktemp("baseline-data")
-    found = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip")
+    found = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(out), "skip")
     tasks_dir = write_tasks("reviews", found.files, out / "tasks", 4, reasoning_tokens=4)
     return {**found.files, "data": found, "tasks_dir": str(tasks_dir), "out": out}
 

@@ -13,7 +13,6 @@ import pytest
 from tasks.datasets import (
     DataError,
     Example,
-    TaskSpec,
     mix,
     normalise,
     prepare_data,
@@ -22,16 +21,17 @@ from tasks.datasets import (
     to_examples,
     write_examples,
 )
+from tasks.schema import TaskConfig
 from tests.conftest import DEMO_DATA
 
 PROMPT = "Review: {{ review }}"
 ANSWER = '{"sentiment": "{{ sentiment }}"}'
 
 
-def spec(source, **kw) -> TaskSpec:
-    defaults = dict(name="t", source=str(source), system="sys", prompts=(PROMPT,), answer=ANSWER,
-                    labels={"sentiment": ("positive", "negative")})
-    return TaskSpec(**(defaults | kw))
+def spec(source, **kw) -> TaskConfig:
+    defaults = dict(name="t", data=str(source), system_prompt="sys", prompt=[PROMPT], answer=ANSWER,
+                    labels={"sentiment": ["positive", "negative"]})
+    return TaskConfig(**(defaults | kw))
 
 
 def jsonl(tmp_path, *rows, name="data.jsonl"):
@@ -62,9 +62,9 @@ def test_split_is_deterministic_by_seed_and_disjoint():
 
 def test_adding_records_never_moves_an_existing_example_between_splits(tmp_path):
     rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
-    before = prepare_data.fn([spec(jsonl(tmp_path, *rows[:400], name="a.jsonl"), labels={})], {"t": 1.0}, 0.1, 0.1,
+    before = prepare_data.fn([spec(jsonl(tmp_path, *rows[:400], name="a.jsonl"), labels={})], 0.1, 0.1,
                              13, str(tmp_path / "a"), on_bad_rows="skip")
-    after = prepare_data.fn([spec(jsonl(tmp_path, *rows[:500], name="b.jsonl"), labels={})], {"t": 1.0}, 0.1, 0.1,
+    after = prepare_data.fn([spec(jsonl(tmp_path, *rows[:500], name="b.jsonl"), labels={})], 0.1, 0.1,
                             13, str(tmp_path / "b"), on_bad_rows="skip")
     where = {name: {e.key: name for e in read_examples(after.files[name])} for name in ("train", "validation", "test")}
     moved = [(e.key, name) for name in ("train", "validation", "test") for e in read_examples(before.files[name])
@@ -73,7 +73,7 @@ def test_adding_records_never_moves_an_existing_example_between_splits(tmp_path)
     assert sum(len(read_examples(after.files[n])) for n in ("train", "validation", "test")) > \
         sum(len(read_examples(before.files[n])) for n in ("train", "validation", "test"))
     # fingerprints identify the splits: unchanged data, same fingerprints; more data, new ones
-    again = prepare_data.fn([spec(jsonl(tmp_path, *rows[:400], name="c.jsonl"), labels={})], {"t": 1.0}, 0.1, 0.1,
+    again = prepare_data.fn([spec(jsonl(tmp_path, *rows[:400], name="c.jsonl"), labels={})], 0.1, 0.1,
                             13, str(tmp_path / "c"), on_bad_rows="skip")
     assert again.fingerprints == before.fingerprints != after.fingerprints
     keys = json.loads(Path(after.keys).read_text())
@@ -86,7 +86,7 @@ def test_lengths_are_checked_with_the_chosen_models_tokenizer_and_leave_every_sp
 
     rows = [{"review": f"Item {i} works fine", "sentiment": "positive"} for i in range(60)]
     rows += [{"review": "very long " * (40 + i), "sentiment": "negative"} for i in range(30)]
-    result = prepare_data.fn([spec(jsonl(tmp_path, *rows))], {"t": 1.0}, 0.2, 0.2, 3, str(tmp_path / "d"), "skip")
+    result = prepare_data.fn([spec(jsonl(tmp_path, *rows))], 0.2, 0.2, 3, str(tmp_path / "d"), "skip")
     fitted = fit_lengths.fn(result, tiny_model, {"t": 60})
     assert fitted.removed == 30 and all(n > 0 for n in fitted.lengths["t"])
     kept = [e for name in ("train", "validation", "test") for e in read_examples(result.files[name])]
@@ -119,12 +119,12 @@ def test_template_library_per_example_and_first(tmp_path):
     rows = [{"review": f"review number {i}", "sentiment": "negative"} for i in range(60)]
     path = jsonl(tmp_path, *rows)
     prompts = ("A: {{ review }}", "B: {{ review }}", "C: {{ review }}")
-    varied = to_examples(spec(path, prompts=prompts)).examples
+    varied = to_examples(spec(path, prompt=prompts)).examples
     assert {e.user[0] for e in varied} == {"A", "B", "C"}
     twice = jsonl(tmp_path, *rows, *rows, name="twice.jsonl")  # the same records under other phrasings
-    assert len(to_examples(spec(twice, prompts=prompts), "skip").examples) == 60
-    assert varied == to_examples(spec(path, prompts=prompts)).examples
-    assert {e.user[0] for e in to_examples(spec(path, prompts=prompts, prompt_choice="first")).examples} == {"A"}
+    assert len(to_examples(spec(twice, prompt=prompts), "skip").examples) == 60
+    assert varied == to_examples(spec(path, prompt=prompts)).examples
+    assert {e.user[0] for e in to_examples(spec(path, prompt=prompts, prompt_choice="first")).examples} == {"A"}
 
 
 def test_csv_and_parquet_sources_with_field_mapping(tmp_path):
@@ -175,9 +175,9 @@ def test_template_variable_without_column_and_empty_file(tmp_path):
 
 def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
     reviews = spec(DEMO_DATA, name="reviews", labels={})
-    tickets = spec(DEMO_DATA.parent / "tickets.jsonl", name="tickets", prompts=("Ticket: {{ ticket }}",),
+    tickets = spec(DEMO_DATA.parent / "tickets.jsonl", name="tickets", prompt=["Ticket: {{ ticket }}"],
                    answer="{{ queue }}", labels={})
-    result = prepare_data.fn([reviews, tickets], {"reviews": 1.0, "tickets": 1.0}, 0.1, 0.1, 13,
+    result = prepare_data.fn([reviews, tickets], 0.1, 0.1, 13,
                              str(tmp_path), on_bad_rows="skip")
     assert {e.task for e in read_examples(result.test)} == {"reviews"}  # the primary task is scored
     assert result.mixed_train["reviews"] == result.mixed_train["tickets"]
@@ -188,13 +188,13 @@ def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
 
 def test_corrections_join_the_training_split_only_and_never_a_held_out_question(tmp_path):
     reviews = spec(DEMO_DATA, name="reviews", labels={})
-    plain = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "a"), on_bad_rows="skip")
+    plain = prepare_data.fn([reviews], 0.1, 0.1, 13, str(tmp_path / "a"), on_bad_rows="skip")
     held_out = read_examples(plain.test)[0]
     corrections = tmp_path / "round-001.jsonl"
     corrections.write_text(
         Example("feedback-1", "sys", "Review: a brand new question", '{"sentiment": "negative"}', "feedback").to_json()
         + "\n" + Example("feedback-2", "sys", held_out.user, "leaked answer", "feedback").to_json() + "\n")
-    result = prepare_data.fn([reviews], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "b"), on_bad_rows="skip",
+    result = prepare_data.fn([reviews], 0.1, 0.1, 13, str(tmp_path / "b"), on_bad_rows="skip",
                              corrections=[str(corrections)])
     train = read_examples(result.train)
     assert [e.id for e in train if e.task == "feedback"] == ["feedback-1"]
@@ -231,7 +231,7 @@ def test_templates_index_and_loop_over_list_and_nested_fields_and_bad_rows_name_
     good = {"question": "Which is a fruit?", "choices": ["car", "apple", "rock"], "answer": 1,
             "meta": {"topic": "food"}}
     path = jsonl(tmp_path, good, row)
-    task = spec(path, prompts=(CHOICE_PROMPT,), answer="{{ 'ABCD'[answer] }}. {{ choices[answer] }}", labels={})
+    task = spec(path, prompt=[CHOICE_PROMPT], answer="{{ 'ABCD'[answer] }}. {{ choices[answer] }}", labels={})
     outcome = to_examples(task, "skip")
     assert [(e.user, e.assistant) for e in outcome.examples] == [
         ("[food] Which is a fruit?\nA. car\nB. apple\nC. rock", "B. apple")]
@@ -242,7 +242,7 @@ def test_templates_index_and_loop_over_list_and_nested_fields_and_bad_rows_name_
 
 def test_a_template_that_renders_empty_text_is_a_bad_row(tmp_path):
     path = jsonl(tmp_path, {"review": "fine", "tags": ["a"]}, {"review": "meh", "tags": ["b", "c"]})
-    task = spec(path, prompts=("{{ review }}",), answer="{% if tags | length > 1 %}{{ tags[1] }}{% endif %}", labels={})
+    task = spec(path, prompt=["{{ review }}"], answer="{% if tags | length > 1 %}{{ tags[1] }}{% endif %}", labels={})
     with pytest.raises(DataError, match=r"data.jsonl:1: the answer template renders empty text"):
         to_examples(task, "error")
     assert [(e.user, e.assistant) for e in to_examples(task, "skip").examples] == [("meh", "c")]
@@ -250,7 +250,7 @@ def test_a_template_that_renders_empty_text_is_a_bad_row(tmp_path):
 
 def test_a_classify_record_allows_each_label_written_as_the_answer_template_writes_it(tmp_path):
     path = jsonl(tmp_path, {"text": "charged twice", "queue": "billing"}, {"text": "parcel lost", "queue": "shipping"})
-    examples = to_examples(spec(path, prompts=("Ticket: {{ text }}",), answer="queue: {{ queue }}",
+    examples = to_examples(spec(path, prompt=["Ticket: {{ text }}"], answer="queue: {{ queue }}",
                                 labels={"queue": ("billing", "shipping")}, kind="classify")).examples
     assert [e.choices for e in examples] == [("queue: billing", "queue: shipping")] * 2
     assert [e.assistant for e in examples] == ["queue: billing", "queue: shipping"]
@@ -268,7 +268,7 @@ QUIZ = {"q": "Which is a fruit?", "choices": ["carrot", "apple", "leek"], "answe
 ])
 def test_a_choice_record_lists_its_own_answers_by_letter_text_or_index(tmp_path, choice_answer, answer, choices, gold):
     prompt = "{{ q }}\n{% for c in choices %}{{ 'ABC'[loop.index0] }}. {{ c }}\n{% endfor %}"
-    [example] = to_examples(spec(jsonl(tmp_path, QUIZ), prompts=(prompt,), answer=answer, labels={}, kind="choice",
+    [example] = to_examples(spec(jsonl(tmp_path, QUIZ), prompt=[prompt], answer=answer, labels={}, kind="choice",
                                  choices="choices", choice_answer=choice_answer)).examples
     assert example.choices == choices and example.assistant == gold
     assert example.user == "Which is a fruit?\nA. carrot\nB. apple\nC. leek"
@@ -282,11 +282,11 @@ def test_a_choice_record_lists_its_own_answers_by_letter_text_or_index(tmp_path,
 ])
 def test_choice_rows_without_a_usable_answer_list_are_bad_rows_naming_the_line(tmp_path, row, message):
     path = jsonl(tmp_path, QUIZ | {"q": "first"}, row)
-    choice = spec(path, prompts=("{{ q }}",), answer="{{ answer }}", labels={}, kind="choice", choices="choices",
+    choice = spec(path, prompt=["{{ q }}"], answer="{{ answer }}", labels={}, kind="choice", choices="choices",
                   choice_answer="{{ letter }}")
     if message is None:
         assert len(to_examples(choice).examples) == 2
-        by_text = spec(path, prompts=("{{ q }}",), answer="{{ choices[0] }}", labels={}, kind="choice",
+        by_text = spec(path, prompt=["{{ q }}"], answer="{{ choices[0] }}", labels={}, kind="choice",
                        choices="choices")
         with pytest.raises(DataError, match=rf"{path}:2: the allowed answers must be distinct"):
             to_examples(by_text)

@@ -14,9 +14,10 @@ import torch
 from evals import runner
 from evals.runner import write_tasks
 from flows.config import load_config
-from tasks.datasets import Example, TaskSpec, prepare_data, write_examples
+from tasks.datasets import Example, prepare_data, write_examples
 from tasks.models import load
 from tasks.recipes import Baselines
+from tasks.schema import GateConfig
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -27,8 +28,8 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     config.task.max_test_examples, config.task.max_answer_tokens = 4, 8
     config.evaluation.general_limit = 8
     config.evaluation.builtin_tasks = ["arc_easy"]  # needs the hub: must be skipped with a message offline
-    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", config.task.prompts, config.task.answer)
-    splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
+    spec = config.task.model_copy(update={"data": str(DEMO_DATA), "system_prompt": "sys"})
+    splits = prepare_data.fn([spec], 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
     tasks_dir = write_tasks("reviews", splits.files, tmp_path / "t", 8,
                             reasoning_tokens=8)
     broken = tmp_path / "broken"
@@ -97,7 +98,7 @@ def test_the_champion_is_compared_only_on_test_items_it_never_trained_on(mlflow_
     assert note == f"champion v{trained} not comparable: 10 of 20 test items were in its training data"
     decision = registry.gate(registry.Evidence("exact_match", {"0": 1.0}, {"0": 0.0}, champion_note=note,
                                                champion_version=trained, general={"g": ({"0": 1.0}, {"0": 1.0})}),
-                             registry.Rules(require_smoke=False))
+                             GateConfig(smoke_prompts=0))
     assert not decision.passed and note in decision.reasons
     # a version whose training split was never recorded cannot be compared either
     assert "its training split was not recorded" in _champion_items(config, scored(["t0"]), (unknown, 0.5))[1]
@@ -128,7 +129,7 @@ def test_a_configs_own_general_suite_is_scored_and_gated_on_forgetting_apart(tin
     evidence = registry.Evidence("exact_match", {str(i): 1.0 for i in range(60)}, {str(i): 0.0 for i in range(60)},
                                  general={"tuneline_general_general": (kept, kept), name: (kept, forgotten)},
                                  smoke_failures=[])
-    reasons = registry.gate(evidence, registry.Rules(max_forgetting=0.05)).reasons
+    reasons = registry.gate(evidence, GateConfig(max_forgetting=0.05)).reasons
     assert any(r.startswith("forgetting within the limit on general suite tuneline_general_general") for r in reasons)
     assert any(r.startswith(f"may forget more than allowed on general suite {name}") for r in reasons)
 

@@ -12,10 +12,11 @@ from mlflow import MlflowClient
 from tasks import registry
 from tasks.datasets import Splits
 from tasks.recipes import Recipe
-from tasks.registry import Candidate, Evaluation, Evidence, Rules
+from tasks.registry import Candidate, Evaluation, Evidence
+from tasks.schema import GateConfig
 
 NAME = "gate-test"
-RULES = Rules(min_improvement=0.1, max_forgetting=0.05)
+RULES = GateConfig(min_improvement=0.1, max_forgetting=0.05)
 N = 100
 
 

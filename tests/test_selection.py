@@ -11,11 +11,12 @@ import pytest
 
 from evals.runner import write_tasks
 from flows.config import load_config
-from tasks.datasets import TaskSpec, prepare_data, read_examples, write_examples
+from tasks.datasets import prepare_data, read_examples, write_examples
 from tasks.models import load
+from tasks.schema import BudgetConfig
 from tasks.scoring import score
-from tasks.selection import Budget, NoCandidateFits, choose, measure_cost
-from tests.conftest import DEMO_DATA, ROOT
+from tasks.selection import NoCandidateFits, choose, measure_cost
+from tests.conftest import ROOT, SENTIMENT
 
 
 def row(source, score, parameters, tokens_per_s=50.0, peak_memory_mb=500.0):
@@ -25,25 +26,25 @@ def row(source, score, parameters, tokens_per_s=50.0, peak_memory_mb=500.0):
 
 def test_choose_takes_the_best_score_and_breaks_ties_by_size():
     rows = [row("big", 0.4, 300e6), row("small", 0.4, 100e6), row("worse", 0.2, 50e6)]
-    best, reason = choose(rows, Budget())
+    best, reason = choose(rows, BudgetConfig())
     assert best["source"] == "small" and "tied" in reason
-    assert choose([row("a", 0.1, 1e6), row("b", 0.3, 9e9)], Budget())[0]["source"] == "b"
+    assert choose([row("a", 0.1, 1e6), row("b", 0.3, 9e9)], BudgetConfig())[0]["source"] == "b"
 
 
 def test_a_tie_on_the_metric_goes_to_the_model_that_finds_the_answers_more_likely():
     rows = [{**row("smol", 0.0, 135e6), "likelihood": -1.37}, {**row("gemma", 0.0, 270e6), "likelihood": -0.9}]
-    best, reason = choose(rows, Budget())
+    best, reason = choose(rows, BudgetConfig())
     assert best["source"] == "gemma" and "most likely (-0.900 log-probability per token)" in reason
-    assert choose([{**r, "likelihood": -1.0} for r in rows], Budget())[0]["source"] == "smol"  # then the size
+    assert choose([{**r, "likelihood": -1.0} for r in rows], BudgetConfig())[0]["source"] == "smol"  # then the size
 
 
 def test_choose_respects_the_budget_and_says_what_it_excluded():
     rows = [row("gemma", 0.5, 270e6, tokens_per_s=8.0), row("smol", 0.3, 135e6, tokens_per_s=20.0)]
-    best, reason = choose(rows, Budget(max_parameters=200_000_000))
+    best, reason = choose(rows, BudgetConfig(max_parameters=200_000_000))
     assert best["source"] == "smol" and "gemma excluded: 270M parameters > 200M" in reason
-    assert choose(rows, Budget(min_tokens_per_s=10))[0]["source"] == "smol"
+    assert choose(rows, BudgetConfig(min_tokens_per_s=10))[0]["source"] == "smol"
     with pytest.raises(NoCandidateFits, match=r"gemma: .*MB peak memory > 100 MB; smol: .*"):
-        choose(rows, Budget(max_memory_mb=100))
+        choose(rows, BudgetConfig(max_memory_mb=100))
 
 
 def test_measure_cost_reports_parameters_speed_and_memory(tiny_model):
@@ -58,8 +59,7 @@ def test_select_stage_picks_the_better_of_two_tiny_models(tiny_model, prefect_ap
 
     # The references are what the good model says itself (it scores 1.0); the other model is the same network
     # with its final norm negated, so every greedy choice differs from the good model's.
-    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
-    splits = prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
+    splits = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(tmp_path / "data"), "skip")
     validation = read_examples(splits.validation)[:4]
     write_examples(Path(splits.validation), validation)
     tasks_dir = write_tasks("reviews", splits.files, tmp_path / "t", 6)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.datasets import TaskSpec, prepare_data, read_examples
+from tasks.datasets import prepare_data, read_examples
 from tasks.models import META_FILE, load
 from tasks.training import (
     device_settings,
@@ -23,16 +23,15 @@ from tasks.training import (
     train,
 )
 from tasks.training_config import FinetuneConfig, LoraConfig
-from tests.conftest import DEMO_DATA, ROOT
+from tests.conftest import ROOT, SENTIMENT
 
 SMALL = LoraConfig(r=4, alpha=8)  # enough rank for the tiny model
 
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> str:
-    spec = TaskSpec("reviews", str(DEMO_DATA), "sys", ("Review: {{ review }}",), "{{ sentiment }}")
     out = tmp_path_factory.mktemp("data")
-    return prepare_data.fn([spec], {"reviews": 1.0}, 0.1, 0.1, 13, str(out), "skip").train
+    return prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(out), "skip").train
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
@@ -196,9 +195,7 @@ def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite,
     config = load_config(ROOT / "configs" / "multitask.yaml")
     config.finetune.max_steps, config.finetune.batch_size, config.finetune.max_seq_length = 2, 2, 96
     config.finetune.stages = [FinetuneStage(task="tickets"), FinetuneStage(task="reviews", max_steps=3)]
-    specs = [TaskSpec(t.name, t.data, t.system_prompt, t.prompts, t.answer, fields=dict(t.fields))
-             for t in (config.task, *config.extra_tasks)]
-    splits = prepare_data.fn(specs, {"reviews": 1.0, "tickets": 1.0}, 0.1, 0.1, 13, str(tmp_path / "d"), "skip")
+    splits = prepare_data.fn([config.task, *config.extra_tasks], 0.1, 0.1, 13, str(tmp_path / "d"), "skip")
     mlflow.create_experiment("seq", artifact_location=(tmp_path / "a").as_uri())
     mlflow.set_experiment("seq")
     with mlflow.start_run() as parent:
