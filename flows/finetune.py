@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+from matplotlib.figure import Figure
 from prefect import flow
 
 from flows.config import LifecycleConfig, load_config
@@ -13,14 +14,85 @@ from tasks import registry, tracking
 from tasks.datasets import Splits
 from tasks.models import provision_model
 from tasks.paths import run_folder
+from tasks.scoring import score
+from tasks.search import Search, search
 from tasks.tracking import publish, stage_run
 from tasks.training import FineTuned, run_key, train
 
 
+def _objective_plot(found: Search) -> Figure:
+    """The objective against each searched setting, one panel per setting (complete trials; the best ringed)."""
+    names = list(found.best.params)
+    fig = Figure(figsize=(3.2 * len(names), 3.2))  # no pyplot: no display backend, the plot is a file for MLflow
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names, strict=True):
+        done = [t for t in found.trials if t.state == "COMPLETE"]
+        ax.scatter([str(t.params[name]) if isinstance(t.params[name], str | bool) else t.params[name] for t in done],
+                   [t.objective for t in done])
+        best = found.best.params[name]
+        ax.scatter([str(best) if isinstance(best, str | bool) else best], [found.best.objective], s=160,
+                   facecolors="none", edgecolors="red", label="best")
+        ax.set_xlabel(name)
+        ax.set_ylabel(found.objective.replace("_", " "))
+        if name == "learning_rate":
+            ax.set_xscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def _search_table(found: Search) -> str:
+    names = list(found.best.params)
+    rows = "\n".join(
+        f"| {t.number}{' (best)' if t.number == found.best.number else ''} | "
+        + " | ".join(f"{t.params.get(n, '')}" for n in names)
+        + f" | {'' if t.objective is None else f'{t.objective:.4f}'} | {t.state.lower()} | "
+        + ("" if t.seconds is None else f"{t.seconds:.0f}") + " |"
+        for t in found.trials)
+    return (f"| trial | {' | '.join(names)} | {found.objective.replace('_', ' ')} | state | seconds |\n"
+            f"|---|{'---|' * len(names)}---|---|---|\n{rows}")
+
+
+def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_dir: str, run_id: str,
+            tasks_dir: str | None) -> dict:
+    """The search's trials on the training and validation splits (never the test split); its report in the
+    finetune run and artifact; the best trial's training summary."""
+    spec, task = config.finetune, config.task
+    scorer = None
+    if spec.search.objective == "validation_score":
+        if tasks_dir is None:
+            raise ValueError("finetune.search.objective validation_score needs the lm-eval tasks (run the lifecycle)")
+
+        def scorer(merged: str) -> float:
+            found = score.fn(merged, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
+                             shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
+                             kind=task.kind)
+            return found["metrics"][config.gate.metric]
+
+    found = search(spec, base_dir, files["train"], files["validation"], runs_dir, run_id, scorer)
+    best = found.best
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    mlflow.log_metrics({"best_objective": best.objective, "search_trials": len(found.trials),
+                        "search_pruned": sum(t.state == "PRUNED" for t in found.trials)})
+    mlflow.log_figure(_objective_plot(found), "search/objective.png")
+    mlflow.log_dict({"objective": found.objective, "direction": found.direction, "best": best.number,
+                     "trials": [{"number": t.number, "params": t.params, "state": t.state, "objective": t.objective,
+                                 "seconds": t.seconds, "run_id": t.run_id} for t in found.trials]},
+                    "search/trials.json")
+    publish("search", f"## Hyperparameter search ({spec.search.sampler}, {found.objective.replace('_', ' ')}, "
+                      f"{found.direction})\n\n{_search_table(found)}\n\nBest: trial {best.number} "
+                      f"({', '.join(f'{k}={v}' for k, v in best.params.items())}), {found.objective.replace('_', ' ')} "
+                      f"{best.objective:.4f}: its weights go on to evaluation. Each trial is a nested MLflow run "
+                      "under the finetune run; the objective per setting is search/objective.png.")
+    print(f"search: {len(found.trials)} trials ({sum(t.state == 'PRUNED' for t in found.trials)} pruned); best "
+          f"trial {best.number} {best.params}: {found.objective} {best.objective:.4f}")
+    return {**best.result, "cached": best.result.get("cached", False)}
+
+
 @flow(name="finetune")
-def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str
-                   ) -> FineTuned:
-    """One run on the task mixture, or sequential stages each starting from the previous stage's weights.
+def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str,
+                   tasks_dir: str | None = None) -> FineTuned:
+    """One run on the task mixture, sequential stages each starting from the previous stage's weights, or a
+    hyperparameter search whose best trial goes on (`finetune.search`; `tasks_dir` scores a validation_score
+    objective with lm-eval, as selection does).
 
     Each run trains in a folder named by its inputs, so a killed run resumes from its checkpoint when
     started again and a finished one is reused.
@@ -33,8 +105,11 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
         for step, (task, stage) in enumerate(plan):
             files = splits.per_task[task] if task else splits.files
             spec = config.finetune.for_stage(stage) if stage else config.finetune
-            out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
-            result = train(current, files["train"], out_dir, spec, files["validation"])
+            if spec.search:
+                result = _search(config, current, files, runs_dir, run.info.run_id, tasks_dir)
+            else:
+                out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
+                result = train(current, files["train"], out_dir, spec, files["validation"])
             prefix = f"stage{step}_" if task else ""
             mlflow.log_metrics({prefix + k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
                                                                "peak_memory_mb")})
@@ -73,10 +148,10 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     run_dir = run_folder(home, config.name)
     store = str(home / "models")
     with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
-        splits, _ = prepare(config, run_dir, parent.info.run_id)
+        splits, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         base = provision_model(source, store)
         lengths_stage(config, splits, base, parent.info.run_id)
-        tuned = finetune_stage(config, base, splits, str(home / "finetune"), parent.info.run_id)
+        tuned = finetune_stage(config, base, splits, str(home / "finetune"), parent.info.run_id, tasks_dir)
         version = registry.register(config.registered_model, tuned.merged, tuned.run_id, {}, config.gate.metric,
                                     splits.keys)
         registry.mark_pending(config.registered_model, version)

@@ -54,7 +54,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         chosen: Selection = select_stage(config, str(home / "models"), tasks_dir, splits.validation, pid)
         lengths_stage(config, splits, chosen.model_dir, pid)
         baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
-        tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid)
+        tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
         report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,
                                             champion=True)
         verdict: Verdict = promote_stage(config, tuned.run_id, report, splits, str(home), pid)

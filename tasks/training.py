@@ -153,10 +153,12 @@ class FineTuned:
 
 
 def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_path: str | None, checkpoints: Path,
-                device: str) -> SFTTrainer:
+                device: str, callbacks: list | None = None, eval_every: int | None = None) -> SFTTrainer:
     """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings, packing, LoRA/DoRA
-    through peft unless the method is full fine-tuning, early stopping on the validation loss when asked."""
+    through peft unless the method is full fine-tuning, early stopping on the validation loss when asked.
+    `eval_every`: also compute the validation loss every so many steps (a search trial reports it)."""
     early = bool(spec.early_stopping_patience)
+    evaluating = early or bool(eval_every)
     args = SFTConfig(
         output_dir=str(checkpoints),
         learning_rate=spec.learning_rate,
@@ -178,8 +180,8 @@ def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_pat
         completion_only_loss=True,
         packing=spec.packing,
         dataloader_num_workers=0,
-        eval_strategy="steps" if early else "no",
-        eval_steps=spec.save_steps if early else None,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=spec.save_steps if early else eval_every,
         per_device_eval_batch_size=spec.batch_size,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
@@ -193,30 +195,36 @@ def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_pat
     )
     return SFTTrainer(
         model=model, args=args, train_dataset=conversational(read_examples(train_path)),
-        eval_dataset=conversational(read_examples(val_path)) if early else None,
+        eval_dataset=conversational(read_examples(val_path)) if evaluating else None,
         processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[EarlyStoppingCallback(spec.early_stopping_patience)] if early else None,
+        callbacks=([EarlyStoppingCallback(spec.early_stopping_patience)] if early else []) + list(callbacks or []),
     )
 
 
 @task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_path: str | None = None) -> dict:
-    """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model."""
+def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_path: str | None = None,
+          callbacks: list | None = None, eval_every: int | None = None) -> dict:
+    """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model.
+    With `eval_every` (a search trial) the validation loss is computed every so many steps, for `callbacks`,
+    and once more at the end (`eval_loss`)."""
     if spec.early_stopping_patience and not (val_path and spec.save_steps):
         raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
+    if eval_every and not val_path:
+        raise ValueError("eval_every needs a validation file")
     out, base = Path(out_dir), Path(base_dir)
     if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
         return {**json.loads((out / "result.json").read_text()), "cached": True}
     checkpoints = out / "checkpoints"
     device = resolve_device(spec.device)
     model, tokenizer = _load_for(spec.method, base, device)
-    trainer = sft_trainer(model, tokenizer, spec, train_path, val_path, checkpoints, device)
+    trainer = sft_trainer(model, tokenizer, spec, train_path, val_path, checkpoints, device, callbacks, eval_every)
     lora = spec.method != "full"
     resume = last_complete_checkpoint(checkpoints)
     reset_peak_memory()
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate()["eval_loss"] if eval_every else None
     # TRL logs a running count of the tokens trained on (padding excluded). After a resume the history also
     # holds the checkpoint's earlier segment, whose seconds are not in `seconds`: count this segment's alone.
     logged = [(log.get("step", 0), float(log["num_tokens"])) for log in trainer.state.log_history
@@ -244,6 +252,7 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
         "tokens_per_second": tokens / seconds if seconds else 0.0,
         "peak_memory_mb": peak_memory_mb(),
         "best_eval_loss": trainer.state.best_metric,
+        "eval_loss": final_eval,  # the validation loss of the trained weights (None unless asked)
         "base_weights": "nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete

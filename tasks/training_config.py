@@ -6,13 +6,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, ValidationError, model_validator
 
-
-class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid")
+from tasks.schema import Strict
 
 
 class LoraConfig(Strict):
@@ -28,6 +24,50 @@ class FinetuneStage(Strict):
     task: str
     max_steps: int | None = Field(None, gt=0, description="default: finetune.max_steps")
     learning_rate: float | None = Field(None, gt=0, description="default: finetune.learning_rate")
+
+
+class SearchRange(Strict):
+    """A numeric range to sample from (random, tpe); integers when both ends are integers."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SearchRange:
+        if not self.high > self.low:
+            raise ValueError(f"empty range: high {self.high:g} must exceed low {self.low:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low:g}")
+        return self
+
+    @property
+    def integers(self) -> bool:
+        return float(self.low).is_integer() and float(self.high).is_integer() and not self.log
+
+
+class SearchConfig(Strict):
+    """A hyperparameter search over `finetune` fields: an Optuna study, each trial one training run on the
+    training split, judged on the validation split (the test split is the gate's alone)."""
+
+    sampler: Literal["grid", "random", "tpe"] = "tpe"
+    trials: int = Field(6, gt=0, description="grid: at most the number of grid points")
+    objective: Literal["validation_loss", "validation_score"] = "validation_loss"
+    space: dict[str, SearchRange | list[float | int | str | bool]] = Field(
+        min_length=1, description="finetune field (lora.r for a LoRA field) -> values to try, or {low, high, log}")
+    max_parallel: int = Field(1, gt=0, description="trials training at once")
+    prune: bool = True
+    report_every: int = Field(5, gt=0, description="steps between validation-loss reports (for pruning)")
+    seed: int = 13
+
+    @model_validator(mode="after")
+    def _usable_space(self) -> SearchConfig:
+        for name, values in self.space.items():
+            if isinstance(values, list) and not values:
+                raise ValueError(f"space.{name}: empty list of values")
+            if self.sampler == "grid" and not isinstance(values, list):
+                raise ValueError(f"space.{name}: the grid sampler needs a list of values, not a range")
+        return self
 
 
 class FinetuneConfig(Strict):
@@ -52,8 +92,47 @@ class FinetuneConfig(Strict):
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better val loss")
     stages: list[FinetuneStage] = Field(default_factory=list,
                                         description="sequential fine-tuning; empty: one run on the task mixture")
+    search: SearchConfig | None = Field(None, description="hyperparameter search; the best trial goes on")
+
+    @model_validator(mode="after")
+    def _searchable(self) -> FinetuneConfig:
+        """Every searched field exists and every value it may take is valid for it."""
+        if self.search is None:
+            return self
+        if self.stages:
+            raise ValueError("search: not with sequential stages (search one stage's task at a time)")
+        for name, values in self.search.space.items():
+            head, _, tail = name.partition(".")
+            known = head in SEARCHABLE and (not tail or (head == "lora" and tail in LoraConfig.model_fields))
+            if not known or (head == "lora" and not tail):
+                raise ValueError(f"search.space.{name}: not a finetune field that can be searched; searchable: "
+                                 f"{', '.join(SEARCHABLE)}, lora.<r|alpha|dropout>")
+            for value in values if isinstance(values, list) else (values.low, values.high):
+                try:
+                    self.for_trial({name: value})
+                except ValidationError as exc:
+                    raise ValueError(f"search.space.{name}: {value!r} is not valid: "
+                                     f"{exc.errors()[0]['msg']}") from None
+        return self
+
+    def for_trial(self, params: dict) -> FinetuneConfig:
+        """One trial's run: these settings (`lora.r` names a LoRA field) over the rest, without the search."""
+        fields = self.model_dump()
+        fields.update(search=None)
+        for name, value in params.items():
+            head, _, tail = name.partition(".")
+            if tail:
+                fields[head][tail] = value
+            else:
+                fields[head] = value
+        return FinetuneConfig.model_validate(fields)
 
     def for_stage(self, stage: FinetuneStage) -> FinetuneConfig:
         """The run of one sequential stage: its own steps and learning rate where it sets them."""
         return self.model_copy(update={"max_steps": stage.max_steps or self.max_steps,
                                        "learning_rate": stage.learning_rate or self.learning_rate, "stages": []})
+
+
+# What a search may vary: every scalar training setting (not the device, the stages or the search itself).
+SEARCHABLE = ("method", "lora", "learning_rate", "lr_scheduler", "warmup_ratio", "max_steps", "epochs", "batch_size",
+              "gradient_accumulation_steps", "weight_decay", "max_seq_length", "seed", "packing")

@@ -66,7 +66,7 @@ def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
 def test_each_bundled_config_is_valid_and_the_gate_metric_follows_the_task_kind():
     metrics = {path.name: load_config(path).gate.metric for path in sorted((ROOT / "configs").glob("*.yaml"))}
     assert metrics == {"choice.yaml": "accuracy", "classify.yaml": "accuracy", "demo.yaml": "exact_match",
-                       "multitask.yaml": "exact_match"}
+                       "multitask.yaml": "exact_match", "search.yaml": "exact_match"}
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -1,0 +1,139 @@
+"""The hyperparameter search on the tiny model: Optuna trials as Prefect task runs and nested MLflow runs, the
+best one handed on, a killed search resumed, hopeless trials pruned, and the test split never read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from flows.config import ConfigError, load_config
+from tasks.datasets import prepare_data, read_examples, write_examples
+from tasks.search import open_study, search, suggest
+from tasks.training_config import FinetuneConfig
+from tests.conftest import ROOT, SENTIMENT
+
+GRID = {"sampler": "grid", "trials": 4, "space": {"learning_rate": [1e-2, 3e-2], "lora.r": [2, 4]},
+        "report_every": 2, "prune": False}
+
+
+def spec(**search) -> FinetuneConfig:
+    return FinetuneConfig(lora={"r": 4, "alpha": 8}, max_steps=4, batch_size=4, max_seq_length=96, warmup_ratio=0.0,
+                          save_steps=None, search=GRID | search)
+
+
+def small_splits(folder: Path):
+    """The sentiment splits cut to 96 training and 16 validation examples: each trial stays a few seconds."""
+    found = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(folder), "skip")
+    write_examples(Path(found.train), read_examples(found.train)[:96])
+    write_examples(Path(found.validation), read_examples(found.validation)[:16])
+    return found
+
+
+@pytest.fixture()
+def splits(tmp_path):
+    return small_splits(tmp_path / "data")
+
+
+def nested_runs(parent_run_id: str) -> list:
+    return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="list")
+
+
+def test_a_grid_of_four_trials_logs_four_nested_runs_and_hands_on_the_lowest_validation_loss(
+        tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
+    with mlflow.start_run() as parent:
+        found = search(spec(), tiny_model, splits.train, splits.validation, str(tmp_path / "runs"),
+                       parent.info.run_id)
+    assert len(found.trials) == 4 and {t.state for t in found.trials} == {"COMPLETE"}
+    grid = {(t.params["learning_rate"], t.params["lora.r"]) for t in found.trials}
+    assert grid == {(lr, r) for lr in (1e-2, 3e-2) for r in (2, 4)}
+    assert found.best.objective == min(t.objective for t in found.trials)
+    assert len({t.objective for t in found.trials}) > 1  # the settings made a difference the search could see
+    runs = {r.info.run_id: r for r in nested_runs(parent.info.run_id)}
+    assert set(runs) == {t.run_id for t in found.trials}
+    for t in found.trials:  # each nested run holds its settings, its objective and its loss curve
+        run = runs[t.run_id]
+        assert run.data.params["search_lora.r"] == str(t.params["lora.r"])
+        assert run.data.metrics["objective"] == pytest.approx(t.objective)
+        assert "eval_loss" in run.data.metrics and run.data.tags["tuneline.trial_state"] == "COMPLETE"
+    merged = json.loads((Path(found.best.result["merged"]) / "config.json").read_text())
+    assert merged["model_type"]  # the best trial's dense weights are what goes on
+
+
+def test_a_killed_search_resumes_without_rerunning_finished_trials(tiny_model, splits, prefect_api, mlflow_sqlite,
+                                                                    tmp_path):
+    runs = str(tmp_path / "runs")
+    with mlflow.start_run() as first:
+        search(spec(trials=2), tiny_model, splits.train, splits.validation, runs, first.info.run_id)
+    # A killed process leaves its trial RUNNING in the study, its settings drawn: ask one and never tell it.
+    study, _ = open_study(spec(), tiny_model, splits.train, splits.validation, Path(runs) / "search")
+    killed = study.ask()
+    settings = suggest(killed, spec().search.space)
+    with mlflow.start_run() as second:
+        found = search(spec(trials=4), tiny_model, splits.train, splits.validation, runs, second.info.run_id)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[killed.number] == "FAIL"  # the killed trial is marked failed, and its settings tried again
+    assert sorted(t.state for t in found.trials) == ["COMPLETE"] * 4 + ["FAIL"]
+    assert len(nested_runs(second.info.run_id)) == 2  # only the two trials still missing were trained
+    complete = [t for t in found.trials if t.state == "COMPLETE"]
+    assert len({(t.params["learning_rate"], t.params["lora.r"]) for t in complete}) == 4
+    assert settings in [t.params for t in complete if t.number > killed.number]
+
+
+def test_a_hopeless_trial_is_pruned_at_its_first_report(tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
+    runs = str(tmp_path / "runs")
+    config = spec(sampler="random", trials=3, prune=True, report_every=1,
+                  space={"learning_rate": [5e-2, 1e-9]})
+    study, _ = open_study(config, tiny_model, splits.train, splits.validation, Path(runs) / "search")
+    for lr in (5e-2, 5e-2, 1e-9):  # two learning trials first (the pruner's baseline), then one that cannot learn
+        study.enqueue_trial({"learning_rate": lr}, skip_if_exists=False)
+    with mlflow.start_run() as parent:
+        found = search(config, tiny_model, splits.train, splits.validation, runs, parent.info.run_id)
+    [pruned] = [t for t in found.trials if t.state == "PRUNED"]
+    assert pruned.params == {"learning_rate": 1e-9} and found.best.params == {"learning_rate": 5e-2}
+    run = mlflow.get_run(pruned.run_id)
+    assert run.data.tags["tuneline.trial_state"] == "PRUNED" and "median" in run.data.tags["tuneline.pruned_because"]
+
+
+def test_the_finetune_stage_searches_without_the_test_split_and_reports_the_trials(
+        tiny_model, prefect_api, mlflow_sqlite, tmp_path):
+    from flows.finetune import finetune_stage
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.finetune = spec(trials=2, space={"learning_rate": [1e-2, 3e-2]})
+    splits = small_splits(tmp_path / "data")
+    Path(splits.test).unlink()  # a search that read the test split would fail here
+    with mlflow.start_run() as parent:
+        tuned = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
+    trials = json.loads(mlflow.artifacts.load_text(f"runs:/{tuned.run_id}/search/trials.json"))
+    best = next(t for t in trials["trials"] if t["number"] == trials["best"])
+    assert best["objective"] == min(t["objective"] for t in trials["trials"])
+    assert mlflow.get_run(best["run_id"]).data.tags["mlflow.parentRunId"] == tuned.run_id
+    assert mlflow.get_run(tuned.run_id).data.params["best_learning_rate"] == str(best["params"]["learning_rate"])
+    assert "search/objective.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(tuned.run_id, "search")}
+
+
+@pytest.mark.parametrize(("search", "message"), [
+    ({"space": {"lora.rank": [8]}}, "search.space.lora.rank: not a finetune field that can be searched"),
+    ({"space": {"learning_rate": []}}, "space.learning_rate: empty list of values"),
+    ({"space": {"learning_rate": {"low": 1e-3, "high": 1e-4}}}, "empty range: high 0.0001 must exceed low 0.001"),
+    ({"space": {"batch_size": [0, 8]}}, "search.space.batch_size: 0 is not valid"),
+    ({"sampler": "grid", "space": {"learning_rate": {"low": 1e-4, "high": 1e-3}}}, "the grid sampler needs a list"),
+])
+def test_a_search_space_that_cannot_run_is_a_config_error_naming_the_field(tmp_path, search, message):
+    demo = (ROOT / "configs" / "demo.yaml").read_text()
+    path = tmp_path / "c.yaml"
+    path.write_text(demo.replace("finetune:\n", f"finetune:\n  search: {json.dumps(search)}\n", 1)
+                    .replace("../data/", f"{ROOT}/data/"))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(path)
+
+
+def test_optuna_study_storage_is_a_file_named_by_the_inputs(tiny_model, splits, tmp_path):
+    a, url_a = open_study(spec(trials=2), tiny_model, splits.train, splits.validation, tmp_path)
+    b, url_b = open_study(spec(trials=9, max_parallel=2), tiny_model, splits.train, splits.validation, tmp_path)
+    c, url_c = open_study(spec(report_every=1), tiny_model, splits.train, splits.validation, tmp_path)
+    assert url_a == url_b != url_c and url_a.startswith("sqlite:///") and Path(url_a[10:]).is_file()
+    assert a.study_name == b.study_name != c.study_name
