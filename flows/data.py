@@ -17,6 +17,7 @@ from flows.config import LifecycleConfig
 from tasks import evidence
 from tasks.datasets import Lengths, Splits, fit_lengths, label_replies, prepare_data, read_examples
 from tasks.tracking import publish, stage_run
+from tasks.training import measured_step_seconds
 
 
 def _length_plot(lengths: dict[str, list[int]], limit: int):
@@ -39,15 +40,22 @@ def power(config: LifecycleConfig, test_items: int, rate: float = 0.5) -> tuple[
     return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement, config.gate.metric)
 
 
-def training_plan(config: LifecycleConfig, train_examples: int) -> tuple[str, list[str]]:
-    """How much of the training split fine-tuning will see, and a warning naming the fraction when
-    `max_steps` covers less than half an epoch: such a run usually learns little."""
+def training_plan(config: LifecycleConfig, train_examples: int, step_seconds: float | None = None
+                  ) -> tuple[str, list[str]]:
+    """How much of the training split fine-tuning will see (and, given the measured `step_seconds` of the chosen
+    model here, how long it takes), and a warning naming the fraction when `max_steps` covers less than half
+    an epoch: such a run usually learns little."""
     ft = config.finetune
     per_step = ft.batch_size * ft.gradient_accumulation_steps
     epoch = max(1, math.ceil(train_examples / per_step))
     steps = ft.max_steps or math.ceil(epoch * ft.epochs)
     note = (f"fine-tuning runs {steps} steps of {per_step} examples: {steps / epoch:.2f} epochs of the "
             f"{train_examples} training examples" + (" (before packing)" if ft.packing else ""))
+    if step_seconds:
+        trials = ft.search.trials if ft.search else 1
+        note += (f", about {steps * step_seconds * trials / 60:.0f} min on this machine"
+                 + (f" for its {trials} trials" if ft.search else "")
+                 + f" ({step_seconds:.1f} s a step in the last run of this model here)")
     warnings = []
     if ft.max_steps and not ft.stages and ft.max_steps < epoch / 2:
         warnings.append(f"finetune.max_steps {ft.max_steps} covers {ft.max_steps / epoch:.0%} of an epoch "
@@ -120,9 +128,11 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
 
 
 @flow(name="lengths")
-def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, parent_run_id: str) -> Lengths:
+def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, parent_run_id: str,
+                  runs_dir: str | None = None) -> Lengths:
     """The length limit checked with the model that will be trained and served, after selection: its tokenizer
-    and chat template decide what "too long" means. Over-long examples leave every split (rejects.jsonl)."""
+    and chat template decide what "too long" means. Over-long examples leave every split (rejects.jsonl). With
+    the model known, the training plan gets its time on this machine (from `runs_dir`'s earlier runs of it)."""
     limits = {t.name: t.max_tokens or config.finetune.max_seq_length for t in [config.task, *config.extra_tasks]}
     limits["*"] = limits[config.task.name]  # production corrections follow the primary task
     with stage_run("lengths", parent_run_id, model=model_dir):
@@ -130,11 +140,14 @@ def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, paren
         mlflow.log_metric("over_long_removed", fitted.removed)
         mlflow.log_figure(_length_plot(fitted.lengths, config.finetune.max_seq_length),
                           "data_card/token_lengths.png")
+        step = measured_step_seconds(runs_dir, model_dir, config.finetune) if runs_dir else None
+        plan, _ = training_plan(config, sum(splits.mixed_train.values()), step)
+        mlflow.set_tag("tuneline.training_plan", plan)
         publish("lengths", f"## Lengths with the chosen model\n\n{fitted.removed} example(s) longer than max_tokens "
                            "with its tokenizer and chat template left every split (data card: rejects.jsonl); "
-                           "the token-length histogram is in the MLflow run.")
-        if fitted.removed:
-            print(f"lengths: removed {fitted.removed} over-long examples (see rejects.jsonl)")
+                           f"the token-length histogram is in the MLflow run.\n\n**Training:** {plan}"
+                           + ("" if step else " (no earlier run of this model here to time it)") + ".")
+        print(f"lengths: removed {fitted.removed} over-long examples (see rejects.jsonl); {plan}")
     return fitted
 
 

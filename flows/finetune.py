@@ -11,7 +11,7 @@ from prefect import flow
 from flows.config import LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare, training_plan
 from tasks import registry, tracking
-from tasks.datasets import Splits
+from tasks.datasets import Splits, read_examples, write_examples
 from tasks.models import provision_model
 from tasks.paths import run_folder
 from tasks.scoring import score
@@ -67,7 +67,11 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
                              kind=task.kind)
             return found["metrics"][config.gate.metric]
 
-    found = search(spec, base_dir, files["train"], files["validation"], runs_dir, run_id, scorer)
+    # Each trial's validation loss is computed on the validation items selection scores (the first
+    # max_validation_examples): on a CPU a pass over a whole validation split can cost more than the training.
+    validation = Path(files["validation"]).with_name("validation_search.jsonl")
+    write_examples(validation, read_examples(files["validation"])[: task.max_validation_examples])
+    found = search(spec, base_dir, files["train"], str(validation), runs_dir, run_id, scorer)
     best = found.best
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
     mlflow.log_metrics({"best_objective": best.objective, "search_trials": len(found.trials),
@@ -150,7 +154,7 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
         splits, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         base = provision_model(source, store)
-        lengths_stage(config, splits, base, parent.info.run_id)
+        lengths_stage(config, splits, base, parent.info.run_id, str(home / "finetune"))
         tuned = finetune_stage(config, base, splits, str(home / "finetune"), parent.info.run_id, tasks_dir)
         version = registry.register(config.registered_model, tuned.merged, tuned.run_id, {}, config.gate.metric,
                                     splits.keys)

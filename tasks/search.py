@@ -114,7 +114,7 @@ def open_study(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: s
 
 
 # Not cached by Prefect: a trial is reused through the study and its training folder, both named by inputs.
-@task(name="trial", task_run_name="trial {number}", cache_policy=NO_CACHE)
+@task(name="trial", task_run_name="trial {number}", cache_policy=NO_CACHE, log_prints=False)  # (as `train`)
 def run_trial(number: int, study_name: str, storage: str, params: dict, spec: FinetuneConfig, base_dir: str,
               train_path: str, val_path: str, runs_dir: str, parent_run_id: str, score=None) -> Trial:
     """Train with one trial's settings and record its objective; a nested MLflow run holds its curves.

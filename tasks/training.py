@@ -45,6 +45,21 @@ def run_key(base_dir: str, train_path: str, spec: FinetuneConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def measured_step_seconds(runs_dir: str | Path, base_dir: str, spec: FinetuneConfig) -> float | None:
+    """Seconds per step of the latest run trained here from `base_dir` with the same method and examples per
+    step (its result.json), or None: what the data card's estimate of the next run's time rests on."""
+    found = []
+    for path in Path(runs_dir).rglob("result.json"):
+        result = json.loads(path.read_text())
+        meta = Path(result.get("merged", "")) / META_FILE
+        if result.get("examples_per_step") != spec.batch_size * spec.gradient_accumulation_steps \
+                or result.get("method") != spec.method or not result.get("steps") or not meta.is_file():
+            continue
+        if json.loads(meta.read_text()).get("base") == str(Path(base_dir)):
+            found.append((path.stat().st_mtime, result["train_seconds"] / result["steps"]))
+    return max(found)[1] if found else None
+
+
 def reset_peak_memory() -> None:
     """Start a new peak: CUDA's allocator statistics, or on Linux the process's resident high-water mark
     (writing 5 to /proc/self/clear_refs resets VmHWM), so the peak read afterwards is the training's alone,
@@ -224,7 +239,11 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate()["eval_loss"] if eval_every else None
+    final_eval = None
+    if eval_every:  # the last step's validation loss, unless the run evaluated at its last step already
+        last = [log["eval_loss"] for log in trainer.state.log_history
+                if "eval_loss" in log and log.get("step") == trainer.state.global_step]
+        final_eval = last[-1] if last else trainer.evaluate()["eval_loss"]
     # TRL logs a running count of the tokens trained on (padding excluded). After a resume the history also
     # holds the checkpoint's earlier segment, whose seconds are not in `seconds`: count this segment's alone.
     logged = [(log.get("step", 0), float(log["num_tokens"])) for log in trainer.state.log_history
@@ -247,6 +266,8 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
         "train_loss": float(result.training_loss),
         "train_seconds": seconds,
         "steps": int(result.global_step),
+        "method": spec.method,
+        "examples_per_step": spec.batch_size * spec.gradient_accumulation_steps,
         "resumed_from": Path(resume).name if resume else None,
         "tokens": tokens,  # trained on in this process (a resumed run: since its checkpoint)
         "tokens_per_second": tokens / seconds if seconds else 0.0,

@@ -116,6 +116,8 @@ def test_training_runs_by_epochs_by_default_and_warns_below_half_an_epoch():
     config.finetune.max_steps = 6
     assert training_plan(config, 100)[1] == ["finetune.max_steps 6 covers 46% of an epoch (13 steps at 8 examples "
                                              "a step); set it to null to train for finetune.epochs (2)"]
+    assert training_plan(config, 100, step_seconds=20.0)[0].endswith(
+        ", about 2 min on this machine (20.0 s a step in the last run of this model here)")
 
 
 def test_cli_pull_provisions_the_candidates_into_the_store_the_lifecycle_reads(tmp_path):

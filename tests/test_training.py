@@ -17,6 +17,7 @@ from tasks.models import META_FILE, load
 from tasks.training import (
     device_settings,
     last_complete_checkpoint,
+    measured_step_seconds,
     native_bf16,
     qlora_quantization,
     sft_trainer,
@@ -45,6 +46,9 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
     merged = Path(result["merged"])
     assert (merged / "model.safetensors").is_file()
     assert json.loads((merged / META_FILE).read_text())["source"] == f"{method}:tiny:0"
+    # the next run's time estimate rests on this run's step time, for the same method and examples per step only
+    assert measured_step_seconds(tmp_path, tiny_model, spec) == pytest.approx(result["train_seconds"] / 2)
+    assert measured_step_seconds(tmp_path, tiny_model, spec.model_copy(update={"batch_size": 4})) is None
     tuned, _ = load(merged)
     base, _ = load(Path(tiny_model))
     assert not any("lora" in name for name, _ in tuned.named_parameters())  # merged, not an adapter
