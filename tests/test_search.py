@@ -41,29 +41,8 @@ def nested_runs(parent_run_id: str) -> list:
     return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="list")
 
 
-def test_a_grid_of_four_trials_logs_four_nested_runs_and_hands_on_the_lowest_validation_loss(
+def test_a_grid_of_four_trials_resumed_after_a_kill_logs_a_nested_run_each_and_hands_on_the_lowest_loss(
         tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
-    with mlflow.start_run() as parent:
-        found = search(spec(), tiny_model, splits.train, splits.validation, str(tmp_path / "runs"),
-                       parent.info.run_id)
-    assert len(found.trials) == 4 and {t.state for t in found.trials} == {"COMPLETE"}
-    grid = {(t.params["learning_rate"], t.params["lora.r"]) for t in found.trials}
-    assert grid == {(lr, r) for lr in (1e-2, 3e-2) for r in (2, 4)}
-    assert found.best.objective == min(t.objective for t in found.trials)
-    assert len({t.objective for t in found.trials}) > 1  # the settings made a difference the search could see
-    runs = {r.info.run_id: r for r in nested_runs(parent.info.run_id)}
-    assert set(runs) == {t.run_id for t in found.trials}
-    for t in found.trials:  # each nested run holds its settings, its objective and its loss curve
-        run = runs[t.run_id]
-        assert run.data.params["search_lora.r"] == str(t.params["lora.r"])
-        assert run.data.metrics["objective"] == pytest.approx(t.objective)
-        assert "eval_loss" in run.data.metrics and run.data.tags["tuneline.trial_state"] == "COMPLETE"
-    merged = json.loads((Path(found.best.result["merged"]) / "config.json").read_text())
-    assert merged["model_type"]  # the best trial's dense weights are what goes on
-
-
-def test_a_killed_search_resumes_without_rerunning_finished_trials(tiny_model, splits, prefect_api, mlflow_sqlite,
-                                                                    tmp_path):
     runs = str(tmp_path / "runs")
     with mlflow.start_run() as first:
         search(spec(trials=2), tiny_model, splits.train, splits.validation, runs, first.info.run_id)
@@ -72,14 +51,25 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tiny_model, s
     killed = study.ask()
     settings = suggest(killed, spec().search.space)
     with mlflow.start_run() as second:
-        found = search(spec(trials=4), tiny_model, splits.train, splits.validation, runs, second.info.run_id)
-    states = {t.number: t.state.name for t in study.get_trials()}
-    assert states[killed.number] == "FAIL"  # the killed trial is marked failed, and its settings tried again
-    assert sorted(t.state for t in found.trials) == ["COMPLETE"] * 4 + ["FAIL"]
-    assert len(nested_runs(second.info.run_id)) == 2  # only the two trials still missing were trained
+        found = search(spec(), tiny_model, splits.train, splits.validation, runs, second.info.run_id)
+
+    assert {t.number: t.state.name for t in study.get_trials()}[killed.number] == "FAIL"
     complete = [t for t in found.trials if t.state == "COMPLETE"]
-    assert len({(t.params["learning_rate"], t.params["lora.r"]) for t in complete}) == 4
+    assert sorted(t.state for t in found.trials) == ["COMPLETE"] * 4 + ["FAIL"]
+    assert {(t.params["learning_rate"], t.params["lora.r"]) for t in complete} == \
+        {(lr, r) for lr in (1e-2, 3e-2) for r in (2, 4)}  # the whole grid, the killed settings tried again
     assert settings in [t.params for t in complete if t.number > killed.number]
+    assert len(nested_runs(second.info.run_id)) == 2  # the resumed search trained only what was missing
+    assert found.best.objective == min(t.objective for t in complete)
+    assert len({t.objective for t in complete}) > 1  # the settings made a difference the search could see
+    runs_by_id = {r.info.run_id: r for parent in (first, second) for r in nested_runs(parent.info.run_id)}
+    assert set(runs_by_id) == {t.run_id for t in complete}
+    for t in complete:  # each nested run holds its settings, its objective and its loss curve
+        run = runs_by_id[t.run_id]
+        assert run.data.params["search_lora.r"] == str(t.params["lora.r"])
+        assert run.data.metrics["objective"] == pytest.approx(t.objective)
+        assert "eval_loss" in run.data.metrics and run.data.tags["tuneline.trial_state"] == "COMPLETE"
+    assert (Path(found.best.result["merged"]) / "model.safetensors").is_file()  # the best weights go on
 
 
 def test_a_hopeless_trial_is_pruned_at_its_first_report(tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
