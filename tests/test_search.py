@@ -105,6 +105,30 @@ def test_the_finetune_stage_searches_without_the_test_split_and_reports_the_tria
     assert "search/objective.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(tuned.run_id, "search")}
 
 
+def test_a_validation_score_search_is_judged_by_lm_eval_on_the_validation_items(tiny_model, prefect_api,
+                                                                                 mlflow_sqlite, tmp_path):
+    from evals.runner import write_tasks
+    from flows.finetune import finetune_stage
+    from tasks.scoring import score
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.finetune = spec(trials=2, objective="validation_score", space={"learning_rate": [1e-2, 3e-2]})
+    config.task.max_validation_examples = 8
+    splits = small_splits(tmp_path / "data")
+    tasks_dir = str(write_tasks("reviews", splits.files, tmp_path / "tasks", 8))
+    with mlflow.start_run() as parent:
+        tuned = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id, tasks_dir)
+    trials = json.loads(mlflow.artifacts.load_text(f"runs:/{tuned.run_id}/search/trials.json"))
+    assert trials["direction"] == "maximize"
+    best = next(t for t in trials["trials"] if t["number"] == trials["best"])
+    assert best["objective"] == max(t["objective"] for t in trials["trials"])
+    rescored = score.fn(tuned.merged, tasks_dir, "reviews_validation", system_prompt=config.task.system_prompt,
+                        shots=0, limit=8, batch_size=8)
+    assert rescored["metrics"]["exact_match"] == best["objective"]  # the gate's metric of the weights handed on
+    run = mlflow.get_run(best["run_id"]).data.metrics
+    assert run["objective"] != run["eval_loss"]  # judged by the score, not the loss
+
+
 @pytest.mark.parametrize(("search", "message"), [
     ({"space": {"lora.rank": [8]}}, "search.space.lora.rank: not a finetune field that can be searched"),
     ({"space": {"learning_rate": []}}, "space.learning_rate: empty list of values"),
