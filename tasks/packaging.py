@@ -15,7 +15,7 @@ from prefect import task
 
 from tasks.models import load
 from tasks.paths import feedback_db as default_feedback_db
-from tasks.processes import HOST, spawn, stop_started, wait_until
+from tasks.processes import HOST, listening, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
 
@@ -97,6 +97,11 @@ def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | 
             ) -> tuple[str, subprocess.Popen, Path, str]:
     home_path = Path(home)
     stop_started(name, home_path)
+    # Checked before the launch: a new service that cannot bind exits only after a moment, and meanwhile the
+    # process already on the port would answer the readiness check in its place.
+    if listening(port):
+        raise RuntimeError(f"port {port} on {HOST} is taken by a process not started as '{name}' from {home_path}; "
+                           f"stop it, or serve on another port (deploy.port)")
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
     env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve()))}
     return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"

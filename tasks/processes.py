@@ -20,6 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something on 127.0.0.1 accepts connections on `port` (a connect, so TIME_WAIT does not count)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
     """Start a long-running process in its own session, logging to home/logs and recording its PID."""
     (home / "logs").mkdir(parents=True, exist_ok=True)

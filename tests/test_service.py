@@ -303,3 +303,16 @@ def test_a_classifier_replies_with_its_most_likely_label_and_every_labels_probab
         assert bad.status_code == 400 and "response_format.json_schema.schema.enum" in bad.json()["error"]["message"]
     finally:
         stop_started("bento-classifier-test", Path(home))
+
+
+def test_serving_on_a_port_another_process_holds_fails_naming_the_port_and_starts_nothing(home):
+    import socket
+
+    with socket.socket() as other:  # a service this state folder did not start, e.g. another project's Bento
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"port {port} on 127.0.0.1 is taken by a process not started as "
+                                               r"'bento-port-test'.*deploy\.port"):
+            packaging.serve.fn("svc-test:never-built", port, str(home), name="bento-port-test")
+    assert not (Path(home) / "bento-port-test.pid").exists()
