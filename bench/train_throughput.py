@@ -33,26 +33,10 @@ from trl import SFTConfig, SFTTrainer
 from tasks.datasets import prepare_data, read_examples
 from tasks.models import load, provision
 from tasks.schema import TaskConfig
-from tasks.training import conversational, device_settings, resolve_device, train
+from tasks.training import conversational, device_settings, gemm_gflops, resolve_device, train
 from tasks.training_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of one size² × size² matrix product in `dtype` on the training device, best of `repeats`."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
 
 
 def plain_trl(model_dir: Path, train_path: str, out: Path, spec: FinetuneConfig, bf16: bool, checkpointing: bool
@@ -82,7 +66,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+    device = resolve_device("auto")
+    peaks = {name: gemm_gflops(dtype, device, size=2048, repeats=5)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
@@ -94,11 +80,14 @@ def main() -> None:
         train_path = prepare_data.fn([task], 0.1, 0.1, 13, str(work / "data"), "skip").train
         spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=args.steps, batch_size=args.batch_size,
                               max_seq_length=256, warmup_ratio=0.0)
+        # A short run first, discarded: the first training in a process pays one-off start-up costs (kernel
+        # selection, thread pools) that would otherwise weigh on whichever configuration ran first.
+        train.fn(str(model_dir), train_path, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
         ours = train.fn(str(model_dir), train_path, str(work / "ours"), spec)["tokens_per_second"]
         plain = {(bf16, ckpt): plain_trl(model_dir, train_path, work / f"plain-{bf16}-{ckpt}", spec, bf16, ckpt)
                  for bf16 in (True, False) for ckpt in (True, False)}
 
-    chosen = device_settings(resolve_device("auto"))
+    chosen = device_settings(device)
     dtype = "bf16" if chosen["bf16"] else "fp32"
     fastest = max(plain, key=plain.get)
     print(f"model {args.model} ({parameters / 1e6:.0f}M parameters), LoRA r8, {args.steps} steps of batch "

@@ -4,6 +4,7 @@ same chat template (and the same system prompt) that evaluation and serving use.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import resource
@@ -94,8 +95,7 @@ def resolve_device(device: str) -> str:
 
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast is the fast choice
-    (an EPYC with avx512_bf16 measured 908 vs 212 GFLOP/s, bf16 vs fp32 GEMM); elsewhere it is emulated."""
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX); without them bf16 is emulated, far slower."""
     try:
         text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -104,12 +104,45 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
+def gemm_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 1024, repeats: int = 3) -> float:
+    """GFLOP/s of one size x size matrix product in `dtype` on `device`, the best of `repeats` after a warm-up."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+# bf16 autocast casts weights and activations on every step, so its matrix products must be clearly faster.
+BF16_MARGIN = 1.5
+
+
+def prefer_bf16(has_bf16_instructions: bool, fp32_gflops: float, bf16_gflops: float) -> bool:
+    """bf16 on a CPU only where it has the instructions and they pay: an AMD EPYC with avx512_bf16 measured
+    908 vs 212 GFLOP/s (bf16 vs fp32 GEMM), but an Intel Xeon with the same flag 167 vs 331."""
+    return has_bf16_instructions and bf16_gflops >= BF16_MARGIN * fp32_gflops
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """This CPU's choice, timed once per process (~0.1 s, and only on a CPU with bf16 instructions)."""
+    if not native_bf16():
+        return False
+    return prefer_bf16(True, gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16))
+
+
 def device_settings(device: str) -> dict:
     """SFTConfig defaults to bf16 and activation checkpointing even on a CPU: 17x slower on a CPU without
-    native bf16. bf16 where the hardware has it; checkpointing on CUDA only (a CPU has the memory to spare)."""
+    native bf16. bf16 where it is faster; checkpointing on CUDA only (a CPU has the memory to spare)."""
     if device == "cuda":
         return {"bf16": True, "activation_checkpointing": True, "use_cpu": False}
-    return {"bf16": native_bf16(), "activation_checkpointing": False, "use_cpu": True}
+    return {"bf16": cpu_bf16(), "activation_checkpointing": False, "use_cpu": True}
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -126,7 +159,7 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def qlora_quantization(device: str = "cuda") -> BitsAndBytesConfig:
     """QLoRA's base weights: 4-bit NF4 with double quantisation, computing in bf16 on CUDA and in fp32 on a CPU
     (bitsandbytes' CPU 4-bit path; bf16 there is emulated unless the CPU has it natively)."""
-    compute = torch.bfloat16 if device == "cuda" or native_bf16() else torch.float32
+    compute = torch.bfloat16 if device == "cuda" or cpu_bf16() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
 

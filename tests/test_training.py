@@ -15,10 +15,14 @@ import torch
 from tasks.datasets import prepare_data, read_examples
 from tasks.models import META_FILE, load
 from tasks.training import (
+    BF16_MARGIN,
+    cpu_bf16,
     device_settings,
+    gemm_gflops,
     last_complete_checkpoint,
     measured_step_seconds,
     native_bf16,
+    prefer_bf16,
     qlora_quantization,
     sft_trainer,
     train,
@@ -121,18 +125,22 @@ def test_registered_model_reloads_with_identical_outputs(method, tiny_model, tra
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
 
 
-def test_a_cpu_trains_in_bf16_only_where_it_computes_bf16_natively():
+def test_a_cpu_trains_in_bf16_only_where_it_has_the_instructions_and_they_are_faster():
     flags = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {}\n"
     assert native_bf16(flags.format("avx512_bf16")) and native_bf16(flags.format("amx_bf16 amx_tile"))
     assert not native_bf16(flags.format("avx512_vnni"))
+    assert prefer_bf16(True, fp32_gflops=212, bf16_gflops=908)  # measured on an AMD EPYC with avx512_bf16
+    assert not prefer_bf16(True, fp32_gflops=331, bf16_gflops=167)  # an Intel Xeon with the same flag
+    assert not prefer_bf16(False, fp32_gflops=1, bf16_gflops=900)  # a reading without the instructions
     here = device_settings("cpu")
-    assert here["bf16"] == native_bf16() and not here["activation_checkpointing"] and here["use_cpu"]
+    expected = native_bf16() and gemm_gflops(torch.bfloat16) >= BF16_MARGIN * gemm_gflops(torch.float32)
+    assert here["bf16"] == expected and not here["activation_checkpointing"] and here["use_cpu"]
 
 
 def test_qlora_loads_its_base_in_4bit_nf4_computing_in_bf16_on_cuda_and_fp32_on_a_cpu():
     """The CUDA settings are checked here too (a lost `load_in_4bit` once made "qlora" train an unquantised
     bf16 model)."""
-    for device, compute in (("cuda", torch.bfloat16), ("cpu", torch.bfloat16 if native_bf16() else torch.float32)):
+    for device, compute in (("cuda", torch.bfloat16), ("cpu", torch.bfloat16 if cpu_bf16() else torch.float32)):
         quant = qlora_quantization(device)
         assert quant.load_in_4bit and not quant.load_in_8bit
         assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
