@@ -60,6 +60,8 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    # The process remembers the last experiment a test set; its id means nothing in this new store.
+    mlflow.set_experiment("Default")
     yield uri
     mlflow.set_tracking_uri(None)
 
