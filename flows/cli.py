@@ -127,6 +127,8 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
            config: Path = typer.Option(Path("configs/demo.yaml"), help="lifecycle config: model name, port, limits")
            ) -> None:
     """Build VERSION of the registered model into a Bento, serve it on 127.0.0.1 and smoke-test it."""
+    if version and version.endswith((".yaml", ".yml")):  # `tuneline deploy configs/x.yaml`, as `run` takes it
+        _fail(f"VERSION {version!r} is a config file: pass it as --config {version}")
     cfg = _config(config)
     _connect(prefect=True)
     from flows.deploy import deploy_version  # after the environment points at the stack

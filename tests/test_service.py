@@ -316,3 +316,10 @@ def test_serving_on_a_port_another_process_holds_fails_naming_the_port_and_start
                                                r"'bento-port-test'.*deploy\.port"):
             packaging.serve.fn("svc-test:never-built", port, str(home), name="bento-port-test")
     assert not (Path(home) / "bento-port-test.pid").exists()
+
+
+def test_deploy_given_a_config_where_the_version_goes_says_to_pass_it_as_config():
+    result = CliRunner().invoke(app, ["deploy", "configs/classify.yaml"])
+    assert result.exit_code == 2
+    said = "VERSION 'configs/classify.yaml' is a config file: pass it as --config configs/classify.yaml"
+    assert said in result.output
