@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,51 @@ def tiny_model(store) -> str:
     from tasks.models import provision
 
     return str(provision("tiny:0", store))
+
+
+@pytest.fixture(scope="session")
+def steady_tiny_model(tiny_model, store) -> str:
+    """The tiny model with its own output layer, started at zero, for tests that keep the gate's default rules.
+
+    The random tiny model ties its output layer to its input embeddings, so Adam moves every token's row at
+    every step and its general-suite answers (random ties between choices) flip under any training: the
+    forgetting bound reads ~0.07 with no forgetting to find. With a separate output layer at zero, every token
+    it is never taught keeps exactly the same logit as the others (their rows start equal and get equal
+    updates), so a general item's answer moves only where training touches its tokens. It still learns a task:
+    the head learns from the first step, the layers below from the second."""
+    import torch
+
+    from tasks.models import load
+
+    folder = store / "steady-tiny"
+    if not (folder / "config.json").is_file():
+        model, tok = load(Path(tiny_model))
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.model.embed_tokens.weight))
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+    return str(folder)
+
+
+NOUNS = ["kettle", "lamp", "chair", "phone", "bag", "shoe", "mug", "clock", "desk", "pen", "book", "fan"]
+
+
+def write_reports(path: Path, rows: int = 400) -> Path:
+    """Short reports whose answer has a fixed form ("label: yes/no"): the tiny models answer none right before
+    training and learn the form (and so the majority label at least) in 40 steps of full fine-tuning."""
+    rng = random.Random(0)
+    records = [{"text": f"The {rng.choice(NOUNS)} is {'great' if good else 'broken'} ({i})",
+                "label": "yes" if good else "no"} for i, good in enumerate(rng.random() < 0.5 for _ in range(rows))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# The reports task as a config's `task` section (its data file is the caller's).
+REPORTS_TASK = {"name": "reports", "system_prompt": "", "prompt": "{{ text }}", "answer": "label: {{ label }}",
+                "max_validation_examples": 8, "max_test_examples": 48, "max_answer_tokens": 6}
+# Full fine-tuning that learns the reports' answer form in 40 steps.
+REPORTS_FINETUNE = {"method": "full", "learning_rate": 1e-2, "max_steps": 40, "batch_size": 8, "max_seq_length": 64,
+                    "save_steps": None}
 
 
 @pytest.fixture(scope="session")
