@@ -20,11 +20,11 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks.processes import free_port
-from tests.conftest import DEMO_DATA, ROOT
+from tests.conftest import REPORTS_FINETUNE, REPORTS_TASK, ROOT, write_reports
 
 NAME, MODEL = "ops-demo", "ops-assistant"
 STAGES = ("data", "select", "baseline", "finetune", "evaluate", "promote", "deploy")
-CORRECTION = '{"product": "kettle", "sentiment": "positive", "rating": 5, "issue": "none"}'
+CORRECTION = "label: yes"
 DEPLOYMENTS = ("lifecycle", "feedback", "finetune-model", "evaluate-version", "deploy-version", "promote-version",
                "rollback")
 
@@ -76,18 +76,17 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
+def stack(tmp_path_factory, steady_tiny_model) -> Stack:
+    """The reports task on the steady tiny model under the shipped demo config's gate rules (none relaxed)."""
     home = tmp_path_factory.mktemp("ops-home")
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     demo.update(name=NAME, registered_model=MODEL)
-    demo["task"].update(data=str(DEMO_DATA), max_validation_examples=4, max_test_examples=6, max_answer_tokens=12)
-    demo["models"]["candidates"] = ["tiny:0"]
+    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
+    demo["task"] = {**REPORTS_TASK, "data": str(write_reports(home / "reports.jsonl"))}
+    demo["models"]["candidates"] = [f"path:{steady_tiny_model}"]
     demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
-    demo["finetune"].update(max_steps=2, batch_size=4, max_seq_length=128)
-    demo["evaluation"]["general_limit"] = 10
-    # random tiny weights: let the gate pass (tests/test_lifecycle.py runs the gate's own rules on a learnable task)
-    demo["gate"].update(min_improvement=-1.0, champion_margin=1.0, max_forgetting=1.0,
-                        smoke_prompts=0)  # the smoke test's own serve costs ~30 s a round; test_lifecycle runs it
+    demo["finetune"].update(REPORTS_FINETUNE)
+    demo["evaluation"].update(general_limit=None, batch_size=16)
     demo["deploy"]["port"] = free_port()
     demo["schedule"] = {"lifecycle": None, "feedback": "30 2 * * *", "timezone": "UTC"}
     config = home / "ops.yaml"
@@ -130,7 +129,7 @@ def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.version == "1" and champion.tags["tuneline.decision"] == "pass"
     assert "no current champion" in champion.tags["tuneline.reasons"]
-    assert "smoke test skipped by config" in champion.tags["tuneline.reasons"]
+    assert "smoke test passed" in champion.tags["tuneline.reasons"]
     assert {"tuneline.metric.exact_match", "tuneline.metric.field_f1", "tuneline.metric.rougeL"} <= set(champion.tags)
     evaluate = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                   "tags.`tuneline.stage` = 'evaluate'")[0]
@@ -138,7 +137,7 @@ def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
         <= set(evaluate.data.metrics)
 
     reply = httpx.post(f"{stack.service}/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": "Review: the kettle is great"}], "max_tokens": 4})
+                       json={"messages": [{"role": "user", "content": "The lamp is great"}], "max_tokens": 4})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["model"] == f"{MODEL}/1" and body["usage"]["completion_tokens"] >= 1
@@ -185,7 +184,7 @@ def test_prefect_restart_keeps_history_and_deployments(stack):
 
 
 def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(stack):
-    question = "Review: My Acme kettle boils fast and looks great."
+    question = "The kettle is great (a new report)"
     answer = httpx.post(f"{stack.service}/v1/chat/completions", timeout=60,
                         json={"messages": [{"role": "user", "content": question}], "max_tokens": 4}).json()
     sent = httpx.post(f"{stack.service}/feedback", timeout=30,
@@ -207,10 +206,13 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
     rows = [json.loads(line) for line in newest.read_text().splitlines()]
     fed = [r for r in rows if r["task"] == "feedback"]
     assert [(r["user"], r["assistant"]) for r in fed] == [(question, CORRECTION)]
-    # The round's iteration is a second iteration: it scored the champion beside its model and replaced it.
-    v2 = client.get_model_version_by_alias(MODEL, "champion")
-    assert v2.version == "2" and v2.tags["tuneline.previous_champion"] == "1"
-    assert "no worse than the champion v1" in v2.tags["tuneline.reasons"]
+    # The round's iteration is a second iteration: it scored the champion beside its model. Trained on the same
+    # reports plus one correction, v2 answers the test items as v1 does, so the shipped rules (shown no worse:
+    # a lower bound above -0) keep v1 the champion, and v2 is registered with the reason and its interval.
+    v2 = client.get_model_version(MODEL, "2")
+    assert v2.tags["tuneline.decision"] == "fail"
+    assert "not shown to be no worse than the champion v1 on exact_match: n=48" in v2.tags["tuneline.reasons"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
     again = stack.trigger(f"feedback/{NAME}")
     assert again["state"]["type"] == "COMPLETED"
