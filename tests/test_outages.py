@@ -19,20 +19,22 @@ from prefect import task
 
 from infra.local import Server, start
 from tasks.processes import free_port, stop_started
-from tests.conftest import DEMO_DATA, ROOT
+from tests.conftest import REPORTS_FINETUNE, REPORTS_TASK, ROOT, write_reports
 
 pytestmark = pytest.mark.faults
 
 
-def _config(tmp_path, name: str, **finetune) -> str:
+def _config(tmp_path, name: str, model: str, **finetune) -> str:
+    """The reports task on the steady tiny model under the shipped gate rules: a run that is not interrupted
+    passes the gate on its own evidence."""
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     demo.update(name=name, registered_model=f"{name}-model")
-    demo["task"].update(data=str(DEMO_DATA), max_validation_examples=4, max_test_examples=6, max_answer_tokens=8)
-    demo["models"]["candidates"] = ["tiny:0"]
+    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
+    demo["task"] = {**REPORTS_TASK, "data": str(write_reports(tmp_path / "reports.jsonl"))}
+    demo["models"]["candidates"] = [f"path:{model}"]
     demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
-    demo["finetune"].update({"max_steps": 3, "batch_size": 4, "max_seq_length": 128, **finetune})
-    demo["evaluation"]["general_limit"] = 10
-    demo["gate"].update(min_improvement=-1.0, max_forgetting=1.0, smoke_prompts=0)
+    demo["finetune"].update({**REPORTS_FINETUNE, **finetune})
+    demo["evaluation"].update(general_limit=None, batch_size=16)
     demo["deploy"]["serve"] = False
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(demo))
@@ -40,7 +42,7 @@ def _config(tmp_path, name: str, **finetune) -> str:
 
 
 def test_mlflow_stopping_mid_run_fails_the_flow_naming_the_server_and_moves_no_alias(tmp_path, home, prefect_api,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, steady_tiny_model):
     from flows.lifecycle import lifecycle
     from tasks import registry
 
@@ -60,7 +62,7 @@ def test_mlflow_stopping_mid_run_fails_the_flow_naming_the_server_and_moves_no_a
     monkeypatch.setattr(registry, "record", record_after_an_outage)
     try:
         with pytest.raises(Exception) as failure:
-            lifecycle(_config(tmp_path, "outage"))
+            lifecycle(_config(tmp_path, "outage", steady_tiny_model))
         assert f"127.0.0.1:{server.port}" in str(failure.value), str(failure.value)[:500]
 
         start(server, server_home)  # the same database: what was recorded before the outage is still there
@@ -76,7 +78,7 @@ def test_mlflow_stopping_mid_run_fails_the_flow_naming_the_server_and_moves_no_a
 
 
 def test_mlflow_unreachable_when_evaluate_asks_for_the_champion_fails_the_run_instead_of_skipping_the_rule(
-        tmp_path, home, prefect_api, monkeypatch):
+        tmp_path, home, prefect_api, monkeypatch, steady_tiny_model):
     """An outage is not "no champion": the champion rule must not be skipped and nothing may be promoted.
 
     The server is down only while evaluate asks the registry for the champion, and back right after, so a
@@ -102,7 +104,7 @@ def test_mlflow_unreachable_when_evaluate_asks_for_the_champion_fails_the_run_in
     monkeypatch.setattr(registry, "champion", champion_during_an_outage)
     try:
         with pytest.raises(Exception) as failure:
-            lifecycle(_config(tmp_path, "blip"))
+            lifecycle(_config(tmp_path, "blip", steady_tiny_model))
         assert f"127.0.0.1:{server.port}" in str(failure.value), str(failure.value)[:500]
         assert MlflowClient(server.url).search_model_versions("name = 'blip-model'") == []  # nothing registered
     finally:
@@ -110,16 +112,15 @@ def test_mlflow_unreachable_when_evaluate_asks_for_the_champion_fails_the_run_in
         mlflow.set_tracking_uri(None)
 
 
-def test_lifecycle_killed_during_finetuning_resumes_and_ends_as_an_uninterrupted_run(tmp_path, home, prefect_api,
-                                                                                        mlflow_sqlite):
+def test_lifecycle_killed_during_finetuning_resumes_and_ends_as_an_uninterrupted_run(
+        tmp_path, home, prefect_api, mlflow_sqlite, steady_tiny_model):
     from safetensors.torch import load_file
 
     from flows.lifecycle import lifecycle
     from tasks import registry
     from tasks.training import last_complete_checkpoint
 
-    steps = 40
-    killed = _config(tmp_path, "killed", max_steps=steps, save_steps=1, learning_rate=1e-3)
+    killed = _config(tmp_path, "killed", steady_tiny_model, save_steps=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_sqlite}
     env.pop("PREFECT_API_URL", None)  # the child runs its own ephemeral Prefect
     child = subprocess.Popen([sys.executable, "-c", f"from flows.lifecycle import lifecycle; lifecycle({killed!r})"],
@@ -151,7 +152,7 @@ def test_lifecycle_killed_during_finetuning_resumes_and_ends_as_an_uninterrupted
     # The same config never interrupted (another name: its own experiment and registered model), with the
     # finished run removed so that it trains from the start rather than reusing the resumed result.
     shutil.rmtree(run_dir)
-    whole = lifecycle(_config(tmp_path, "whole", max_steps=steps, save_steps=1, learning_rate=1e-3))
+    whole = lifecycle(_config(tmp_path, "whole", steady_tiny_model, save_steps=1))
     assert whole["promotion"]["passed"] and whole["promotion"]["version"] == "1"
     weights = [load_file(registry.download(f"{name}-model", "1", tmp_path / name) / "model.safetensors")
                for name in ("killed", "whole")]
