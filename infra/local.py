@@ -77,7 +77,12 @@ def _launch(server: Server, home: Path):
 
 def _ready(server: Server, proc, home: Path, timeout_s: float) -> str:
     if proc is None:
-        return f"{server.name}: reusing the server already running at {server.url}"
+        if (home / f"{server.name}.pid").is_file():
+            return f"{server.name}: reusing the server already running at {server.url}"
+        # Reusing is right for a shared team server, but a user who meant a stack of their own should know.
+        return (f"{server.name}: reusing the server already running at {server.url}, which {home} did not start: "
+                f"its runs and registry are shared with whoever did, and `tuneline down` leaves it running "
+                f"(set TUNELINE_{server.name.upper()}_PORT for a server of this state folder's own)")
     wait_until(server.name, server.healthy, proc, home, timeout_s)
     return f"{server.name}: started (pid {proc.pid}) at {server.url}"
 

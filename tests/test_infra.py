@@ -1,5 +1,6 @@
-"""The local stack's failure path: a server that cannot start is reported with its log. Starting, reusing and
-stopping by PID are exercised on the real stack by tests/test_deployments.py (`tuneline up`, a Prefect restart)."""
+"""The local stack's edges: a server that cannot start is reported with its log; a server another state folder
+started is reused saying so. Starting, reusing and stopping by PID are exercised on the real stack by
+tests/test_deployments.py (`tuneline up`, a Prefect restart)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import pytest
 
 from infra import local
+from tasks.processes import free_port, stop_started
 
 
 def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):
@@ -18,3 +20,16 @@ def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):
         with pytest.raises(RuntimeError, match=r"mlflow exited with code .* see .*logs/mlflow.log"):
             local.start(server, tmp_path, timeout_s=120)
     assert not (tmp_path / "mlflow.pid").exists()
+
+
+def test_a_server_another_state_folder_started_is_reused_saying_whose_it_is(tmp_path):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    server = local.Server("mlflow", free_port(), "/health")
+    assert "started" in local.start(server, theirs)
+    try:
+        reused = local.start(server, ours)
+        assert f"which {ours} did not start" in reused and "TUNELINE_MLFLOW_PORT" in reused, reused
+        assert "did not start" not in local.start(server, theirs)
+        assert not (ours / "mlflow.pid").exists()  # `tuneline down` from `ours` leaves it alone
+    finally:
+        stop_started("mlflow", theirs)
