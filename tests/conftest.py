@@ -50,11 +50,12 @@ def steady_tiny_model(tiny_model, store) -> str:
     """The tiny model with its own output layer, started at zero, for tests that keep the gate's default rules.
 
     The random tiny model ties its output layer to its input embeddings, so Adam moves every token's row at
-    every step and its general-suite answers (random ties between choices) flip under any training: the
-    forgetting bound reads ~0.07 with no forgetting to find. With a separate output layer at zero, every token
-    it is never taught keeps exactly the same logit as the others (their rows start equal and get equal
-    updates), so a general item's answer moves only where training touches its tokens. It still learns a task:
-    the head learns from the first step, the layers below from the second."""
+    every step and its general-suite answers (random ties between choices) flip under any training: on a model
+    with nothing to forget, the forgetting bound read 0.092 (drop 0.055) after the lifecycle test's training.
+    With a separate output layer at zero, every token it is never taught keeps exactly the same logit as the
+    others (their rows start equal and get equal updates), so a general item's answer moves only where training
+    touches its tokens. It still learns a task: the head learns from the first step, the layers below from the
+    second."""
     import torch
 
     from tasks.models import load
