@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.schema import TaskConfig
 
@@ -74,22 +75,27 @@ def steady_tiny_model(tiny_model, store) -> str:
 NOUNS = ["kettle", "lamp", "chair", "phone", "bag", "shoe", "mug", "clock", "desk", "pen", "book", "fan"]
 
 
-def write_reports(path: Path, rows: int = 400) -> Path:
-    """Short reports whose answer has a fixed form ("label: yes/no"): the tiny models answer none right before
-    training and learn the form (and so the majority label at least) in 40 steps of full fine-tuning."""
+def reports_config(folder: Path, name: str, model: str, **finetune) -> dict:
+    """The shipped demo config with its gate rules untouched, on a task the steady tiny model learns: short
+    reports whose answer has a fixed form ("label: yes/no"), answered by none before training and learned (the
+    form, and the majority label at least) in 40 steps of full fine-tuning; scored on all general items."""
     rng = random.Random(0)
-    records = [{"text": f"The {rng.choice(NOUNS)} is {'great' if good else 'broken'} ({i})",
-                "label": "yes" if good else "no"} for i, good in enumerate(rng.random() < 0.5 for _ in range(rows))]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-# The reports task as a config's `task` section (its data file is the caller's).
-REPORTS_TASK = {"name": "reports", "system_prompt": "", "prompt": "{{ text }}", "answer": "label: {{ label }}",
-                "max_validation_examples": 8, "max_test_examples": 48, "max_answer_tokens": 6}
-# Full fine-tuning that learns the reports' answer form in 40 steps.
-REPORTS_FINETUNE = {"method": "full", "learning_rate": 1e-2, "max_steps": 40, "batch_size": 8, "max_seq_length": 64,
-                    "save_steps": None}
+    rows = [{"text": f"The {rng.choice(NOUNS)} is {'great' if good else 'broken'} ({i})",
+             "label": "yes" if good else "no"} for i, good in enumerate(rng.random() < 0.5 for _ in range(400))]
+    data = folder / "reports.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo.update(name=name, registered_model=f"{name}-model")
+    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
+    demo["task"] = {"name": "reports", "data": str(data), "system_prompt": "", "prompt": "{{ text }}",
+                    "answer": "label: {{ label }}", "max_validation_examples": 8, "max_test_examples": 48,
+                    "max_answer_tokens": 6}
+    demo["models"]["candidates"] = [f"path:{model}"]
+    demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
+    demo["finetune"].update({"method": "full", "learning_rate": 1e-2, "max_steps": 40, "batch_size": 8,
+                             "max_seq_length": 64, "save_steps": None, **finetune})
+    demo["evaluation"].update(general_limit=None, batch_size=16)
+    return demo
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks.processes import free_port
-from tests.conftest import REPORTS_FINETUNE, REPORTS_TASK, ROOT, write_reports
+from tests.conftest import ROOT, reports_config
 
 NAME, MODEL = "ops-demo", "ops-assistant"
 STAGES = ("data", "select", "baseline", "finetune", "evaluate", "promote", "deploy")
@@ -79,14 +79,8 @@ class Stack:
 def stack(tmp_path_factory, steady_tiny_model) -> Stack:
     """The reports task on the steady tiny model under the shipped demo config's gate rules (none relaxed)."""
     home = tmp_path_factory.mktemp("ops-home")
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo.update(name=NAME, registered_model=MODEL)
-    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
-    demo["task"] = {**REPORTS_TASK, "data": str(write_reports(home / "reports.jsonl"))}
-    demo["models"]["candidates"] = [f"path:{steady_tiny_model}"]
-    demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
-    demo["finetune"].update(REPORTS_FINETUNE)
-    demo["evaluation"].update(general_limit=None, batch_size=16)
+    demo = reports_config(home, NAME, steady_tiny_model)
+    demo["registered_model"] = MODEL
     demo["deploy"]["port"] = free_port()
     demo["schedule"] = {"lifecycle": None, "feedback": "30 2 * * *", "timezone": "UTC"}
     config = home / "ops.yaml"

@@ -10,22 +10,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import REPORTS_FINETUNE, REPORTS_TASK, ROOT, write_reports
+from tests.conftest import reports_config
 
 MODEL = "gate-on-model"
 
 
 @pytest.fixture()
 def config(tmp_path, steady_tiny_model):
-    """The reports task on the steady tiny model, under the shipped demo config's gate rules."""
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo.update(name="gate-on", registered_model=MODEL)
-    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
-    demo["task"] = {**REPORTS_TASK, "data": str(write_reports(tmp_path / "reports.jsonl"))}
-    demo["models"]["candidates"] = [f"path:{steady_tiny_model}"]
-    demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
-    demo["finetune"].update(REPORTS_FINETUNE)
-    demo["evaluation"].update(general_limit=None, batch_size=16)
+    demo = reports_config(tmp_path, "gate-on", steady_tiny_model)
     demo["deploy"]["serve"] = False
     path = tmp_path / "gate-on.yaml"
     path.write_text(yaml.safe_dump(demo))

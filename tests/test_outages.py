@@ -19,22 +19,14 @@ from prefect import task
 
 from infra.local import Server, start
 from tasks.processes import free_port, stop_started
-from tests.conftest import REPORTS_FINETUNE, REPORTS_TASK, ROOT, write_reports
+from tests.conftest import ROOT, reports_config
 
 pytestmark = pytest.mark.faults
 
 
 def _config(tmp_path, name: str, model: str, **finetune) -> str:
-    """The reports task on the steady tiny model under the shipped gate rules: a run that is not interrupted
-    passes the gate on its own evidence."""
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo.update(name=name, registered_model=f"{name}-model")
-    demo["data"].update(validation=0.1, test=0.15, on_bad_rows="error")
-    demo["task"] = {**REPORTS_TASK, "data": str(write_reports(tmp_path / "reports.jsonl"))}
-    demo["models"]["candidates"] = [f"path:{model}"]
-    demo["baseline"].update(shots=[0], chain_of_thought=False, retrieval_shots=0, without_chat_template=False)
-    demo["finetune"].update({**REPORTS_FINETUNE, **finetune})
-    demo["evaluation"].update(general_limit=None, batch_size=16)
+    """A lifecycle that, not interrupted, passes the shipped gate rules on its own evidence."""
+    demo = reports_config(tmp_path, name, model, **finetune)
     demo["deploy"]["serve"] = False
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(demo))
