@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tasks.paths import TELEMETRY_OFF, configure_env, state_dir
-from tasks.processes import HOST, spawn, stop_started, wait_until
+from tasks.processes import HOST, pid_file, spawn, stop_started, wait_until
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _launch(server: Server, home: Path):
 
 def _ready(server: Server, proc, home: Path, timeout_s: float) -> str:
     if proc is None:
-        if (home / f"{server.name}.pid").is_file():
+        if pid_file(server.name, home).is_file():
             return f"{server.name}: reusing the server already running at {server.url}"
         # Reusing is right for a shared team server, but a user who meant a stack of their own should know.
         return (f"{server.name}: reusing the server already running at {server.url}, which {home} did not start: "

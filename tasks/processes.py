@@ -29,12 +29,17 @@ def listening(port: int) -> bool:
         return False
 
 
+def pid_file(name: str, home: Path) -> Path:
+    """Where the PID of a process this state folder started is recorded (its presence: "ours")."""
+    return home / f"{name}.pid"
+
+
 def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
     """Start a long-running process in its own session, logging to home/logs and recording its PID."""
     (home / "logs").mkdir(parents=True, exist_ok=True)
     log = open(home / "logs" / f"{name}.log", "ab")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
-    (home / f"{name}.pid").write_text(str(proc.pid))
+    pid_file(name, home).write_text(str(proc.pid))
     return proc
 
 
@@ -43,7 +48,7 @@ def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            (home / f"{name}.pid").unlink(missing_ok=True)
+            pid_file(name, home).unlink(missing_ok=True)
             raise RuntimeError(
                 f"{name} exited with code {proc.returncode} before it was ready; see {home / 'logs' / (name + '.log')}"
             )
@@ -56,11 +61,11 @@ def wait_until(name: str, ready, proc, home: Path, timeout_s: float) -> None:
 
 def stop_started(name: str, home: Path) -> str:
     """Stop a process this project started (its whole process group), by its recorded PID; nothing else."""
-    pid_file = home / f"{name}.pid"
-    if not pid_file.exists():
+    recorded = pid_file(name, home)
+    if not recorded.exists():
         return f"{name}: not started by tuneline; left alone"
-    pid = int(pid_file.read_text())
-    pid_file.unlink()
+    pid = int(recorded.read_text())
+    recorded.unlink()
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
