@@ -73,9 +73,10 @@ def measure(bento: str, batching: bool, prompts: list[str], args, home: Path) ->
 def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, home: Path) -> dict:
     import numpy as np
 
+    from serving.prompt_rule import nearest
     from tasks.datasets import Example, write_examples
     from tasks.recipes import EMBEDDINGS_FILE, Recipe, write_recipe
-    from tasks.retrieval import ENCODER, encoder, rank
+    from tasks.retrieval import ENCODER, encoder
 
     pool_file = write_examples(home / "bench-pool.jsonl", [
         Example(f"p{i}", SYSTEM, text, '{"sentiment": "neutral"}', "reviews") for i, text in enumerate(pool)])
@@ -94,7 +95,7 @@ def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, h
     model.encode(prompts[:1], normalize_embeddings=True)  # warm-up
     started = time.perf_counter()
     for prompt in prompts[: args.requests]:
-        rank(vectors, model.encode([prompt], normalize_embeddings=True), 3)
+        nearest(vectors, model.encode([prompt], normalize_embeddings=True), 3)
     step = (time.perf_counter() - started) / args.requests
     return {"p50": served["p50"], "retrieval_s": step, "share": step / served["p50"]}
 

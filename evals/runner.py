@@ -23,6 +23,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from serving.prompt_rule import probabilities
+
 EVALS = Path(__file__).resolve().parent
 SHARED_TASK = EVALS / "tasks" / "chat_answer.yaml"
 COT_TASK = EVALS / "tasks" / "chain_of_thought.yaml"
@@ -244,11 +246,11 @@ def ranking(results: dict, task: str, samples: list[dict], per_class: bool) -> d
     for s in results["samples"][task]:
         choices = list(s["doc"]["choices"])
         logprobs = np.array([float(r[0]) for r in s["filtered_resps"]])
-        probs = np.exp(logprobs - logprobs.max())
+        probs = probabilities(logprobs)
         item = by_id[s["doc_id"]]
         item.update(accuracy=float(s["acc"]), accuracy_norm=float(s["acc_norm"]), gold=s["doc"]["assistant"],
                     prediction=choices[int(logprobs.argmax())],
-                    probabilities=dict(zip(choices, (probs / probs.sum()).round(6).tolist())))
+                    probabilities=dict(zip(choices, probs.round(6).tolist())))
         golds.append(item["gold"])
         preds.append(item["prediction"])
     counts = Counter(golds)

@@ -39,6 +39,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving import prompt_rule
+
 MODEL = BentoModel("tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
 MAX_BODY_BYTES = 1_000_000
@@ -332,33 +334,25 @@ class Chat:
         return recipe
 
     def _shots(self, question: str) -> list[dict]:
-        """The recipe's shots for this question: fixed, or the k nearest of the pool by cosine similarity of the
-        normalised embeddings, farthest first (the nearest sits next to the question), as in evaluation."""
+        """The recipe's shots for this question: fixed, or retrieved by the prompt rule from the pool."""
         recipe = self.recipe
         if recipe["shots"] == "fixed":
             return recipe["fixed"]
         if recipe["shots"] != "retrieved":
             return []
         query = recipe["encoder"].encode([question], normalize_embeddings=True)[0]
-        nearest = np.argsort(-(recipe["vectors"] @ query), kind="stable")[: recipe["k"]]  # as tasks/retrieval.py
-        return [recipe["pool"][i] for i in reversed(nearest.tolist())]
+        return prompt_rule.retrieve(recipe["pool"], recipe["vectors"], query, recipe["k"])
 
     def _render(self, messages: list[dict]) -> tuple[str, list[dict]]:
-        """The request as evaluation rendered the recipe's prompts. Chat: the system prompt (the trained one
-        unless the request brings its own), the shots as earlier user/assistant turns, then the conversation.
-        Plain: the shots as question, newline, answer, blank line, then the last user message alone.
-        Returns the text and the conversation as recorded for feedback (with the system prompt used)."""
+        """The request rendered by the prompt rule under the recipe (the trained system prompt unless the
+        request brings its own). Returns the text and the conversation as recorded for feedback (with the
+        system prompt used)."""
         question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        shots = self._shots(question)
-        if not self.recipe["chat"]:
-            return "".join(f"{s['user']}\n{s['assistant']}\n\n" for s in shots) + question, messages
-        system = [m for m in messages[:1] if m["role"] == "system"] or \
-            ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        turns = [t for s in shots for t in ({"role": "user", "content": s["user"]},
-                                              {"role": "assistant", "content": s["assistant"]})]
-        rest = messages[1:] if messages[0]["role"] == "system" else messages
-        text = self.tokenizer.apply_chat_template([*system, *turns, *rest], tokenize=False, add_generation_prompt=True)
-        return text, [*system, *rest]
+        text = prompt_rule.render(self.tokenizer, self.recipe["chat"], self.system_prompt, self._shots(question),
+                                  messages)
+        if not self.recipe["chat"] or messages[0]["role"] == "system" or not self.system_prompt:
+            return text, messages
+        return text, [{"role": "system", "content": self.system_prompt}, *messages]
 
     def _prepare(self, body: ChatRequest) -> tuple[list[dict], dict]:
         """The chat rendered as evaluation rendered the recipe (trained system prompt added if absent), limits
@@ -415,21 +409,14 @@ class Chat:
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
     async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool) -> dict:
-        """The most likely of `answers` as the reply, with every answer's probability (softmax of the summed
-        log-probabilities), scored as evaluation (lm-eval) scores them: each answer follows the rendered prompt
-        (after a newline for a plain-text recipe), trailing whitespace of the prompt moves to the answer, and the
-        answer's tokens are those of prompt + answer past the prompt's own."""
-        context = text.rstrip()
-        delimiter = text[len(context):] + ("" if self.recipe["chat"] else "\n")
-        ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        continuations = [self.tokenizer(context + delimiter + a, add_special_tokens=False)["input_ids"][len(ids):]
-                         for a in answers]
+        """The most likely of `answers` as the reply, with every answer's probability: ranked by the prompt rule,
+        as evaluation ranks them."""
+        ids, continuations = prompt_rule.ranking_inputs(self.tokenizer, text, answers, self.recipe["chat"])
         try:
             logprobs = np.array(await self.generator.to_async.rank({"ids": ids, "continuations": continuations}))
         except Exception as exc:  # as for generation: the client may retry
             raise HTTPException(503, f"ranking failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
-        probs = np.exp(logprobs - logprobs.max())
-        probs /= probs.sum()
+        probs = prompt_rule.probabilities(logprobs)
         best = answers[int(logprobs.argmax())]
         reply = json.dumps(best) if as_json else best
         await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, reply)

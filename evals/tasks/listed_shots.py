@@ -2,6 +2,8 @@
 
 from lm_eval.api.samplers import ContextSampler
 
+from serving.prompt_rule import listed
+
 
 class ListedShots(ContextSampler):
     def sample(self, n, eval_doc=None, df=None, **kwargs):
@@ -10,4 +12,4 @@ class ListedShots(ContextSampler):
         shots = eval_doc["shots"]
         if len(shots) < n:
             raise ValueError(f"example {eval_doc['id']}: {len(shots)} listed shots, {n} asked for")
-        return shots[len(shots) - n:]  # the last n: for retrieved shots the n nearest (stored farthest first)
+        return listed(shots, n)  # the prompt rule's order: for retrieved shots the n nearest, nearest last
