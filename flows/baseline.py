@@ -26,10 +26,10 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
     with stage_run("baseline", parent_run_id, model=chosen.source, prompts=len(plan)):
         held_out = {"validation": splits.validation, "test": splits.test}  # for choosing, and for evaluate
         if config.baseline.retrieval_shots:
-            files = attach_shots(splits.train, held_out, config.baseline.retrieval_shots, tasks_dir)
+            files = attach_shots(splits.shot_pool, held_out, config.baseline.retrieval_shots, tasks_dir)
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved",
                                ranked=task.ranked)
-        fixed = {k: pick_fixed(splits.train, k, config.data.seed) for k in config.baseline.shots if k}
+        fixed = {k: pick_fixed(splits.shot_pool, k, config.data.seed) for k in config.baseline.shots if k}
         for k, shots in fixed.items():
             files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}",

@@ -63,6 +63,9 @@ def check(config: Path) -> None:
     """Validate a lifecycle config without running it, and say what its test split can show to the gate."""
     cfg = _config(config)
     typer.echo(f"{config}: ok ({cfg.task.name}, {len(cfg.models.candidates)} candidate models)")
+    if not cfg.feedback.require_review:
+        typer.echo("warning: feedback.require_review is false: feedback rounds train on unreviewed production "
+                   "feedback (anyone with access to the service writes the next model's training data)")
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return
@@ -140,20 +143,101 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
     typer.echo(f"serving {result.model} ({result.bento}) at {result.url}/v1/chat/completions")
 
 
-@feedback_app.command("export")
-def feedback_export(out: Path, since: int = typer.Option(0, help="only feedback with a larger id"),
-                    approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this"),
-                    task: str = typer.Option("feedback", help="task name written on each example")) -> None:
-    """Write the corrections users sent to the service as a JSONL dataset (id, system, user, assistant, task)."""
-    from tasks.feedback import export
+def _feedback_db() -> Path:
     from tasks.paths import feedback_db
 
+    local.configure_env()
+    return feedback_db()
+
+
+@feedback_app.command("export")
+def feedback_export(out: Path, config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model"),
+                    approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this")
+                    ) -> None:
+    """Write the config's model's approved feedback as a JSONL dataset (id, system, user, assistant, task)."""
+    from tasks.feedback import export
+
+    cfg = _config(config)
     try:
-        found = export(feedback_db(), out, since, approve_at, task)
+        found = export(_feedback_db(), out, cfg.registered_model, cfg.task.system_prompt, approve_at)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    typer.echo(f"{out}: {len(found.examples)} examples from feedback up to id {found.last_id} "
-               f"({found.skipped} rated without a correction, not exported)")
+    typer.echo(f"{out}: {len(found.examples)} approved examples of {cfg.registered_model} "
+               f"({found.pending} pending review, not exported)")
+
+
+@feedback_app.command("list")
+def feedback_list(status: str = typer.Option("pending", help="pending | approved | rejected | all"),
+                  model: str = typer.Option(None, help="only this registered model's")) -> None:
+    """Feedback waiting for review (or with another status), one line each."""
+    from tasks.feedback import items
+
+    try:
+        found = items(_feedback_db(), None if status == "all" else status, model=model)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    for i in found:
+        change = f" -> {i.correction[:40]!r}" if i.correction else ""
+        typer.echo(f"{i.id:>5} {i.status:<8} {i.model:<24} rating {i.rating} key {i.key_id or '-':<12} "
+                   f"{i.question[:50]!r}{change}")
+    typer.echo(f"{len(found)} item(s)")
+
+
+@feedback_app.command("show")
+def feedback_show(ids: list[int]) -> None:
+    """Every field of the given feedback items, as JSON."""
+    from dataclasses import asdict
+
+    from tasks.feedback import items
+
+    try:
+        found = items(_feedback_db(), ids=ids)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    missing = sorted(set(ids) - {i.id for i in found})
+    if missing:
+        _fail(f"no feedback with id {', '.join(map(str, missing))}")
+    typer.echo(json.dumps([asdict(i) for i in found], indent=2, ensure_ascii=False))
+
+
+def _review(decision: str, ids: list[int] | None, all_from: str | None, reason: str | None) -> None:
+    from tasks.feedback import review, reviewer
+
+    if not ids and not all_from:
+        _fail("name the feedback ids, or --all-from KEY_ID")
+    try:
+        changed = review(_feedback_db(), decision, ids, all_from, reason)
+    except (FileNotFoundError, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
+    typer.echo(f"{decision} {len(changed)} item(s) as {reviewer()}: {', '.join(map(str, changed)) or '-'}")
+
+
+@feedback_app.command("approve")
+def feedback_approve(ids: list[int] = typer.Argument(None), all_from: str = typer.Option(None, help="API key id"),
+                     reason: str = typer.Option(None)) -> None:
+    """Approve feedback: the next round may train on it. Records who ($TUNELINE_REVIEWER or the login) and when."""
+    _review("approved", ids, all_from, reason)
+
+
+@feedback_app.command("reject")
+def feedback_reject(ids: list[int] = typer.Argument(None), all_from: str = typer.Option(None, help="API key id"),
+                    reason: str = typer.Option(None)) -> None:
+    """Reject feedback: it never trains anything."""
+    _review("rejected", ids, all_from, reason)
+
+
+@feedback_app.command("purge")
+def feedback_purge(config: Path = typer.Option(Path("configs/demo.yaml"), help="its feedback.retain_days"),
+                   days: float = typer.Option(None, help="override feedback.retain_days")) -> None:
+    """Delete stored prompts and answers older than the retention period that no approved feedback keeps."""
+    from tasks.feedback import purge
+
+    retain = days if days is not None else _config(config).feedback.retain_days
+    try:
+        gone = purge(_feedback_db(), retain)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"deleted {gone['responses']} answers and {gone['feedback']} feedback items older than {retain:g} days")
 
 
 @app.command()

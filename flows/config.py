@@ -89,6 +89,8 @@ class EvalConfig(Strict):
 
 class DeployConfig(Strict):
     serve: bool = True
+    host: str = Field("127.0.0.1", description="where the service listens; beyond loopback it needs "
+                                                "TUNELINE_API_KEY set, or it refuses to start")
     port: int = Field(3000, gt=0, lt=65536)
     max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
     max_tokens: int = Field(256, gt=0, description="the default and the largest max_tokens a request may ask for")
@@ -104,9 +106,18 @@ class DeployConfig(Strict):
 class FeedbackConfig(Strict):
     """How production feedback becomes the next round's training data (flows/feedback.py)."""
 
+    require_review: bool = Field(True, description="train only on feedback a reviewer approved (`tuneline feedback "
+                                 "approve`); false also trains on pending feedback (never rejected), and "
+                                 "`tuneline check` warns")
     approve_at: int | None = Field(None, ge=1, le=5,
                                    description="also train on uncorrected replies rated at least this (1-5)")
-    min_examples: int = Field(1, gt=0, description="fewer new examples: the round ends with 'no new feedback'")
+    min_examples: int = Field(1, gt=0, description="fewer new examples: the round ends with 'no approved feedback'")
+    into_pool: bool = Field(False, description="approved corrections may also become retrieved or fixed shots "
+                                               "(shown to other users); by default shots come from task records only")
+    retain_days: float = Field(90, gt=0, description="stored prompts and answers never approved are deleted after "
+                                                     "this many days (each round, and `tuneline feedback purge`)")
+    redact: bool = Field(True, description="the service replaces e-mail addresses and card, phone and IBAN "
+                                           "numbers before anything is stored")
 
 
 class ScheduleConfig(Strict):

@@ -85,7 +85,8 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
     tasks = [config.task, *config.extra_tasks]
     with stage_run("data", parent_run_id, seed=d.seed, on_bad_rows=d.on_bad_rows,
                    tasks=",".join(t.name for t in tasks)):
-        result = prepare_data(tasks, d.validation, d.test, d.seed, out_dir, d.on_bad_rows, corrections or [])
+        result = prepare_data(tasks, d.validation, d.test, d.seed, out_dir, d.on_bad_rows, corrections or [],
+                              config.feedback.into_pool)
         for name, counts in result.counts.items():
             mlflow.log_metrics({f"{name}_{split}": n for split, n in counts.items()})
         mlflow.log_metrics({f"mixed_train_{name}": n for name, n in result.mixed_train.items()})

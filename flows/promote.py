@@ -41,7 +41,8 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         passing = [c for c, verdict in verdicts if verdict.passed]
         # the best score wins; among equals the simpler system (candidates come simplest first)
         chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c.score)
-        recipe_dir = write_recipe(chosen.recipe, Path(data.keys).parent.parent / "systems" / chosen.name, data.train)
+        systems_dir = Path(data.keys).parent.parent / "systems"
+        recipe_dir = write_recipe(chosen.recipe, systems_dir / chosen.name, data.shot_pool)
         version = registry.register(name, chosen.weights_dir, run.info.run_id,
                                     chosen.metrics or {config.gate.metric: chosen.score},
                                     config.gate.metric, data.keys, str(recipe_dir), chosen.system)

@@ -13,17 +13,19 @@ evaluation applied it. A classifier replies with its most likely label and every
 evaluation ranked them; any request can ask for that over its own answers (a json_schema response format with an
 enum), or for free text (`{"type": "text"}`).
 
-Environment: TUNELINE_API_KEY (if set, `Authorization: Bearer <key>` is required on /v1 and /feedback),
-TUNELINE_FEEDBACK_DB (default $TUNELINE_HOME/feedback.db), TUNELINE_BATCHING=off (one generation at a time:
-the benchmark's sequential reference).
+Environment: TUNELINE_API_KEY (if set, `Authorization: Bearer <key>` is required on /v1 and /feedback; if not,
+only loopback clients are answered), TUNELINE_REDACT=off (store text unredacted), TUNELINE_FEEDBACK_DB
+(default $TUNELINE_HOME/feedback.db), TUNELINE_BATCHING=off (one generation at a time: the benchmark's sequential
+reference).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
-import sqlite3
 import threading
 import time
 import typing as t
@@ -40,6 +42,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving import prompt_rule
+from serving.feedback_store import Store
 
 MODEL = BentoModel("tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
@@ -231,43 +234,28 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-class Store:
-    """Every answer and the feedback on it, in SQLite (WAL): the next round's training data."""
-
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT NOT NULL,
-        messages TEXT NOT NULL, answer TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,
-        response_id TEXT NOT NULL REFERENCES responses(id), rating INTEGER NOT NULL, correction TEXT,
-        comment TEXT);
-    """
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(self.SCHEMA)
-        self.lock = threading.Lock()
-
-    def save_response(self, rid: str, model: str, messages: list[dict], answer: str) -> None:
-        with self.lock:
-            self.db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
-                            (rid, time.time(), model, json.dumps(messages), answer))
-
-    def save_feedback(self, fb: FeedbackRequest) -> int | None:
-        with self.lock:
-            if self.db.execute("SELECT 1 FROM responses WHERE id = ?", (fb.response_id,)).fetchone() is None:
-                return None
-            cursor = self.db.execute(
-                "INSERT INTO feedback (created, response_id, rating, correction, comment) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), fb.response_id, fb.rating, fb.correction, fb.comment))
-            return int(cursor.lastrowid)
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
-def require_key(authorization: str | None = Header(None)) -> None:
+def key_id(key: str) -> str:
+    """A key's public name: the first 12 hex digits of its SHA-256 (feedback records it, reviewers filter by it)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def require_key(request: Request, authorization: str | None = Header(None)) -> str:
+    """The caller's key id ("" when no key is configured). With TUNELINE_API_KEY set every call must bring it,
+    compared in constant time; without one only loopback clients are served (the launcher refuses to listen
+    beyond loopback without a key, and this holds if the service is started some other way)."""
     expected = os.environ.get("TUNELINE_API_KEY")
-    if expected and authorization != f"Bearer {expected}":
+    if not expected:
+        client = request.client.host if request.client else ""
+        if client not in LOOPBACK:
+            raise HTTPException(401, "this service has no API key set, so it answers loopback clients only")
+        return ""
+    sent = (authorization or "").removeprefix("Bearer ")
+    if not hmac.compare_digest(sent.encode(), expected.encode()):
         raise HTTPException(401, "missing or wrong API key: send `Authorization: Bearer <TUNELINE_API_KEY>`")
+    return key_id(sent)
 
 
 app = FastAPI(title="tuneline chat", description="The promoted model, OpenAI-compatible.")
@@ -318,7 +306,8 @@ class Chat:
         self.max_tokens = int(meta.get("max_tokens", 256))
         self.answers = meta.get("answers")  # a classifier's labels: its replies are ranked, not generated
         home = Path(os.environ.get("TUNELINE_HOME", "."))
-        self.store = Store(Path(os.environ.get("TUNELINE_FEEDBACK_DB", home / "feedback.db")))
+        self.store = Store(Path(os.environ.get("TUNELINE_FEEDBACK_DB", home / "feedback.db")),
+                           redaction=os.environ.get("TUNELINE_REDACT", "on") != "off")
 
     @staticmethod
     def _load_recipe(folder: Path) -> dict:
@@ -379,13 +368,14 @@ class Chat:
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     @app.get("/v1/models")
-    def models(self, _: None = Depends(require_key)) -> dict:
+    def models(self, _: str = Depends(require_key)) -> dict:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
                                             "owned_by": "tuneline", "system": self.system}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, _: None = Depends(require_key)):
+    async def chat_completions(self, body: ChatRequest, _: str = Depends(require_key)):
         messages, request = self._prepare(body)
+        supplied = body.messages[0].role == "system"  # stored, never trained on
         text = request.pop("text")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         free = (body.response_format or {}).get("type") == "text"
@@ -394,9 +384,10 @@ class Chat:
             if body.stream:
                 raise HTTPException(400, "stream: a ranked answer is one reply; send stream false, or "
                                          'response_format {"type": "text"} for streamed free text')
-            return await self._ranked(rid, messages, text, answers, as_json=body.enum is not None)
+            return await self._ranked(rid, messages, text, answers, body.enum is not None, supplied)
         if body.stream:
-            return StreamingResponse(self._stream(rid, messages, request, body.stops), media_type="text/event-stream")
+            return StreamingResponse(self._stream(rid, messages, request, body.stops, supplied),
+                                     media_type="text/event-stream")
         try:
             [result] = await self._generate(request)
         except Exception as exc:  # overloaded, timed out or restarting: the client may retry; never a bare 500
@@ -405,10 +396,11 @@ class Chat:
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = (len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped
                   else result["completion_tokens"])
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text, supplied)
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
-    async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool) -> dict:
+    async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool,
+                      supplied: bool) -> dict:
         """The most likely of `answers` as the reply, with every answer's probability: ranked by the prompt rule,
         as evaluation ranks them."""
         ids, continuations = prompt_rule.ranking_inputs(self.tokenizer, text, answers, self.recipe["chat"])
@@ -419,7 +411,7 @@ class Chat:
         probs = prompt_rule.probabilities(logprobs)
         best = answers[int(logprobs.argmax())]
         reply = json.dumps(best) if as_json else best
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, reply)
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, reply, supplied)
         out = self._completion(rid, reply, "stop", len(ids), len(continuations[int(logprobs.argmax())]))
         out["choices"][0]["probabilities"] = {a: round(float(p), 6) for a, p in zip(answers, probs)}
         return out
@@ -442,7 +434,7 @@ class Chat:
             await asyncio.sleep(0.2 * 2**attempt)
         return await self.generator.to_async.generate([request])
 
-    async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str]):
+    async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str], supplied: bool):
         """Server-sent events in OpenAI's chunk format; text that could begin a stop string is held back."""
 
         def event(delta: dict, finish: str | None = None) -> str:
@@ -479,13 +471,14 @@ class Chat:
                 sent = len(text) - hold
         if len(text) > sent:
             yield event({"content": text[sent:]})
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text)
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text, supplied)
         yield event({}, finish)
         yield "data: [DONE]\n\n"
 
     @app.post("/feedback")
-    def feedback(self, body: FeedbackRequest, _: None = Depends(require_key)) -> dict:
-        feedback_id = self.store.save_feedback(body)
+    def feedback(self, body: FeedbackRequest, key: str = Depends(require_key)) -> dict:
+        """Stored pending: it trains nothing until a reviewer approves it (`tuneline feedback approve`)."""
+        feedback_id = self.store.save_feedback(body.response_id, body.rating, body.correction, body.comment, key)
         if feedback_id is None:
             raise HTTPException(404, f"response_id: no response {body.response_id!r} was served here")
-        return {"id": feedback_id, "response_id": body.response_id, "stored": True}
+        return {"id": feedback_id, "response_id": body.response_id, "stored": True, "status": "pending"}

@@ -75,6 +75,13 @@ class Splits:
     per_task: dict[str, dict[str, str]]  # task → split → file
     counts: dict[str, dict[str, int]]  # task → split (and "rejected") → examples
     mixed_train: dict[str, int]  # task (and "feedback") → examples in the mixed training file
+    pool: str = ""  # where shots come from: the task records of the training file (no feedback unless opted in)
+
+    @property
+    def shot_pool(self) -> str:
+        """The file retrieved and fixed shots are drawn from: production text never becomes another user's
+        prompt unless the config opts in (feedback.into_pool)."""
+        return self.pool or self.train
 
     @property
     def files(self) -> dict[str, str]:
@@ -400,14 +407,16 @@ def token_counter(tokenizer_dir: str) -> Callable[[list[dict]], int]:
 
 @task(name="prepare-data")
 def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: int, out_dir: str,
-                 on_bad_rows: str = "error", corrections: list[str] = ()) -> Splits:
+                 on_bad_rows: str = "error", corrections: list[str] = (), corrections_in_pool: bool = False
+                 ) -> Splits:
     """Write the splits of every task (per task, and the mixed train file); return paths, counts, fingerprints.
 
     The first task is the primary one: its validation and test splits are what selection, baselines and
     the gate score. Every task's train split goes into the mixture by its `weight`. `corrections` (chat-example
     JSONL from production feedback) join the training file only, minus any whose prompt is a validation or
-    test question: the held-out splits stay comparable from round to round. Token lengths are checked later,
-    with the chosen model's tokenizer (`fit_lengths`).
+    test question: the held-out splits stay comparable from round to round. The shot pool is the training file
+    without them unless `corrections_in_pool`. Token lengths are checked later, with the chosen model's
+    tokenizer (`fit_lengths`).
     """
     out = Path(out_dir)
     per_task, per_task_files, rejects, counts = {}, {}, [], {}
@@ -423,7 +432,8 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
     train = mix({name: parts["train"] for name, parts in per_task.items()}, {t.name: t.weight for t in tasks}, seed)
     held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test")
                 for e in parts[name]}
-    fed_back = 0
+    pool = list(train)
+    fed_back, fed_keys = 0, set()
     for path in corrections:
         for e in read_examples(path):
             if normalise(e.user) in held_out:
@@ -431,6 +441,8 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
                                 "task": e.task})
             else:
                 train.append(e)
+                pool += [e] if corrections_in_pool else []
+                fed_keys.add(e.key)
                 fed_back += 1
     if fed_back:
         random.Random(seed).shuffle(train)
@@ -438,7 +450,7 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
     _write_rejects(rejects_path, rejects)
     fingerprints = {name: fingerprint(primary[name]) for name in SPLITS}
     (out / "keys.json").write_text(json.dumps({"fingerprints": fingerprints, "train": sorted(
-        {e.key for parts in per_task.values() for e in parts["train"] if e.key})}))
+        {e.key for parts in per_task.values() for e in parts["train"] if e.key} | fed_keys)}))
     return Splits(
         train=write_examples(out / "train.jsonl", train),
         validation=write_examples(out / "validation.jsonl", primary["validation"]),
@@ -450,6 +462,7 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
         counts=counts,
         mixed_train={name: sum(1 for e in train if e.task == name) for name in per_task}
         | ({"feedback": fed_back} if corrections else {}),
+        pool=write_examples(out / "pool.jsonl", pool),
     )
 
 
@@ -464,7 +477,8 @@ def fit_lengths(splits: Splits, tokenizer_dir: str, max_tokens: dict[str, int]) 
     its task's `max_tokens` is removed (with its reason in rejects.jsonl), never truncated. Files are rewritten
     in place only when something was removed. Returns the token lengths per task and the removed count."""
     count = token_counter(tokenizer_dir)
-    paths = [*splits.files.values()] + [f for files in splits.per_task.values() for f in files.values()]
+    paths = [*splits.files.values(), *([splits.pool] if splits.pool else [])] + \
+        [f for files in splits.per_task.values() for f in files.values()]
     lengths: dict[str, list[int]] = {}
     measured: dict[tuple, int] = {}
     removed, dropped = [], set()

@@ -1,53 +1,167 @@
-"""Production feedback → training examples: what users corrected (or approved) in the service's SQLite store,
-as chat examples the data stage and the trainer read like any other split."""
+"""Production feedback → training examples, after review.
+
+The service stores every answer and the feedback on it (serving/feedback_store.py), redacted and *pending*. A
+reviewer approves or rejects it (`tuneline feedback approve|reject`); a round trains on approved feedback of its
+own registered model only, and the newest approved correction of a response wins across rounds.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.feedback_store import APPROVED, PENDING, REJECTED, Store
 from tasks.datasets import Example, example_key, normalise, write_examples
 
 
 @dataclass(frozen=True)
 class Harvest:
-    examples: list[Example]
-    last_id: int  # the newest feedback id read: the next round starts after it
-    skipped: int  # feedback rows read but not turned into examples (low rating without a correction)
+    examples: list[Example]  # every approved example of the model, newest correction per response
+    last_id: int  # the newest feedback id among them: a round with nothing newer than the last has nothing new
+    new: int  # examples whose feedback is newer than the round's `since_id`
+    skipped: int  # approved feedback not turned into examples (rating below approve_at, no correction)
+    pending: int  # feedback of this model still waiting for review
 
 
-def harvest(db_path: str | Path, since_id: int = 0, approve_at: int | None = None, task: str = "feedback") -> Harvest:
-    """Feedback newer than `since_id`: a correction becomes the answer; without one, a reply rated at least
-    `approve_at` is kept as it was served. The newest feedback on a response wins."""
+@dataclass(frozen=True)
+class Item:
+    """One piece of feedback as a reviewer sees it."""
+    id: int
+    created: float
+    model: str
+    rating: int
+    status: str
+    key_id: str
+    question: str
+    answer: str
+    correction: str | None
+    comment: str | None
+    reviewer: str | None
+    reviewed_at: float | None
+    reason: str | None
+    redactions: int
+
+
+def _open(db_path: str | Path, write: bool = False) -> sqlite3.Connection:
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"no feedback database at {path}; the service creates it when it first answers")
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        rows = db.execute(
-            "SELECT f.id, f.response_id, f.rating, f.correction, r.messages, r.answer FROM feedback f "
-            "JOIN responses r ON r.id = f.response_id WHERE f.id > ? ORDER BY f.id", (since_id,)).fetchall()
-    latest = {row[1]: row for row in rows}  # in id order: the newest per response wins
-    examples, skipped = [], len(rows) - len(latest)
-    for fid, response_id, rating, correction, messages, answer in latest.values():
-        if correction:
-            target = correction
-        elif approve_at is not None and rating >= approve_at:
-            target = answer
-        else:
+    if write:
+        return Store(path).db  # brings an older store's columns up to date
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+_SELECT = ("SELECT f.id, f.created, r.model, f.rating, f.status, f.key_id, r.messages, r.answer, f.correction, "
+           "f.comment, f.reviewer, f.reviewed_at, f.reason, f.redactions + r.redactions, r.registered_model, "
+           "f.response_id, r.system_supplied FROM feedback f JOIN responses r ON r.id = f.response_id")
+
+
+def _question(messages: str) -> str:
+    return next(m["content"] for m in reversed(json.loads(messages)) if m["role"] == "user")
+
+
+def items(db_path: str | Path, status: str | None = None, ids: list[int] | None = None,
+          model: str | None = None) -> list[Item]:
+    """Feedback in id order, filtered by status, ids and registered model."""
+    where, args = [], []
+    if status:
+        where.append("f.status = ?")
+        args.append(status)
+    if ids:
+        where.append(f"f.id IN ({','.join('?' * len(ids))})")
+        args += ids
+    if model:
+        where.append("r.registered_model = ?")
+        args.append(model)
+    with _open(db_path) as db:
+        rows = db.execute(_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY f.id",
+                          args).fetchall()
+    return [Item(*row[:6], _question(row[6]), *row[7:14]) for row in rows]
+
+
+def reviewer() -> str:
+    """Who is reviewing: $TUNELINE_REVIEWER, else the login name."""
+    return os.environ.get("TUNELINE_REVIEWER") or getpass.getuser()
+
+
+def review(db_path: str | Path, decision: str, ids: list[int] | None = None, key_id: str | None = None,
+           reason: str | None = None, by: str | None = None) -> list[int]:
+    """Approve or reject feedback by id, or every pending item sent with one API key (`key_id`); records who and
+    when. Returns the ids changed; an unknown id is an error naming it, and nothing is changed then."""
+    if decision not in (APPROVED, REJECTED):
+        raise ValueError(f"decision must be {APPROVED} or {REJECTED}, not {decision!r}")
+    db = _open(db_path, write=True)
+    try:
+        if key_id:
+            ids = [r[0] for r in db.execute("SELECT id FROM feedback WHERE key_id = ? AND status = ?",
+                                            (key_id, PENDING))]
+        ids = list(ids or [])
+        found = {r[0] for r in db.execute(f"SELECT id FROM feedback WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"no feedback with id {', '.join(map(str, missing))}")
+        db.executemany("UPDATE feedback SET status = ?, reviewer = ?, reviewed_at = ?, reason = ? WHERE id = ?",
+                       [(decision, by or reviewer(), time.time(), reason, i) for i in ids])
+        return ids
+    finally:
+        db.close()
+
+
+def purge(db_path: str | Path, retain_days: float, now: float | None = None) -> dict[str, int]:
+    """Delete stored prompts and answers older than `retain_days` that no approved feedback points at, with
+    their unapproved feedback. Approved examples are kept: they are training data."""
+    cutoff = (now or time.time()) - retain_days * 86400
+    db = _open(db_path, write=True)
+    try:
+        stale = ("SELECT id FROM responses WHERE created < ? AND id NOT IN "
+                 f"(SELECT response_id FROM feedback WHERE status = '{APPROVED}')")
+        feedback = db.execute(f"DELETE FROM feedback WHERE response_id IN ({stale})", (cutoff,)).rowcount
+        responses = db.execute(stale.replace("SELECT id FROM", "DELETE FROM", 1), (cutoff,)).rowcount
+        return {"responses": responses, "feedback": feedback}
+    finally:
+        db.close()
+
+
+def harvest(db_path: str | Path, model: str, system_prompt: str, since_id: int = 0, approve_at: int | None = None,
+            task: str = "feedback", require_review: bool = True) -> Harvest:
+    """The training examples in the feedback of registered model `model`: approved feedback only (with
+    `require_review` off, pending too; rejected never). A correction becomes the answer; without one, a reply
+    rated at least `approve_at` is kept as it was served. The newest usable feedback on a response wins, across
+    every round. The system prompt is the task's (`system_prompt`): a client-supplied one is never trained on."""
+    with _open(db_path) as db:
+        rows = db.execute(_SELECT + " WHERE r.registered_model = ? AND f.status IN (?, ?) ORDER BY f.id",
+                          (model, APPROVED, APPROVED if require_review else PENDING)).fetchall()
+        pending = db.execute("SELECT COUNT(*) FROM feedback f JOIN responses r ON r.id = f.response_id "
+                             "WHERE r.registered_model = ? AND f.status = ?", (model, PENDING)).fetchone()[0]
+    latest: dict[str, tuple] = {}
+    skipped = 0
+    for row in rows:  # id order: a newer usable item on the same response replaces the older one
+        fid, rating, messages, answer, correction = row[0], row[3], row[6], row[7], row[8]
+        target = correction or (answer if approve_at is not None and rating >= approve_at else None)
+        if target is None:
             skipped += 1
             continue
-        turns = json.loads(messages)
-        system = next((m["content"] for m in turns if m["role"] == "system"), "")
-        user = next(m["content"] for m in reversed(turns) if m["role"] == "user")
-        examples.append(Example(f"feedback-{fid}", system, user, target, task, example_key(normalise(user))))
-    return Harvest(examples, max((row[0] for row in rows), default=since_id), skipped)
+        latest[row[15]] = (fid, _question(messages), target)
+    examples = [Example(f"feedback-{fid}", system_prompt, user, target, task, identity_key(user))
+                for fid, user, target in latest.values()]
+    last = max((fid for fid, _, _ in latest.values()), default=since_id)
+    return Harvest(examples, max(last, since_id), sum(1 for fid, _, _ in latest.values() if fid > since_id),
+                   skipped, 0 if not require_review else pending)
 
 
-def export(db_path: str | Path, out: str | Path, since_id: int = 0, approve_at: int | None = None,
+def identity_key(user: str) -> str:
+    """The identity of a feedback example: the key of its normalised prompt, as for any prompt-only record."""
+    return example_key(normalise(user))
+
+
+def export(db_path: str | Path, out: str | Path, model: str, system_prompt: str, approve_at: int | None = None,
            task: str = "feedback") -> Harvest:
-    """Write the harvest as JSONL chat examples (id, system, user, assistant, task)."""
-    found = harvest(db_path, since_id, approve_at, task)
+    """Write a model's approved feedback as JSONL chat examples (id, system, user, assistant, task)."""
+    found = harvest(db_path, model, system_prompt, 0, approve_at, task)
     write_examples(Path(out), found.examples)
     return found

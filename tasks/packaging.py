@@ -85,17 +85,25 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
     return tag
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 @task(name="serve-bento")
 def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: float = 180.0,
-          feedback_db: str | None = None) -> str:
-    """`bentoml serve` the Bento on 127.0.0.1, replacing the process this project started under `name`.
+          feedback_db: str | None = None, host: str = HOST, redact: bool = True) -> str:
+    """`bentoml serve` the Bento on `host` (default 127.0.0.1), replacing the process this project started under
+    `name`. Beyond loopback it refuses to start without TUNELINE_API_KEY: production text is no one's to read.
 
-    Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db."""
-    return _ready(*_launch(bento_tag, port, home, name, feedback_db), timeout_s)
+    Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db, redacted
+    unless `redact` is off."""
+    if host not in LOOPBACK and not os.environ.get("TUNELINE_API_KEY"):
+        raise RuntimeError(f"deploy.host {host}: a service listening beyond loopback needs an API key; set "
+                           "TUNELINE_API_KEY (clients then send `Authorization: Bearer <key>`)")
+    return _ready(*_launch(bento_tag, port, home, name, feedback_db, host, redact), timeout_s)
 
 
-def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | None
-            ) -> tuple[str, subprocess.Popen, Path, str]:
+def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | None, host: str = HOST,
+            redact: bool = True) -> tuple[str, subprocess.Popen, Path, str]:
     home_path = Path(home)
     stop_started(name, home_path)
     # Checked before the launch: a new service that cannot bind exits only after a moment, and meanwhile the
@@ -103,8 +111,9 @@ def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | 
     if listening(port):
         raise RuntimeError(f"port {port} on {HOST} is taken by a process not started as '{name}' from {home_path}; "
                            f"stop it, or serve on another port (deploy.port)")
-    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", HOST, "--port", str(port)]
-    env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve()))}
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", host, "--port", str(port)]
+    env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve())),
+           "TUNELINE_REDACT": "on" if redact else "off"}
     return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"
 
 

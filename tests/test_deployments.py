@@ -183,7 +183,13 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
                         json={"messages": [{"role": "user", "content": question}], "max_tokens": 4}).json()
     sent = httpx.post(f"{stack.service}/feedback", timeout=30,
                       json={"response_id": answer["id"], "rating": 1, "correction": CORRECTION})
-    assert sent.status_code == 200, sent.text
+    assert sent.status_code == 200 and sent.json()["status"] == "pending", sent.text
+
+    waiting = stack.trigger(f"feedback/{NAME}", {"serve": False})  # pending feedback trains nothing
+    assert waiting["state"]["type"] == "COMPLETED"
+    assert "1 pending review" in stack.logs(waiting["id"], expect="no approved feedback")
+    approved = stack.tuneline("feedback", "approve", str(sent.json()["id"]), "--reason", "checked by hand")
+    assert approved.returncode == 0 and "approved 1 item(s)" in approved.stdout, approved.stdout + approved.stderr
 
     run = stack.trigger(f"feedback/{NAME}", {"serve": False})
     assert run["state"]["type"] == "COMPLETED", stack.logs(run["id"])[-3000:]
@@ -210,7 +216,7 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
 
     again = stack.trigger(f"feedback/{NAME}")
     assert again["state"]["type"] == "COMPLETED"
-    assert "no new feedback" in stack.logs(again["id"], expect="no new feedback")
+    assert "no approved feedback" in stack.logs(again["id"], expect="no approved feedback")
     assert len(client.search_runs([experiment], "tags.`tuneline.kind` = 'feedback-round'")) == 1
     stack.runs["feedback"] = run["id"]
 

@@ -1,0 +1,137 @@
+"""The feedback store and its review (serving/feedback_store.py, tasks/feedback.py): what reaches training, and
+what is kept, on a real SQLite store written the way the service writes it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi import HTTPException
+from starlette.requests import Request
+
+from serving.feedback_store import Store, redact
+from serving.service import key_id, require_key
+from tasks import packaging
+from tasks.datasets import prepare_data, read_examples
+from tasks.feedback import harvest, items, purge, review
+from tasks.processes import free_port
+from tests.conftest import SENTIMENT
+
+
+def serve(store: Store, rid: str, model: str, question: str, answer: str) -> None:
+    store.save_response(rid, model, [{"role": "system", "content": "sys"}, {"role": "user", "content": question}],
+                        answer)
+
+
+@pytest.fixture()
+def db(tmp_path):
+    """Two registered models served from one store, as two configs under one stack."""
+    path = tmp_path / "feedback.db"
+    store = Store(path)
+    serve(store, "r1", "reviews/1", "Review: the lid broke", "positive")
+    serve(store, "r2", "tickets/3", "My card was charged twice", "shipping")
+    store.save_feedback("r1", 1, "negative", None, key_id="k1")  # id 1
+    store.save_feedback("r2", 1, "billing", None, key_id="k2")  # id 2
+    return path
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("write to jo.doe+shop@example.co.uk please", "email"),
+    ("my card 4111 1111 1111 1111 was charged", "card"),
+    ("call me on +44 20 7946 0958 tomorrow", "phone"),
+    ("refund to DE89 3704 0044 0532 0130 00 now", "iban"),
+])
+def test_each_redaction_kind_is_replaced_and_counted(text, kind):
+    cleaned, count = redact(text)
+    assert f"[{kind}]" in cleaned and count == 1 and not any(c.isdigit() for c in cleaned.split("[")[1])
+
+
+def test_redaction_leaves_quantities_dates_and_prices():
+    text = "I bought 3 mugs for 12.99 on 2024-05-01, order 12345"
+    assert redact(text) == (text, 0)
+
+
+def test_pending_feedback_never_trains_and_approval_records_who_and_when(db):
+    assert harvest(db, "reviews", "task system").examples == []
+    assert harvest(db, "reviews", "task system").pending == 1
+    assert review(db, "approved", [1], by="alice", reason="right") == [1]
+    [item] = items(db, ids=[1])
+    assert (item.status, item.reviewer, item.reason) == ("approved", "alice", "right")
+    assert time.time() - item.reviewed_at < 60
+    [example] = harvest(db, "reviews", "task system").examples
+    assert (example.user, example.assistant, example.system) == ("Review: the lid broke", "negative", "task system")
+
+
+def test_a_round_harvests_its_own_models_feedback_only(db):
+    review(db, "approved", [1, 2], by="alice")
+    assert [e.assistant for e in harvest(db, "reviews", "").examples] == ["negative"]
+    assert [e.assistant for e in harvest(db, "tickets", "").examples] == ["billing"]
+
+
+def test_rejected_never_trains_and_require_review_off_takes_pending_too(db):
+    review(db, "rejected", [1], by="bob")
+    store = Store(db)
+    serve(store, "r3", "reviews/1", "Review: great pan", "negative")
+    store.save_feedback("r3", 1, "positive", None)
+    assert [e.assistant for e in harvest(db, "reviews", "", require_review=False).examples] == ["positive"]
+    assert harvest(db, "reviews", "").examples == []
+
+
+def test_the_newest_approved_correction_of_a_response_wins_across_rounds(db):
+    review(db, "approved", [1], by="alice")
+    first = harvest(db, "reviews", "")
+    Store(db).save_feedback("r1", 2, "mixed", None)  # id 3: a later round's correction of the same answer
+    review(db, "approved", [3], by="alice")
+    later = harvest(db, "reviews", "", since_id=first.last_id)
+    assert [e.assistant for e in later.examples] == ["mixed"] and later.new == 1
+
+
+def test_approve_all_from_one_key_and_unknown_ids_change_nothing(db):
+    with pytest.raises(KeyError, match="no feedback with id 9"):
+        review(db, "approved", [1, 9], by="alice")
+    assert items(db, status="approved") == []
+    assert review(db, "approved", key_id="k2", by="alice") == [2]
+
+
+def test_retention_purge_keeps_approved_examples(db):
+    review(db, "approved", [1], by="alice")
+    later = time.time() + 91 * 86400
+    assert purge(db, 90, now=later) == {"responses": 1, "feedback": 1}  # r2 and its pending feedback
+    assert [i.id for i in items(db)] == [1]
+    assert [e.assistant for e in harvest(db, "reviews", "").examples] == ["negative"]
+    assert purge(db, 90) == {"responses": 0, "feedback": 0}  # nothing is old yet
+
+
+def test_corrections_train_but_never_become_shots_unless_opted_in(tmp_path):
+    correction = tmp_path / "round.jsonl"
+    correction.write_text(json.dumps({"id": "feedback-1", "system": "sys", "user": "Review: a brand new lamp",
+                                      "assistant": "negative", "task": "feedback", "key": "k"}) + "\n")
+    for opt_in in (False, True):
+        splits = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(tmp_path / str(opt_in)), "skip", [str(correction)],
+                                 corrections_in_pool=opt_in)
+        assert "feedback-1" in {e.id for e in read_examples(splits.train)}
+        assert ("feedback-1" in {e.id for e in read_examples(splits.shot_pool)}) == opt_in
+        assert "k" in json.loads(open(splits.keys).read())["train"]  # the version's training keys name it
+
+
+def request_from(host: str) -> Request:
+    return Request({"type": "http", "client": (host, 5000), "headers": [], "method": "POST", "path": "/v1"})
+
+
+def test_without_a_key_only_loopback_clients_are_answered(monkeypatch):
+    monkeypatch.delenv("TUNELINE_API_KEY", raising=False)
+    assert require_key(request_from("127.0.0.1"), None) == ""
+    with pytest.raises(HTTPException) as refused:
+        require_key(request_from("10.1.2.3"), None)
+    assert refused.value.status_code == 401
+    monkeypatch.setenv("TUNELINE_API_KEY", "s3cret")
+    assert require_key(request_from("10.1.2.3"), "Bearer s3cret") == key_id("s3cret")
+    with pytest.raises(HTTPException):
+        require_key(request_from("127.0.0.1"), "Bearer s3cre")
+
+
+def test_serving_beyond_loopback_without_a_key_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("TUNELINE_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="needs an API key"):
+        packaging.serve.fn("tuneline-chat:none", free_port(), str(tmp_path), host="0.0.0.0")
