@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import typer
@@ -17,7 +20,16 @@ feedback_app = typer.Typer(help="Production feedback captured by the service.", 
 app.add_typer(feedback_app, name="feedback")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exc: BaseException | None = None) -> None:
+    """One line for the reader; where `exc` is an unexpected error, its traceback goes to the state folder's
+    log (named in the line), so a bug is never reduced to a message."""
+    if exc is not None:
+        log = local.configure_env() / "logs" / "cli.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} tuneline {' '.join(sys.argv[1:])}\n")
+            out.write("".join(traceback.format_exception(exc)))
+        message = f"{message} (traceback in {log})"
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -139,7 +151,7 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
     try:
         result = deploy_version(str(config.resolve()), version)
     except Exception as exc:  # MLflow's message names the missing model or version
-        _fail(f"deploy of {cfg.registered_model} {version or 'champion'}: {exc}")
+        _fail(f"deploy of {cfg.registered_model} {version or 'champion'}: {exc}", exc)
     typer.echo(f"serving {result.model} ({result.bento}) at {result.url}/v1/chat/completions")
 
 
@@ -250,7 +262,7 @@ def promote(version: str, model: str = typer.Option(..., help="registered model 
     try:
         typer.echo(registry.promote_manually(model, version, reason))
     except Exception as exc:  # MLflow's message names the missing model or version
-        _fail(str(exc))
+        _fail(str(exc), exc)
 
 
 @app.command()
@@ -263,7 +275,7 @@ def rollback(model: str = typer.Option(..., help="registered model name"),
     try:
         typer.echo(registry.rollback(model, reason))
     except Exception as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from tasks import model_sources
 from tasks.schema import BudgetConfig, GateConfig, Strict, TaskConfig
 from tasks.training_config import FinetuneConfig, FinetuneStage, LoraConfig
 
@@ -41,7 +42,7 @@ class ModelsConfig(Strict):
     @classmethod
     def _known_kinds(cls, value: list[str]) -> list[str]:
         for source in value:
-            if source.partition(":")[0] not in {"gguf", "hf", "path", "tiny"}:
+            if source.partition(":")[0] not in model_sources.KINDS:
                 raise ValueError(f"{source!r}: expected gguf:<name>, hf:<org/id>, path:<dir> or tiny:<seed>")
         return value
 
@@ -211,5 +212,9 @@ def load_config(path: str | Path) -> LifecycleConfig:
     for i, source in enumerate(config.models.candidates):
         kind, _, ref = source.partition(":")
         if kind == "path" and not Path(ref).is_absolute():
-            config.models.candidates[i] = f"path:{(path.parent / ref).resolve()}"
+            config.models.candidates[i] = source = f"path:{(path.parent / ref).resolve()}"
+        try:
+            model_sources.parse(source)  # an unknown shipped name or a missing folder fails here, not in select
+        except model_sources.ModelSourceError as exc:
+            raise ConfigError(f"{path}: models.candidates.{i}: {exc}") from None
     return config

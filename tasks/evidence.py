@@ -42,20 +42,33 @@ class Comparison:
     def passed(self) -> bool:
         return self.low > self.threshold if self.direction == "above" else self.high <= self.threshold
 
+    @property
+    def null(self) -> str:
+        """The hypothesis the p-value tests: the difference on the wrong side of the rule's threshold."""
+        return (f"difference <= {self.threshold:+.3f}" if self.direction == "above"
+                else f"difference > {self.threshold:+.3f}")
+
+    @property
+    def p_text(self) -> str:
+        """The p-value as a reader should take it: a tiny value is "< 0.0001", never "0" (certainty)."""
+        return "< 0.0001" if self.p_value < 1e-4 else f"{self.p_value:.3g}"
+
     def describe(self) -> str:
-        """One line a reviewer reads: n, the difference, its interval, the p-value, and what was needed."""
+        """One line a reviewer reads: n, the difference, its interval, the p-value and its hypothesis, and what
+        was needed."""
         level = round(100 * (2 * self.confidence - 1))
         need = (f"lower bound > {self.threshold:+.3f}" if self.direction == "above"
                 else f"upper bound <= {self.threshold:+.3f}")
+        p = self.p_text if self.p_text.startswith("<") else f"= {self.p_text}"
         return (f"n={self.n}, difference {self.difference:+.3f}, {level} % interval [{self.low:+.3f}, "
-                f"{self.high:+.3f}], p={self.p_value:.3g} ({self.method}; needed {need})")
+                f"{self.high:+.3f}], p {p} for H0: {self.null} ({self.method}; needed {need})")
 
     def as_row(self, system: str = "") -> str:
-        """A markdown table row: [system |] rule | n | difference | interval | p | needed | outcome."""
+        """A markdown table row: [system |] rule | n | difference | interval | p (H0) | needed | outcome."""
         need = f"> {self.threshold:+.3f}" if self.direction == "above" else f"<= {self.threshold:+.3f}"
         return (f"| {system + ' | ' if system else ''}{self.rule} | {self.n} | {self.difference:+.3f} | "
-                f"[{self.low:+.3f}, {self.high:+.3f}] | "
-                f"{self.p_value:.3g} | {'lower' if self.direction == 'above' else 'upper'} bound {need} | "
+                f"[{self.low:+.3f}, {self.high:+.3f}] | {self.p_text} (H0: {self.null}) | "
+                f"{'lower' if self.direction == 'above' else 'upper'} bound {need} | "
                 f"{'pass' if self.passed else 'FAIL'} |")
 
 
@@ -63,7 +76,7 @@ def table(rows: list[tuple[str, Comparison]]) -> str:
     """(system, comparison) pairs as one markdown table: what the evaluate report and the promote artifact show."""
     if not rows:
         return "(no comparison possible)"
-    return "\n".join(["| system | rule | n | difference | interval | p | needed | outcome |",
+    return "\n".join(["| system | rule | n | difference | interval | p (hypothesis) | needed | outcome |",
                       "|---|---|---|---|---|---|---|---|", *(c.as_row(system) for system, c in rows)])
 
 

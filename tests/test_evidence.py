@@ -45,6 +45,19 @@ def test_upper_bound_rule_for_forgetting():
     assert not big.passed and big.low > 0.05
 
 
+def test_p_values_name_their_hypothesis_and_never_read_zero():
+    # no discordant pair: the forgetting rule passes with p = 0 exactly, which a reader would take for certainty
+    same = evidence.compare("forgetting", *_items([(1, 1)] * 30 + [(0, 0)] * 10), threshold=0.05,
+                            direction="below", confidence=0.95)
+    assert same.passed and same.p_value == 0.0
+    line, row = same.describe(), same.as_row("sft")
+    assert "p < 0.0001 for H0: difference > +0.050" in line and "p=0" not in line and "p = 0 " not in line
+    assert "| < 0.0001 (H0: difference > +0.050) |" in row
+    gain = evidence.compare("vs bar", *_items([(1, 0)] * 10 + [(0, 1)] * 2 + [(1, 1)] * 28), threshold=0.0,
+                            direction="above", confidence=0.95)
+    assert f"p = {79 / 4096:.3g} for H0: difference <= +0.000" in gain.describe()
+
+
 def test_bootstrap_bound_covers_the_true_difference_at_about_the_nominal_rate():
     covered, trials = 0, 300
     for seed in range(trials):

@@ -47,6 +47,22 @@ def test_local_folder_source_round_trips_exactly(tmp_path, tiny_model):
     assert json.loads((folder / META_FILE).read_text())["source"] == f"path:{tiny_model}"
 
 
+def test_a_local_folder_changed_since_it_was_provisioned_is_provisioned_anew(tmp_path, tiny_model):
+    import shutil
+
+    local = tmp_path / "mine"
+    shutil.copytree(tiny_model, local)
+    first = provision(f"path:{local}", tmp_path / "store")
+    assert provision(f"path:{local}", tmp_path / "store") == first  # unchanged: the cache
+    model, _ = load(local)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)
+    model.save_pretrained(local, safe_serialization=True)
+    second = provision(f"path:{local}", tmp_path / "store")
+    assert second != first and model_info(second)["fingerprint"] != model_info(first)["fingerprint"]
+    assert torch.equal(load(second)[0].model.norm.weight, model.model.norm.weight)
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [

@@ -138,14 +138,20 @@ def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_pat
     assert len(history) == 2 and any("rollback" in h for h in history)
 
 
-def test_cli_rollback_without_champion_is_a_one_line_error(mlflow_sqlite):
+def test_cli_rollback_without_champion_is_a_one_line_error_with_its_traceback_logged(mlflow_sqlite, tmp_path):
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "TUNELINE_HOME": str(tmp_path / "state")}
     done = subprocess.run([sys.executable, "-m", "flows.cli", "rollback", "--model", "nobody", "--reason", "x"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: nobody has no champion to roll back"
+    log = tmp_path / "state" / "logs" / "cli.log"
+    assert done.stderr.strip().splitlines()[-1] == f"error: nobody has no champion to roll back (traceback in {log})"
+    text = log.read_text()
+    assert "tuneline rollback --model nobody" in text and "Traceback" in text
+    assert "ValueError: nobody has no champion to roll back" in text
 
 
 def test_gate_reports_the_smoke_test_as_not_run_when_other_rules_failed():
