@@ -55,6 +55,11 @@ def task_digest(tasks_dir: str | Path, task_name: str) -> str:
 LIBRARIES = ("torch", "transformers", "peft", "trl", "lm-eval")
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that train and score: a result computed under others is not reused."""
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
+
+
 @functools.cache
 def environment() -> str:
     """The machine (CPU model, cores, GPU) and the versions of the libraries that compute a cached result."""
@@ -67,8 +72,7 @@ def environment() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
-    return json.dumps({"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, **versions}, sort_keys=True)
+    return json.dumps({"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, **library_versions()}, sort_keys=True)
 
 
 def by_content(context, parameters: dict) -> str:

@@ -64,7 +64,13 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
         # 262k-token vocabulary): the tokenizer converts in a second process while this one converts weights.
         folder = _gguf_dir(spec, work)
         tokenizer_job = _convert_tokenizer_aside(f"gguf:{ref}", store)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename, dtype=torch.float32)
+        except BaseException:  # no orphan left converting the tokenizer of a model that failed to load
+            if tokenizer_job is not None:
+                tokenizer_job.kill()
+                tokenizer_job.wait()
+            raise
         tok = AutoTokenizer.from_pretrained(_finished(tokenizer_job, f"gguf:{ref}", store))
         tok.init_kwargs.pop("local_files_only", None)  # how it was read here, not a property of the model
         _clear_gguf_marker(model)

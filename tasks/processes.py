@@ -37,8 +37,9 @@ def pid_file(name: str, home: Path) -> Path:
 def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
     """Start a long-running process in its own session, logging to home/logs and recording its PID."""
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    log = open(home / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    with open(home / "logs" / f"{name}.log", "ab") as log:  # the child holds its own copy of the handle
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=cwd)
     pid_file(name, home).write_text(str(proc.pid))
     return proc
 
@@ -70,18 +71,24 @@ def stop_started(name: str, home: Path) -> str:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return f"{name}: pid {pid} had already exited"
-    message = f"{name}: killed (pid {pid}) after it ignored SIGTERM"
     for _ in range(50):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            message = f"{name}: stopped (pid {pid})"
-            break
+        if _group_gone(pid):
+            return f"{name}: stopped (pid {pid})"
         time.sleep(0.2)
-    else:
-        os.killpg(pid, signal.SIGKILL)  # a Prefect process worker has been seen ignoring SIGTERM and SIGINT
-    try:  # when this process started it, reap it so no zombie is left behind
-        os.waitpid(pid, 0)
+    os.killpg(pid, signal.SIGKILL)  # a Prefect process worker has been seen ignoring SIGTERM and SIGINT
+    _group_gone(pid)
+    return f"{name}: killed (pid {pid}) after it ignored SIGTERM"
+
+
+def _group_gone(pid: int) -> bool:
+    """Whether no process of the group is left; reaps the leader when this process started it (an unreaped
+    child stays in its group as a zombie, which would read as "still running")."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-    return message
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

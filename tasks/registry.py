@@ -210,10 +210,17 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
         tags |= {SPLIT_TAG + split: value
                  for split, value in json.loads(Path(keys_file).read_text())["fingerprints"].items()}
     tags[SYSTEM_TAG] = system
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
-                                     description=f"System: {system}.")
-    client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-    return str(mv.version)
+    # A retry after a failure past this point must not register the run a second time: reuse its version.
+    earlier = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if earlier:
+        version = str(min(int(v.version) for v in earlier))
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    else:
+        version = str(client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
+                                                  description=f"System: {system}.").version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
 
 
 def _score_tags(metrics: dict[str, float], gate_metric: str) -> dict[str, str]:

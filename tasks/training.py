@@ -22,6 +22,7 @@ from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
+from tasks.caching import library_versions
 from tasks.datasets import Example, chat_messages, read_examples
 from tasks.models import META_FILE, load, model_info
 from tasks.training_config import FinetuneConfig
@@ -37,12 +38,14 @@ def conversational(examples: list[Example]) -> Dataset:
 
 
 def run_key(base_dir: str, train_path: str, spec: FinetuneConfig) -> str:
-    """Names a run by its inputs: the same base, data and settings resume (or reuse) the same folder."""
+    """Names a run by its inputs: the same base, data, settings and library versions resume (or reuse) the same
+    folder; an upgraded TRL or transformers trains anew, as the score cache scores anew."""
     digest = hashlib.sha256()
     digest.update(Path(base_dir, META_FILE).read_bytes())
     digest.update(Path(base_dir).resolve().as_posix().encode())
     digest.update(Path(train_path).read_bytes())
     digest.update(spec.model_dump_json(exclude={"stages"}).encode())
+    digest.update(json.dumps(library_versions(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

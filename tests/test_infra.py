@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from infra import local
-from tasks.processes import free_port, stop_started
+from tasks.processes import free_port, stop_started, wait_until
 
 
 def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):
@@ -33,3 +33,20 @@ def test_a_server_another_state_folder_started_is_reused_saying_whose_it_is(tmp_
         assert not (ours / "mlflow.pid").exists()  # `tuneline down` from `ours` leaves it alone
     finally:
         stop_started("mlflow", theirs)
+
+
+def test_a_spawned_process_leaves_no_log_handle_open_in_this_one(tmp_path):
+    import os
+    import sys
+
+    from tasks.processes import spawn
+
+    log = tmp_path / "logs" / "sleeper.log"
+    proc = spawn("sleeper", [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(30)"],
+                 dict(os.environ), tmp_path)
+    try:
+        held = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+        assert str(log) not in held
+        wait_until("sleeper", lambda: log.read_text() == "up\n", proc, tmp_path, timeout_s=60)  # it logs
+    finally:  # a child of this process stops at once (reaped, not mistaken for one that ignored SIGTERM)
+        assert stop_started("sleeper", tmp_path) == f"sleeper: stopped (pid {proc.pid})"

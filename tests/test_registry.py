@@ -95,6 +95,15 @@ def _candidate(model_dir: str, evidence: Evidence, champion_items: dict | None =
     return version
 
 
+def test_register_retried_for_the_same_run_reuses_its_version(registry_env):
+    with mlflow.start_run() as run:
+        first = registry.register.fn(NAME, registry_env, run.info.run_id, {"exact_match": 0.4}, "exact_match")
+        again = registry.register.fn(NAME, registry_env, run.info.run_id, {"exact_match": 0.5}, "exact_match")
+    versions = MlflowClient().search_model_versions(f"name = '{NAME}'")
+    assert again == first and [str(v.version) for v in versions] == [first]
+    assert versions[0].tags[registry.SCORE_TAG] == "0.500000"  # the retry's figures, on the one version
+
+
 def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_path):
     client = MlflowClient()
     v1 = _candidate(registry_env, GOOD)

@@ -223,3 +223,16 @@ def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite,
         mixed = finetune_stage(config, tiny_model, splits, str(tmp_path / "runs"), parent.info.run_id)
     assert mixed.steps == 2 and model_info(Path(mixed.merged))["source"] == "lora:tiny:0"
     assert {e.task for e in read_examples(splits.train)} == {"reviews", "tickets"}
+
+
+def test_run_key_changes_with_the_data_the_settings_and_the_library_versions(tiny_model, train_file, monkeypatch):
+    """The training folder a run resumes into is named by everything that shapes its weights."""
+    from tasks import caching, training
+
+    spec = FinetuneConfig(method="lora", lora=SMALL, max_steps=2)
+    here = training.run_key(tiny_model, train_file, spec)
+    assert training.run_key(tiny_model, train_file, spec) == here
+    assert training.run_key(tiny_model, train_file, spec.model_copy(update={"max_steps": 3})) != here
+    newer = {**caching.library_versions(), "trl": "99.0"}
+    monkeypatch.setattr(training, "library_versions", lambda: newer)
+    assert training.run_key(tiny_model, train_file, spec) != here
