@@ -14,8 +14,8 @@ import json
 import random
 import re
 import unicodedata
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from jinja2 import StrictUndefined, TemplateError, meta
@@ -51,7 +51,7 @@ class Example:
     user: str
     assistant: str
     task: str = ""
-    key: str = ""  # hash of the normalised input fields: decides the split, and pairs items across rounds
+    key: str = ""  # hash of the normalised input fields ("" for text-only examples): see `identity`
     choices: tuple[str, ...] = ()  # classify / choice: every allowed reply, rendered as the answer is
 
     def to_json(self) -> str:
@@ -275,6 +275,22 @@ def example_key(normalised_input: str) -> str:
     return hashlib.sha256(normalised_input.encode()).hexdigest()[:16]
 
 
+def identity(example: Example, records_by_prompt: Mapping[str, str] | None = None) -> str:
+    """The one answer to "is this the same example", for dedup, splits, the held-out filter, the champion-overlap
+    check and feedback alike. A record is its input fields' key (one review phrased by two templates is one
+    example). A text-only example (production feedback) is the record whose rendered prompt it repeats, found
+    in `records_by_prompt` (normalised prompt → key, see `by_prompt`), else the key of its normalised prompt."""
+    if example.key:
+        return example.key
+    prompt = normalise(example.user)
+    return (records_by_prompt or {}).get(prompt) or example_key(prompt)
+
+
+def by_prompt(examples: Iterable[Example]) -> dict[str, str]:
+    """Each record's normalised rendered prompt → its identity: how text-only examples are matched to records."""
+    return {normalise(e.user): identity(e) for e in examples}
+
+
 def to_examples(task: TaskConfig, on_bad_rows: str = "error", seed: int = 13) -> Outcome:
     """Render every record of `task.data`; faults raise (on_bad_rows=error) or become rejects (skip). `seed`
     (the config's data.seed) draws each record's prompt template when the task has several."""
@@ -348,7 +364,7 @@ def split(examples: list[Example], validation: float, test: float, seed: int) ->
     records never moves another example between splits (a champion's test items stay unseen by it)."""
     parts: dict[str, list[tuple[str, Example]]] = {name: [] for name in SPLITS}
     for e in examples:
-        digest = hashlib.sha256(f"{seed}:{e.key or normalise(e.user)}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{seed}:{identity(e)}".encode()).hexdigest()
         bucket = int(digest[:15], 16) / 16**15
         name = "validation" if bucket < validation else "test" if bucket < validation + test else "train"
         parts[name].append((digest, e))
@@ -360,7 +376,7 @@ def split(examples: list[Example], validation: float, test: float, seed: int) ->
 
 def fingerprint(examples: list[Example]) -> str:
     """The identity of a split: a hash of its sorted example keys (recorded on runs and registry versions)."""
-    return hashlib.sha256("\n".join(sorted(e.key or normalise(e.user) for e in examples)).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(sorted(identity(e) for e in examples)).encode()).hexdigest()[:16]
 
 
 def mix(train_sets: dict[str, list[Example]], weights: dict[str, float], seed: int) -> list[Example]:
@@ -430,13 +446,14 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
         per_task_files[name] = {s: write_examples(out / name / f"{s}.jsonl", parts[s]) for s in SPLITS}
     primary = per_task[tasks[0].name]
     train = mix({name: parts["train"] for name, parts in per_task.items()}, {t.name: t.weight for t in tasks}, seed)
-    held_out = {normalise(e.user) for parts in per_task.values() for name in ("validation", "test")
-                for e in parts[name]}
+    records = by_prompt(e for parts in per_task.values() for part in parts.values() for e in part)
+    held_out = {identity(e) for parts in per_task.values() for name in ("validation", "test") for e in parts[name]}
     pool = list(train)
     fed_back, fed_keys = 0, set()
     for path in corrections:
         for e in read_examples(path):
-            if normalise(e.user) in held_out:
+            e = replace(e, key=identity(e, records))
+            if e.key in held_out:
                 rejects.append({"where": f"{path} id {e.id}", "reason": "its prompt is a validation/test question",
                                 "task": e.task})
             else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.feedback_store import APPROVED, PENDING, REJECTED, Store
-from tasks.datasets import Example, example_key, normalise, write_examples
+from tasks.datasets import Example, write_examples
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,12 @@ def harvest(db_path: str | Path, model: str, system_prompt: str, since_id: int =
             skipped += 1
             continue
         latest[row[15]] = (fid, _question(messages), target)
-    examples = [Example(f"feedback-{fid}", system_prompt, user, target, task, identity_key(user))
-                for fid, user, target in latest.values()]
+    # No key: a feedback example's identity is decided against the task's records when data is prepared
+    # (tasks.datasets.identity), so a correction of a test question is known as that question.
+    examples = [Example(f"feedback-{fid}", system_prompt, user, target, task) for fid, user, target in latest.values()]
     last = max((fid for fid, _, _ in latest.values()), default=since_id)
     return Harvest(examples, max(last, since_id), sum(1 for fid, _, _ in latest.values() if fid > since_id),
                    skipped, 0 if not require_review else pending)
-
-
-def identity_key(user: str) -> str:
-    """The identity of a feedback example: the key of its normalised prompt, as for any prompt-only record."""
-    return example_key(normalise(user))
 
 
 def export(db_path: str | Path, out: str | Path, model: str, system_prompt: str, approve_at: int | None = None,

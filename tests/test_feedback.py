@@ -13,7 +13,7 @@ from starlette.requests import Request
 from serving.feedback_store import Store, redact
 from serving.service import key_id, require_key
 from tasks import packaging
-from tasks.datasets import prepare_data, read_examples
+from tasks.datasets import Example, by_prompt, identity, prepare_data, read_examples
 from tasks.feedback import harvest, items, purge, review
 from tasks.processes import free_port
 from tests.conftest import SENTIMENT
@@ -106,13 +106,33 @@ def test_retention_purge_keeps_approved_examples(db):
 def test_corrections_train_but_never_become_shots_unless_opted_in(tmp_path):
     correction = tmp_path / "round.jsonl"
     correction.write_text(json.dumps({"id": "feedback-1", "system": "sys", "user": "Review: a brand new lamp",
-                                      "assistant": "negative", "task": "feedback", "key": "k"}) + "\n")
+                                      "assistant": "negative", "task": "feedback", "key": ""}) + "\n")
     for opt_in in (False, True):
         splits = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(tmp_path / str(opt_in)), "skip", [str(correction)],
                                  corrections_in_pool=opt_in)
         assert "feedback-1" in {e.id for e in read_examples(splits.train)}
         assert ("feedback-1" in {e.id for e in read_examples(splits.shot_pool)}) == opt_in
-        assert "k" in json.loads(open(splits.keys).read())["train"]  # the version's training keys name it
+        trained = json.loads(open(splits.keys).read())["train"]  # the version's training keys name it
+        assert identity(Example("", "", "Review: a brand new lamp", "")) in trained
+
+
+def test_one_identity_matches_feedback_to_the_record_it_repeats(tmp_path):
+    """A correction is the record whose prompt it repeats (up to case and punctuation): a held-out one is
+    refused, a training one is recorded under the record's own key, which the champion-overlap check reads."""
+    plain = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(tmp_path / "plain"), "skip")
+    test_item, train_item = read_examples(plain.test)[0], read_examples(plain.train)[0]
+    assert identity(test_item) == test_item.key and test_item.key  # a record: its input fields' key
+    shouted = Example("feedback-1", "sys", test_item.user.upper() + " !", "leaked", "feedback")
+    repeated = Example("feedback-2", "sys", f"  {train_item.user.lower()}", "better", "feedback")
+    assert identity(shouted, by_prompt([test_item])) == test_item.key
+    correction = tmp_path / "round.jsonl"
+    correction.write_text(shouted.to_json() + "\n" + repeated.to_json() + "\n")
+    splits = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(tmp_path / "round"), "skip", [str(correction)])
+    fed = [e for e in read_examples(splits.train) if e.task == "feedback"]
+    assert [(e.id, e.key) for e in fed] == [("feedback-2", train_item.key)]
+    rejects = [json.loads(line) for line in open(splits.rejects)]
+    assert any("feedback-1" in r["where"] and "validation/test question" in r["reason"] for r in rejects)
+    assert test_item.key not in json.loads(open(splits.keys).read())["train"]
 
 
 def request_from(host: str) -> Request:

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from flows.cli import app
 from serving.service import key_id
 from tasks import packaging
-from tasks.datasets import example_key, normalise
 from tasks.processes import free_port, stop_started
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,7 +217,7 @@ def test_feedback_is_pending_until_reviewed_then_exported_as_training_data(clien
     rows = exported()
     config_system = yaml.safe_load(config.read_text())["task"]["system_prompt"]
     assert {"system": config_system, "user": "Review: the lid broke", "assistant": correction, "task": "feedback",
-            "key": example_key(normalise("Review: the lid broke"))}.items() <= rows[0].items()
+            "key": ""}.items() <= rows[0].items()  # its identity is decided against the task's records
     # a client-supplied system prompt is stored, never trained on: the example carries the task's own
     assert [(r["user"], r["system"]) for r in rows][1:] == [("Review: odd cup", config_system)]
     assert not any(r["user"] == "Review: lovely mug" for r in rows)  # approved rating, not asked for
