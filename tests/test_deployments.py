@@ -1,8 +1,10 @@
 """`tuneline up` as a user runs it: real Prefect and MLflow servers and the runner serving the deployments.
 
-Runs are triggered through the Prefect REST API and execute on the runner; a correction sent to the served
-model reaches the next feedback round's training data; both UIs are then checked in headless Chromium.
-The tests in this file run in order on one stack (module fixture), as a user's day would.
+Runs are triggered through the Prefect REST API and execute on the runner; the first iteration passes the shipped
+gate rules (none relaxed) on a task the tiny model truly learns; a correction sent to the served model, once
+approved, reaches the next feedback round's training data, whose iteration is then rejected against the champion
+with its interval; both UIs are then checked in headless Chromium. The tests in this file run in order on one
+stack (module fixture), as a user's day would: its two lifecycle runs are the suite's end-to-end runs.
 """
 
 from __future__ import annotations
@@ -119,11 +121,18 @@ def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
     assert run["state"]["type"] == "COMPLETED", stack.logs(run["id"])[-3000:]
     stack.runs["lifecycle"] = run["id"]
 
+    # Under the shipped gate rules (none relaxed) a real pass goes through the paired statistics, the forgetting
+    # bound over the whole general suite, the smoke test and `champion`.
     client = stack.mlflow_client()
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.version == "1" and champion.tags["tuneline.decision"] == "pass"
-    assert "no current champion" in champion.tags["tuneline.reasons"]
-    assert "smoke test passed" in champion.tags["tuneline.reasons"]
+    reasons = champion.tags["tuneline.reasons"]
+    assert reasons.startswith("beats the bar (0-shot, chat on the base weights) on exact_match: n=48, difference +")
+    assert "McNemar exact" in reasons and "no current champion" in reasons and "smoke test passed" in reasons
+    assert champion.tags["tuneline.rule.vs_bar"].startswith("pass: n=48")
+    [forgetting] = [v for k, v in champion.tags.items() if k.startswith("tuneline.rule.forgetting_tuneline_general")]
+    assert forgetting.startswith("pass: n=420"), forgetting
+    assert {"tuneline.split.train", "tuneline.split.test"} <= set(champion.tags)
     assert {"tuneline.metric.exact_match", "tuneline.metric.field_f1", "tuneline.metric.rougeL"} <= set(champion.tags)
     evaluate = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                   "tags.`tuneline.stage` = 'evaluate'")[0]
@@ -211,7 +220,9 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
     # a lower bound above -0) keep v1 the champion, and v2 is registered with the reason and its interval.
     v2 = client.get_model_version(MODEL, "2")
     assert v2.tags["tuneline.decision"] == "fail"
-    assert "not shown to be no worse than the champion v1 on exact_match: n=48" in v2.tags["tuneline.reasons"]
+    why = v2.tags["tuneline.reasons"]
+    assert "not shown to be no worse than the champion v1 on exact_match: n=48, difference " in why
+    assert "90 % interval [" in why and "for H0: difference" in why
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
     again = stack.trigger(f"feedback/{NAME}")

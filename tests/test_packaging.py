@@ -1,5 +1,5 @@
 """Packaging: the smoke test catches a served model that answers differently from the one being promoted.
-(A faithful service passing it is part of tests/test_systems.py and tests/test_lifecycle.py.)"""
+(A faithful service passing it is part of tests/test_systems.py and tests/test_deployments.py.)"""
 
 from __future__ import annotations
 
