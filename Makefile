@@ -43,13 +43,13 @@ demo: install
 	$(VENV)/bin/tuneline run configs/demo.yaml --serve
 
 # Lint (ruff's stated rule set) and the import layers (pyproject's import-linter contracts) first: seconds.
-# The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures stay whole); torch gets one
-# thread per worker, so the workers share the cores instead of each spreading over all of them.
+# The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures stay whole); the longest
+# file, the ops stack's day (tests/test_deployments.py), starts first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -x -q -n $(TEST_WORKERS) --dist loadfile tests -m "not integration and not faults"
+	$(VENV)/bin/pytest -x -q -n $(TEST_WORKERS) --dist loadfile tests -m "not integration and not faults"
 
 test-faults: install
 	$(VENV)/bin/pytest -x -q tests -m faults

@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tasks import model_sources
+from tasks.datasets import label_replies
 from tasks.schema import BudgetConfig, GateConfig, Strict, TaskConfig
 from tasks.training_config import FinetuneConfig, FinetuneStage, LoraConfig
 
@@ -160,6 +161,12 @@ class LifecycleConfig(Strict):
         elif (self.gate.metric == "accuracy") != self.task.ranked:
             raise ValueError(f"gate.metric {self.gate.metric} does not score a {self.task.kind} task "
                              f"(accuracy is for classify and choice)")
+        if self.task.kind == "classify" and self.deploy.constrain and label_replies(self.task.answer,
+                                                                                     self.task.labels) is None:
+            raise ValueError(f"deploy.constrain: the answer template {self.task.answer!r} reads more of a record than "
+                             f"its label ({next(iter(self.task.labels))}), so a classifier's replies differ from "
+                             "record to record and cannot be served as its labels; answer with the label alone, "
+                             "or set deploy.constrain: false to serve free text")
         return self
 
 

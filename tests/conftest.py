@@ -19,6 +19,12 @@ SENTIMENT = TaskConfig(name="reviews", data=str(DEMO_DATA), system_prompt="sys",
                        answer="{{ sentiment }}")
 
 
+def pytest_collection_modifyitems(items):
+    """The ops stack's day (tests/test_deployments.py) takes longest: collected first, a worker starts on it at
+    once and the other files share the rest of the time."""
+    items.sort(key=lambda item: item.path.name != "test_deployments.py")
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
     """One state folder for the whole session (BentoML fixes its home on first use)."""

@@ -55,6 +55,10 @@ def test_demo_config_is_valid_and_resolves_data_against_its_folder():
         (lambda c: c["task"].update(kind="classify"), "task: Value error, kind classify needs exactly one entry in "
                                                       "labels (the class field), got ['rating', 'sentiment']"),
         (lambda c: c["task"].update(kind="choice"), "task: Value error, kind choice needs `choices`"),
+        (lambda c: (c["task"].update(kind="classify", labels={"sentiment": ["positive", "negative"]},
+                                     answer="{{ sentiment }} ({{ rating }} stars)"), c["gate"].update(metric=None)),
+         "Value error, deploy.constrain: the answer template '{{ sentiment }} ({{ rating }} stars)' reads more of a "
+         "record than its label (sentiment)"),
         (lambda c: c["task"].update(choices="options"), "task: Value error, choices is for kind choice"),
         (lambda c: c["gate"].update(metric="accuracy"), "Value error, gate.metric accuracy does not score a "
                                                         "generate task"),
@@ -67,6 +71,13 @@ def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
     message = str(err.value)
     assert message.startswith(f"{path}: ") and expected in message
     assert "\n" not in message
+
+
+def test_a_classifier_answering_more_than_its_label_is_served_as_free_text_only_when_asked(tmp_path):
+    path = write(tmp_path, lambda c: (c["task"].update(kind="classify", labels={"sentiment": ["positive", "negative"]},
+                                                       answer="{{ sentiment }} ({{ rating }} stars)"),
+                                      c["deploy"].update(constrain=False), c["gate"].update(metric=None)))
+    assert load_config(path).deploy.constrain is False
 
 
 def test_each_bundled_config_is_valid_and_the_gate_metric_follows_the_task_kind():
