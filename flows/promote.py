@@ -56,7 +56,12 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
                 chosen.weights_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens,
                 home, free_port(), str(recipe_dir)))
         decision = registry.gate(evidence, rules)
+        before = registry.champion(name)
         registry.record(name, version, decision)
+        registry.describe(name, version, registry.card(
+            name, version, chosen.system, f"{chosen.recipe.label}, system prompt {chosen.recipe.system_prompt!r}",
+            decision, data.counts, data.fingerprints, before[0] if before else None,
+            f".venv/bin/tuneline deploy {version} --config CONFIG.yaml   # CONFIG: {config.name}'s lifecycle config"))
         mlflow.log_params({"version": version, "system": chosen.system, "finetune_run": finetune_run_id,
                            "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag(registry.REASONS_TAG, "; ".join(decision.reasons))

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
-from tasks.evidence import Comparison, compare
+from tasks.evidence import Comparison, compare, table
 from tasks.recipes import Recipe
 from tasks.schema import GateConfig
 
@@ -259,6 +259,33 @@ def record(name: str, version: str, decision: Decision) -> None:
                                      f"{'pass' if c.passed else 'fail'}: {c.describe()}")
     if decision.passed:
         _move_champion(client, name, version)
+
+
+def card(name: str, version: str, system: str, recipe: str, decision: Decision, counts: dict[str, dict[str, int]],
+         fingerprints: dict[str, str], replaced: str | None, serve: str) -> str:
+    """A version's model card in markdown, for its description in the MLflow UI: what it is, the data it was
+    judged on, the gate's table, what it replaced and how to serve and call it (the tags stay for machines)."""
+    rows = "\n".join(f"| {task} | {c.get('train', 0)} | {c.get('validation', 0)} | {c.get('test', 0)} | "
+                     f"{c.get('rejected', 0)} |" for task, c in counts.items())
+    prints = ", ".join(f"{split} `{value}`" for split, value in fingerprints.items())
+    return "\n".join([
+        f"## {name} v{version}: {system}",
+        f"**Gate: {'PASS' if decision.passed else 'FAIL'}** ({'champion' if decision.passed else 'rejected'})"
+        + (f"; it replaced v{replaced} as champion." if decision.passed and replaced else "."),
+        "", f"**Recipe:** {recipe}", "",
+        "### Data", "| task | train | validation | test | rejected |", "|---|---|---|---|---|", rows, "",
+        f"Split fingerprints: {prints}.", "",
+        "### Gate", table([(system, c) for c in decision.comparisons]), "",
+        *(f"- {r}" for r in decision.reasons), "",
+        "### Serve and call it", "```bash", serve,
+        "curl -s http://127.0.0.1:3000/v1/chat/completions -H 'content-type: application/json' \\",
+        "  -d '{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]}'", "```",
+    ])
+
+
+def describe(name: str, version: str, markdown: str) -> None:
+    """The version's description in the MLflow UI."""
+    MlflowClient().update_model_version(name, version, description=markdown)
 
 
 def _history(client: MlflowClient, name: str, entry: str) -> None:

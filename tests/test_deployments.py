@@ -133,6 +133,7 @@ def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
     [forgetting] = [v for k, v in champion.tags.items() if k.startswith("tuneline.rule.forgetting_tuneline_general")]
     assert forgetting.startswith("pass: n=420"), forgetting
     assert {"tuneline.split.train", "tuneline.split.test"} <= set(champion.tags)
+    assert champion.description.startswith(f"## {MODEL} v1: ") and "| reports | " in champion.description
     assert {"tuneline.metric.exact_match", "tuneline.metric.field_f1", "tuneline.metric.rougeL"} <= set(champion.tags)
     evaluate = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                   "tags.`tuneline.stage` = 'evaluate'")[0]

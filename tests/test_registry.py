@@ -104,6 +104,22 @@ def test_register_retried_for_the_same_run_reuses_its_version(registry_env):
     assert versions[0].tags[registry.SCORE_TAG] == "0.500000"  # the retry's figures, on the one version
 
 
+def test_a_version_description_is_its_model_card(registry_env):
+    v1 = _candidate(registry_env, GOOD)
+    decision = registry.gate(GOOD, RULES)
+    markdown = registry.card(NAME, v1, "fine-tuned", "0-shot, chat, system prompt 'sys'", decision,
+                             {"reviews": {"train": 800, "validation": 100, "test": 100, "rejected": 3}},
+                             {"train": "aaa111", "test": "bbb222"}, "7", "tuneline deploy 2 --config x.yaml")
+    registry.describe(NAME, v1, markdown)
+    shown = MlflowClient().get_model_version(NAME, v1).description
+    assert shown.startswith(f"## {NAME} v{v1}: fine-tuned\n**Gate: PASS** (champion); it replaced v7 as champion.")
+    assert "| reviews | 800 | 100 | 100 | 3 |" in shown and "test `bbb222`" in shown
+    [vs_bar] = [line for line in shown.splitlines() if line.startswith("| fine-tuned | vs bar |")]
+    assert vs_bar.startswith("| fine-tuned | vs bar | 100 | +0.300 | [") and vs_bar.endswith("| pass |")
+    assert "(H0: difference <= +0.100) | lower bound > +0.100 |" in vs_bar
+    assert "tuneline deploy 2 --config x.yaml" in shown and "smoke test passed" in shown
+
+
 def test_champion_moves_only_on_pass_and_rollback_restores(registry_env, tmp_path):
     client = MlflowClient()
     v1 = _candidate(registry_env, GOOD)
