@@ -101,7 +101,10 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
     assert second.passed and second.system == "fine-tuned + 2 fixed shots, plain", second.reasons
     client = MlflowClient()
     assert client.get_model_version(NAME, first.version).tags["tuneline.system"] == "base + 2 retrieved shots, chat"
-    assert client.get_model_version(NAME, second.version).description == "System: fine-tuned + 2 fixed shots, plain."
+    card = client.get_model_version(NAME, second.version).description  # the model card
+    assert card.startswith(f"## {NAME} v{second.version}: fine-tuned + 2 fixed shots, plain\n**Gate: PASS** "
+                           f"(champion); it replaced v{first.version} as champion.")
+    assert "**Recipe:** 2 fixed shots, plain" in card
     assert registry.champion(NAME)[0] == second.version
 
     # Rollback to the prompt system, then back by hand to the fine-tuned one: each time the deploy stage rebuilds
