@@ -25,11 +25,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
 import time
 import typing as t
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 
 import aiohttp
@@ -47,6 +49,10 @@ from serving.feedback_store import Store
 MODEL = BentoModel("tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
 MAX_BODY_BYTES = 1_000_000
+MAX_ANSWERS, MAX_ANSWER_CHARS = 32, 200  # a request's own allowed answers (response_format's enum)
+# The generator's answers that mean "busy or restarting", as BentoML's client raises them (error_code).
+TRANSIENT = {HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.GATEWAY_TIMEOUT}
+logger = logging.getLogger("tuneline.service")
 TIMEOUT_S = 300
 # Below this, sampling picks the greedy token all but always, and logits / temperature overflows float32 near
 # 1e-38 (torch.multinomial then fails on inf/nan): such temperatures are decoded greedily.
@@ -67,12 +73,15 @@ class Generator:
     model_ref = MODEL
 
     def __init__(self) -> None:
+        self.load(self.model_ref.path)
+
+    def load(self, path: str) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_ref.path, use_safetensors=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         pad = self.tokenizer.pad_token_id
@@ -143,24 +152,42 @@ class Generator:
     def stream(self, request: dict) -> t.Generator[str, None, None]:
         """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason",
         "completion_tokens"}."""
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         produced: dict = {}
+        gone = threading.Event()  # the reader stopped reading (a client that went away): stop generating
+
+        torch = self.torch
+
+        class ReaderGone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), gone.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
-            with self.lock, self.torch.no_grad():
-                out = self.model.generate(input_ids=self.torch.tensor([request["ids"]]), streamer=streamer,
-                                          max_new_tokens=request["max_tokens"], **self._sampling(request))
-            produced["tokens"] = out[0, len(request["ids"]):].tolist()
+            try:
+                with self.lock, self.torch.no_grad():
+                    out = self.model.generate(
+                        input_ids=self.torch.tensor([request["ids"]]), streamer=streamer,
+                        max_new_tokens=request["max_tokens"], stopping_criteria=StoppingCriteriaList([ReaderGone()]),
+                        **self._sampling(request))
+                produced["tokens"] = out[0, len(request["ids"]):].tolist()
+            except Exception as exc:  # handed to the reader, which raises it; the stream must still end
+                produced["error"] = exc
+                streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        for piece in streamer:
-            if piece:
-                yield json.dumps({"text": piece}) + "\n"
-        worker.join()
-        tokens, finish = self._finish(produced.get("tokens", []), request["max_tokens"])
+        try:
+            for piece in streamer:
+                if piece:
+                    yield json.dumps({"text": piece}) + "\n"
+        finally:  # also when the reader closes this generator early: the lock is free again within a token
+            gone.set()
+            worker.join()
+        if "error" in produced:
+            raise produced["error"]
+        tokens, finish = self._finish(produced["tokens"], request["max_tokens"])
         yield json.dumps({"finish_reason": finish, "completion_tokens": len(tokens)}) + "\n"
 
 
@@ -209,6 +236,12 @@ class ChatRequest(BaseModel):
         if not isinstance(enum, list) or len(enum) < 2 or not all(isinstance(a, str) and a for a in enum):
             raise HTTPException(400, "response_format.json_schema.schema.enum: a list of at least 2 non-empty "
                                      "strings is required")
+        # Every answer is scored in one pass over the prompt: the cost grows with their number and length (100
+        # answers once held the service for two minutes), so both are bounded.
+        if len(enum) > MAX_ANSWERS or max(map(len, enum)) > MAX_ANSWER_CHARS:
+            raise HTTPException(400, f"response_format.json_schema.schema.enum: at most {MAX_ANSWERS} answers of "
+                                     f"at most {MAX_ANSWER_CHARS} characters each (got {len(enum)}, the longest "
+                                     f"{max(map(len, enum))})")
         return enum
 
     @property
@@ -227,6 +260,18 @@ class FeedbackRequest(BaseModel):
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def _failure(exc: Exception, what: str) -> HTTPException:
+    """A failure behind the API as the client should read it. Load, a timeout or a dropped connection between the
+    two services is 503 (retry later); anything else is a fault of ours: 500, its traceback in the service log,
+    so that a bug never looks like load. Call it inside the `except` that caught `exc`."""
+    code = getattr(exc, "error_code", None)
+    if isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError)) or code in TRANSIENT:
+        return HTTPException(503, f"{what} failed ({type(exc).__name__}: {str(exc)[:200]}); retry later")
+    logger.exception("%s failed", what)
+    return HTTPException(500, f"{what} failed: internal error ({type(exc).__name__}); the service log has its "
+                              "traceback")
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -263,9 +308,20 @@ app = FastAPI(title="tuneline chat", description="The promoted model, OpenAI-com
 
 @app.middleware("http")
 async def limit_body(request: Request, call_next):
+    """Refuse a body over the limit before it is parsed or tokenised. A declared length is checked at once; a
+    chunked body (no length) is counted as it arrives and refused at the chunk that crosses the limit."""
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
         return _error(413, f"request body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    if not size and request.method in {"POST", "PUT", "PATCH"}:
+        chunks, seen = [], 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > MAX_BODY_BYTES:
+                return _error(413, f"chunked request body passed the {MAX_BODY_BYTES}-byte limit")
+            chunks.append(chunk)
+        # Starlette's middleware hands a body it holds to the endpoint (the stream is consumed by now).
+        request._body = b"".join(chunks)
     return await call_next(request)
 
 
@@ -281,8 +337,8 @@ async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 @app.exception_handler(HTTPException)
 async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(exc.status_code,
-                                                                                          "invalid_request_error")
+    kinds = {401: "authentication_error", 404: "not_found_error", 500: "server_error", 503: "server_error"}
+    kind = kinds.get(exc.status_code, "invalid_request_error")
     return _error(exc.status_code, str(exc.detail), kind=kind)
 
 
@@ -390,9 +446,8 @@ class Chat:
                                      media_type="text/event-stream")
         try:
             [result] = await self._generate(request)
-        except Exception as exc:  # overloaded, timed out or restarting: the client may retry; never a bare 500
-            raise HTTPException(503, f"generation failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                     "retry later") from exc
+        except Exception as exc:  # sorted by _failure: load is 503, a fault of ours 500 with its traceback logged
+            raise _failure(exc, "generation") from exc
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = (len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped
                   else result["completion_tokens"])
@@ -406,8 +461,8 @@ class Chat:
         ids, continuations = prompt_rule.ranking_inputs(self.tokenizer, text, answers, self.recipe["chat"])
         try:
             logprobs = np.array(await self.generator.to_async.rank({"ids": ids, "continuations": continuations}))
-        except Exception as exc:  # as for generation: the client may retry
-            raise HTTPException(503, f"ranking failed ({type(exc).__name__}: {str(exc)[:200]}); retry later") from exc
+        except Exception as exc:  # as for generation
+            raise _failure(exc, "ranking") from exc
         probs = prompt_rule.probabilities(logprobs)
         best = answers[int(logprobs.argmax())]
         reply = json.dumps(best) if as_json else best
@@ -452,7 +507,8 @@ class Chat:
             except StopAsyncIteration:
                 break
             except Exception as exc:  # the status line is sent already: report the failure as the last event
-                error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error", "code": 503}
+                failure = _failure(exc, "generation")
+                error = {"message": failure.detail, "type": "server_error", "code": failure.status_code}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             buffer += raw

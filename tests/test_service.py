@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,11 +123,52 @@ def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(client):
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages.0.content"),
     ('{"messages": [', 400, "not valid JSON"),
     ("x" * 1_000_001, 413, "limit"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"enum": [f"answer {i}" for i in range(100)]}}}}, 400, "at most 32 answers"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_fault(service, body, status, names):
     response = post(service, "/v1/chat/completions", body)
     assert response.status_code == status, response.text
     assert names in response.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(service):
+    """A chunked body declares no length: it is counted as it arrives (it once passed the limit and was tokenised)."""
+    def chunks(total: int):
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(total // 100_000):
+            yield b"x" * 100_000
+        yield b'"}], "max_tokens": 2}'
+
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    big = httpx.post(service["url"] + "/v1/chat/completions", content=chunks(2_000_000), headers=headers, timeout=60)
+    assert big.status_code == 413 and "chunked request body" in big.json()["error"]["message"], big.text
+    small = httpx.post(service["url"] + "/v1/chat/completions", content=chunks(0), headers=headers, timeout=60)
+    assert small.status_code == 200, small.text  # a chunked body within the limit reaches the endpoint whole
+
+
+def test_a_failure_behind_the_api_is_503_only_when_retrying_can_help(caplog):
+    """Load, timeouts and a dropped link between the services say "retry later"; a bug is a 500 with its traceback
+    in the log, not disguised as load."""
+    import aiohttp
+    from bentoml.exceptions import InternalServerError, ServiceUnavailable
+
+    from serving.service import _failure
+
+    def sorted_as(exc: Exception) -> tuple[int, str]:
+        try:
+            raise exc
+        except Exception as caught:
+            failure = _failure(caught, "generation")
+        return failure.status_code, failure.detail
+
+    for transient in (ServiceUnavailable("busy"), TimeoutError(), aiohttp.ServerDisconnectedError()):
+        assert sorted_as(transient)[0] == 503 and sorted_as(transient)[1].endswith("retry later")
+    assert not caplog.records
+    for fault in (InternalServerError("boom"), ValueError("shape mismatch"), KeyError("ids")):
+        status, detail = sorted_as(fault)
+        assert status == 500 and "retry" not in detail and type(fault).__name__ in detail
+    assert [r.exc_info[0] for r in caplog.records] == [InternalServerError, ValueError, KeyError]
 
 
 def test_api_key_is_required_except_for_health(service):
@@ -356,3 +398,25 @@ def test_deploy_given_a_config_where_the_version_goes_says_to_pass_it_as_config(
     assert result.exit_code == 2
     said = "VERSION 'configs/classify.yaml' is a config file: pass it as --config configs/classify.yaml"
     assert said in result.output
+
+
+@pytest.mark.timeout(300)  # broken, either part hangs (a stream never ended, or 100,000 tokens generated)
+def test_a_stream_ends_when_generation_fails_and_stops_when_its_reader_goes(tiny_model):
+    """The generator's stream runs `generate` in a thread: a failure there once left the stream waiting forever,
+    and a client gone mid-stream kept the model locked until max_tokens. Driven on the real tiny model."""
+    from serving.service import Generator
+
+    generator = Generator.inner.__new__(Generator.inner)
+    generator.load(tiny_model)
+    generator.eos, generator.pad, generator.lock = {generator.tokenizer.eos_token_id}, 0, threading.Lock()
+    request = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": None}
+
+    stream = generator.stream({**request, "ids": [len(generator.tokenizer) + 10]})  # no such token: generate raises
+    with pytest.raises(IndexError):
+        list(stream)
+    assert not generator.lock.locked()
+
+    long = generator.stream({**request, "ids": generator.tokenizer("Review: ok")["input_ids"], "max_tokens": 100_000})
+    assert "text" in json.loads(next(long))
+    long.close()  # the reader goes away after one piece: generation stops at its next token, the lock is free
+    assert not generator.lock.locked()
