@@ -6,6 +6,7 @@ for forgetting; the gate's evidence per candidate. A crashed evaluation is recor
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import mlflow
@@ -110,7 +111,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                 results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],
                                       chat=v["chat"], kind=task.kind, **common)
             except Exception as exc:  # recorded for the gate, which fails on any crash; the report goes on
-                crashed[name] = f"{type(exc).__name__}: {exc}"
+                crashed[name] = _crash(name, exc)
                 continue
             log_eval(f"test {name}", results[name], prompt=v["name"], shots=v["shots"], chat_template=v["chat"],
                      split="test")
@@ -122,7 +123,7 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
                             folder, tasks_dir, suite, limit=config.evaluation.general_limit,
                             batch_size=config.evaluation.batch_size)
                     except Exception as exc:  # same rule as above
-                        crashed[f"{name} ({suite})"] = f"{type(exc).__name__}: {exc}"
+                        crashed[f"{name} ({suite})"] = _crash(f"{name} ({suite})", exc)
         builtin = _builtin_benchmarks(config, {n: plan[n][0] for n in ("base", "finetuned") if n in results})
 
         champion_items, note = _champion_items(config, results, current)
@@ -243,6 +244,12 @@ def _builtin_benchmarks(config: LifecycleConfig, models: dict[str, str]) -> dict
         for task, metrics in scores[name].items():
             mlflow.log_metrics({f"{name}_{task}_{k}": v for k, v in metrics.items()})
     return scores
+
+
+def _crash(what: str, exc: Exception) -> str:
+    """A crashed scoring's one line for the gate and the report; its traceback goes to the run's log."""
+    print(f"evaluate: scoring {what} crashed:\n{traceback.format_exc()}")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list[registry.Candidate],

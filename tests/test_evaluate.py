@@ -21,7 +21,7 @@ from tasks.schema import GateConfig
 from tests.conftest import DEMO_DATA, ROOT
 
 
-def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_api, mlflow_sqlite, tmp_path):
+def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_api, mlflow_sqlite, tmp_path, capsys):
     from flows.evaluate import evaluate_stage
 
     config = load_config(ROOT / "configs" / "demo.yaml")
@@ -53,6 +53,7 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     assert "finetuned" in finetuned.evidence.crashed
     assert "HF_HUB_OFFLINE is set" in report.builtin["skipped"]
     assert set(report.crashed) == {"finetuned"}
+    assert "scoring finetuned crashed:\nTraceback (most recent call last)" in capsys.readouterr().out  # the why
     base = report.scores["base"]
     assert set(base) >= {"exact_match", "field_f1", "rougeL", "stderr", "general_acc"}
     assert 0.0 <= base["general_acc"] <= 1.0
