@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -27,7 +28,9 @@ def _fail(message: str, exc: BaseException | None = None) -> None:
         log = local.configure_env() / "logs" / "cli.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as out:
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} tuneline {' '.join(sys.argv[1:])}\n")
+            # A URL's password (`up --database postgresql://user:password@…`) never reaches the log.
+            command = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", " ".join(sys.argv[1:]))
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} tuneline {command}\n")
             out.write("".join(traceback.format_exception(exc)))
         message = f"{message} (traceback in {log})"
     typer.echo(f"error: {message}", err=True)
@@ -49,16 +52,30 @@ def _connect(prefect: bool) -> None:
 @app.command()
 def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
                                       help="config whose deployments the runner serves (repeatable)"),
-       runner: bool = typer.Option(True, "--runner/--no-runner", help="also register and serve the deployments")
+       runner: bool = typer.Option(True, "--runner/--no-runner", help="also register and serve the deployments"),
+       database: str = typer.Option("", envvar="TUNELINE_DATABASE_URL", show_default=False,
+                                    help="a shared PostgreSQL server for both servers' state: postgresql://user:"
+                                         "password@host:port/NAME (default: SQLite under the state folder)"),
+       artifacts_destination: str = typer.Option("", envvar="TUNELINE_ARTIFACTS_DESTINATION", show_default=False,
+                                                 help="where MLflow stores artifacts: a folder or s3://bucket/path "
+                                                      "(clients reach them through the server)"),
+       allowed_hosts: str = typer.Option("", envvar="TUNELINE_MLFLOW_ALLOWED_HOSTS", show_default=False,
+                                         help="MLflow's allowed Host headers, for a server behind a proxy")
        ) -> None:
-    """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline), and
-    a runner that registers each config's deployments (with its schedules) and executes their runs."""
+    """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline) or
+    on a shared PostgreSQL server, and a runner that registers each config's deployments (with its schedules)
+    and executes their runs."""
     for path in config if runner else []:
         _config(path)
+    # The servers read their stores from the environment (local.Stores): the options only fill it in.
+    for key, value in {"TUNELINE_DATABASE_URL": database, "TUNELINE_ARTIFACTS_DESTINATION": artifacts_destination,
+                       "TUNELINE_MLFLOW_ALLOWED_HOSTS": allowed_hosts}.items():
+        if value:
+            os.environ[key] = value
     try:
         for line in local.up(configs=[str(p) for p in config] if runner else []):
             typer.echo(line)
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"Prefect UI: {local.prefect_server().url}   MLflow UI: {local.mlflow_server().url}")
 

@@ -1,7 +1,9 @@
 """The local stack: a Prefect server and an MLflow tracking server on 127.0.0.1, state under one folder.
 
-Servers already answering on their port are reused, never restarted; `down` stops only the processes this
-module started, by the PIDs it recorded. Nothing here binds anything but loopback.
+Their state is SQLite files under that folder by default; a team points both at a shared PostgreSQL server and
+the MLflow artifacts at a shared destination (`Stores`). Servers already answering on their port are reused,
+never restarted; `down` stops only the processes this module started, by the PIDs it recorded. Nothing here
+binds anything but loopback.
 """
 
 from __future__ import annotations
@@ -46,32 +48,116 @@ def mlflow_server() -> Server:
     return Server("mlflow", int(os.environ.get("TUNELINE_MLFLOW_PORT", 5000)), "/health")
 
 
-def _command(server: Server, home: Path) -> tuple[list[str], dict[str, str]]:
+# What only the servers may hold: the database password (inside the URL) and the artifact store's credentials.
+# Client processes (the runner, the flows it runs) get an environment without them.
+SERVER_SECRETS = ("TUNELINE_DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "MLFLOW_S3_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING",
+                  "AZURE_STORAGE_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where the two servers keep their state. Unset: SQLite files and an artifact folder under the state folder.
+
+    `database` is a PostgreSQL URL (postgresql://user:password@host:port/NAME): Prefect gets the database
+    NAME_prefect (through asyncpg) and MLflow NAME_mlflow (through psycopg2), created when missing; they are two
+    databases because both keep an `alembic_version` table. `artifacts` is where MLflow stores artifacts (a
+    folder or an s3:// URI); clients reach them through the server (proxied), so only the server holds the
+    store's credentials. `allowed_hosts` is MLflow's Host-header allow-list, for a server behind a proxy."""
+
+    database: str | None = None
+    artifacts: str | None = None
+    allowed_hosts: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Stores:
+        return cls(os.environ.get("TUNELINE_DATABASE_URL") or None,
+                   os.environ.get("TUNELINE_ARTIFACTS_DESTINATION") or None,
+                   os.environ.get("TUNELINE_MLFLOW_ALLOWED_HOSTS") or None)
+
+    def urls(self) -> dict[str, str]:
+        """The SQLAlchemy URL each server uses (with its password): {"prefect": …, "mlflow": …}."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(self.database)
+        except ArgumentError as exc:
+            raise ValueError(f"--database / TUNELINE_DATABASE_URL: not a database URL ({exc})") from None
+        if url.get_backend_name() != "postgresql" or not url.database:
+            raise ValueError(f"--database / TUNELINE_DATABASE_URL: expected postgresql://user:password@host:port/"
+                             f"NAME, got {url.render_as_string(hide_password=True)}")
+        return {"prefect": url.set(drivername="postgresql+asyncpg", database=f"{url.database}_prefect")
+                .render_as_string(hide_password=False),
+                "mlflow": url.set(drivername="postgresql+psycopg2", database=f"{url.database}_mlflow")
+                .render_as_string(hide_password=False)}
+
+    def describe(self) -> str:
+        """Where the state lives, as `up` prints it: never a password."""
+        if not self.database:
+            return ""
+        from sqlalchemy.engine import make_url
+
+        where = make_url(self.database).render_as_string(hide_password=True)
+        return f"state: PostgreSQL {where} (databases *_prefect, *_mlflow); artifacts: {self.artifacts or 'local'}"
+
+
+def create_databases(stores: Stores) -> None:
+    """Create the two databases on the PostgreSQL server when they are missing; Prefect's migrations then add
+    the pg_trgm extension themselves (a trusted extension: the database's owner may create it)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    wanted = stores.urls()  # a URL that is not PostgreSQL is refused before anything connects
+    given = make_url(stores.database).set(drivername="postgresql+psycopg2")
+    engine = create_engine(given, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for url in wanted.values():
+                name = make_url(url).database
+                if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+                    conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as exc:
+        where = given.render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        if "permission denied" in reason:
+            reason += (f" (the role needs CREATEDB, or create the databases {given.database}_prefect and "
+                       f"{given.database}_mlflow beforehand)")
+        raise RuntimeError(f"PostgreSQL at {where}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def _command(server: Server, home: Path, stores: Stores) -> tuple[list[str], dict[str, str]]:
+    """The server's command line and environment. Connection URLs travel in the environment, never on the
+    command line, where `ps` would show their passwords to every user of the machine."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **TELEMETRY_OFF}
+    env.pop("TUNELINE_DATABASE_URL", None)  # each server gets its own database's URL below, and only that
+    urls = stores.urls() if stores.database else {}
     if server.name == "prefect":
         env["PREFECT_HOME"] = str(home / "prefect")
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}"
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = urls.get(
+            "prefect", f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}")
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
         env["PREFECT_UI_API_URL"] = f"{server.url}/api"  # else the UI's browser side calls port 4200
         return [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(server.port)], env
     # The server's job executor (huey consumers for GenAI scorers) busy-polls several cores; tuneline needs none.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    db = home / "mlflow" / "mlflow.db"
-    return [
-        str(bin_dir / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{db}",
-        "--artifacts-destination", str(home / "mlflow" / "artifacts"),
-        "--host", HOST, "--port", str(server.port), "--workers", "1",
-    ], env
+    env["MLFLOW_BACKEND_STORE_URI"] = urls.get("mlflow", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    env["MLFLOW_ARTIFACTS_DESTINATION"] = stores.artifacts or str(home / "mlflow" / "artifacts")
+    hosts = ["--allowed-hosts", stores.allowed_hosts] if stores.allowed_hosts else []
+    return [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(server.port), "--workers", "1",
+            *hosts], env
 
 
-def _launch(server: Server, home: Path):
+def _launch(server: Server, home: Path, stores: Stores):
     """Spawn `server` unless one already answers on its port (then None: it is reused)."""
     if server.healthy():
         return None
     (home / server.name).mkdir(parents=True, exist_ok=True)
-    cmd, env = _command(server, home)
+    cmd, env = _command(server, home, stores)
     return spawn(server.name, cmd, env, home)
 
 
@@ -90,7 +176,7 @@ def _ready(server: Server, proc, home: Path, timeout_s: float) -> str:
 def start(server: Server, home: Path | None = None, timeout_s: float = 180.0) -> str:
     """Start `server` unless one already answers on its port; wait until healthy."""
     home = home or state_dir()
-    return _ready(server, _launch(server, home), home, timeout_s)
+    return _ready(server, _launch(server, home, Stores.from_env()), home, timeout_s)
 
 
 def client_env() -> dict[str, str]:
@@ -99,6 +185,10 @@ def client_env() -> dict[str, str]:
         "PREFECT_API_URL": f"{prefect_server().url}/api",
         "MLFLOW_TRACKING_URI": mlflow_server().url,
     }
+
+
+def _without_server_secrets(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in SERVER_SECRETS}
 
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments' entrypoints are paths under it
@@ -119,7 +209,7 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
 
     stop_started("runner", home)
     expected = {(d.name, d.flow_name) for path in configs for d in deployments(path)}
-    env = {**TELEMETRY_OFF, **client_env(), **os.environ, "TUNELINE_HOME": str(home),
+    env = {**TELEMETRY_OFF, **client_env(), **_without_server_secrets(dict(os.environ)), "TUNELINE_HOME": str(home),
            "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(home / "bentoml"))}
     started = time.time()
     proc = spawn("runner", [sys.executable, "-m", "infra.deployments", *configs], env, home, cwd=ROOT)
@@ -140,9 +230,14 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
 
 def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
     home = configure_env(home)
+    stores = Stores.from_env()
+    if stores.database:
+        create_databases(stores)
     # Both start at once, then both are awaited: their imports and database migrations overlap (~30 s saved).
-    launched = [(server, _launch(server, home)) for server in (prefect_server(), mlflow_server())]
+    launched = [(server, _launch(server, home, stores)) for server in (prefect_server(), mlflow_server())]
     lines = [_ready(server, proc, home, 180.0) for server, proc in launched]
+    if stores.database:
+        lines.append(stores.describe())
     if configs:
         lines.append(start_runner([str(Path(c).resolve()) for c in configs], home))
     return lines

@@ -30,8 +30,25 @@ def listening(port: int) -> bool:
 
 
 def pid_file(name: str, home: Path) -> Path:
-    """Where the PID of a process this state folder started is recorded (its presence: "ours")."""
+    """Where the PID of a process this state folder started is recorded (its presence: "ours"), with the
+    process's start time: "PID START"."""
     return home / f"{name}.pid"
+
+
+def recorded_pid(name: str, home: Path) -> int | None:
+    """The PID recorded for `name`, if any."""
+    recorded = pid_file(name, home)
+    return int(recorded.read_text().split()[0]) if recorded.is_file() else None
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (Linux's /proc/PID/stat, field 22); None when there is
+    no such process or no /proc. A PID is reused once its process is gone; the pair (PID, start) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after "PID (name)" begin with field 3
 
 
 def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
@@ -40,7 +57,7 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path 
     with open(home / "logs" / f"{name}.log", "ab") as log:  # the child holds its own copy of the handle
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=cwd)
-    pid_file(name, home).write_text(str(proc.pid))
+    pid_file(name, home).write_text(f"{proc.pid} {_start_time(proc.pid) or ''}".strip())
     return proc
 
 
@@ -65,8 +82,12 @@ def stop_started(name: str, home: Path) -> str:
     recorded = pid_file(name, home)
     if not recorded.exists():
         return f"{name}: not started by tuneline; left alone"
-    pid = int(recorded.read_text())
+    pid, _, started = recorded.read_text().strip().partition(" ")
+    pid = int(pid)
     recorded.unlink()
+    now = _start_time(pid)
+    if started and now is not None and now != started:  # a stale file: the PID belongs to another process now
+        return f"{name}: pid {pid} is another process now (the one tuneline started has exited); left alone"
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -11,70 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from mlflow import MlflowClient
 
 from tasks.processes import free_port
-from tests.conftest import ROOT, reports_config
+from tests.conftest import reports_config
+from tests.stack import Stack, running_stack
 
+pytestmark = pytest.mark.system
 NAME, MODEL = "ops-demo", "ops-assistant"
 STAGES = ("data", "select", "baseline", "finetune", "evaluate", "promote", "deploy")
 CORRECTION = "label: yes"
 DEPLOYMENTS = ("lifecycle", "feedback", "finetune-model", "evaluate-version", "deploy-version", "promote-version",
                "rollback")
-
-
-class Stack:
-    """The servers `tuneline up` started for this module, and the calls a user or a script makes on them."""
-
-    def __init__(self, home: Path, config: Path, env: dict[str, str]):
-        self.home, self.config, self.env = home, config, env
-        self.prefect = f"http://127.0.0.1:{env['TUNELINE_PREFECT_PORT']}"
-        self.mlflow = f"http://127.0.0.1:{env['TUNELINE_MLFLOW_PORT']}"
-        self.service = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['deploy']['port']}"
-        self.runs: dict[str, str] = {}  # what earlier tests ran: name -> Prefect flow run id
-
-    def tuneline(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        return subprocess.run([str(Path(sys.executable).parent / "tuneline"), *args], env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        reply = httpx.request(method, f"{self.prefect}/api{path}", timeout=30, **kwargs)
-        reply.raise_for_status()
-        return reply
-
-    def trigger(self, deployment: str, parameters: dict | None = None, timeout_s: float = 900) -> dict:
-        """Create a flow run of `<flow>/<deployment>` through the REST API and wait until it is final."""
-        found = self.api("GET", f"/deployments/name/{deployment}").json()
-        run = self.api("POST", f"/deployments/{found['id']}/create_flow_run",
-                       json={"parameters": parameters or {}}).json()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            run = self.api("GET", f"/flow_runs/{run['id']}").json()
-            if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
-                return run
-            time.sleep(3)
-        raise TimeoutError(f"{deployment}: flow run {run['id']} still {run['state']['type']} after {timeout_s}s")
-
-    def logs(self, flow_run_id: str, expect: str = "", timeout_s: float = 60) -> str:
-        """The run's log lines; they reach the API in batches, so wait (a while) until `expect` is among them."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            rows = self.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
-            text = "\n".join(row["message"] for row in rows)
-            if expect in text or time.monotonic() > deadline:
-                return text
-            time.sleep(2)
-
-    def mlflow_client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.mlflow, registry_uri=self.mlflow)
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +36,8 @@ def stack(tmp_path_factory, steady_tiny_model) -> Stack:
     demo["registered_model"] = MODEL
     demo["deploy"]["port"] = free_port()
     demo["schedule"] = {"lifecycle": None, "feedback": "30 2 * * *", "timezone": "UTC"}
-    config = home / "ops.yaml"
-    config.write_text(yaml.safe_dump(demo))
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TUNELINE_FEEDBACK_DB"}}
-    env.update(TUNELINE_HOME=str(home), BENTOML_HOME=str(home / "bentoml"), TUNELINE_PREFECT_PORT=str(free_port()),
-               TUNELINE_MLFLOW_PORT=str(free_port()))
-    stack = Stack(home, config, env)
-    up = stack.tuneline("up", "--config", str(config))
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
+    with running_stack(home, demo) as stack:
         yield stack
-    finally:
-        down = stack.tuneline("down", timeout=120)
-        assert "runner: stopped" in down.stdout, down.stdout + down.stderr
 
 
 def test_up_registers_every_deployment_with_its_form_and_schedule(stack):
@@ -167,14 +106,14 @@ def test_prefect_restart_keeps_history_and_deployments(stack):
     """The Prefect server (stopped by its PID, and only it) goes away and `tuneline up` runs again: it starts
     Prefect, reuses the running MLflow, and history and deployments are kept; the next test's feedback round
     runs on the restarted stack."""
-    from tasks.processes import stop_started
+    from tasks.processes import recorded_pid, stop_started
 
     def finished() -> set[str]:  # scheduled future runs are re-created when the deployments are re-registered
         runs = stack.api("POST", "/flow_runs/filter", json={}).json()
         return {r["id"] for r in runs if r["state"]["type"] != "SCHEDULED"}
 
     before = finished()
-    pid = int((stack.home / "prefect.pid").read_text())
+    pid = recorded_pid("prefect", stack.home)
     assert "stopped" in stop_started("prefect", stack.home)  # the server only; its database stays on disk
     with pytest.raises(ProcessLookupError):  # stopped by its PID: the process is gone
         os.kill(pid, 0)

@@ -4,7 +4,11 @@ tests/test_deployments.py (`tuneline up`, a Prefect restart)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +40,6 @@ def test_a_server_another_state_folder_started_is_reused_saying_whose_it_is(tmp_
 
 
 def test_a_spawned_process_leaves_no_log_handle_open_in_this_one(tmp_path):
-    import os
-    import sys
-
     from tasks.processes import spawn
 
     log = tmp_path / "logs" / "sleeper.log"
@@ -50,3 +51,28 @@ def test_a_spawned_process_leaves_no_log_handle_open_in_this_one(tmp_path):
         wait_until("sleeper", lambda: log.read_text() == "up\n", proc, tmp_path, timeout_s=60)  # it logs
     finally:  # a child of this process stops at once (reaped, not mistaken for one that ignored SIGTERM)
         assert stop_started("sleeper", tmp_path) == f"sleeper: stopped (pid {proc.pid})"
+
+
+def test_a_stale_pid_file_never_signals_the_process_that_reused_its_pid(tmp_path):
+    """The recorded start time tells the process tuneline started from another that got its PID later."""
+    from tasks.processes import pid_file, recorded_pid, spawn
+
+    proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
+    try:
+        assert recorded_pid("sleeper", tmp_path) == proc.pid
+        pid_file("sleeper", tmp_path).write_text(f"{proc.pid} 1")  # as if the PID were another process's now
+        assert "is another process now" in stop_started("sleeper", tmp_path)
+        assert proc.poll() is None  # not signalled
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused_naming_the_option(tmp_path):
+    env = {**os.environ, "TUNELINE_HOME": str(tmp_path), "TUNELINE_PREFECT_PORT": str(free_port()),
+           "TUNELINE_MLFLOW_PORT": str(free_port())}
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneline"), "up", "--no-runner", "--database",
+                           "mysql://me:hunter2@db/x"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--database / TUNELINE_DATABASE_URL: expected postgresql://" in done.stderr, done.stderr
+    assert "hunter2" not in done.stdout + done.stderr and not (tmp_path / "prefect.pid").exists()
