@@ -49,7 +49,7 @@ demo: install
 # Lint (ruff's stated rule set) and the import layers (pyproject's import-linter contracts) first: seconds.
 # The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures stay whole), the longest
 # files first (tests/conftest.py). `make test` is every unit and component, each against real servers and
-# libraries; `make test-system` the end-to-end runs on whole stacks and the real shipped Gemma model; CI runs
+# libraries; `make test-system` the end-to-end runs on whole stacks and the real shipped models; CI runs
 # both, and the fault tests.
 TEST_WORKERS ?= 2
 test: install browser

