@@ -255,6 +255,24 @@ def feedback_reject(ids: list[int] = typer.Argument(None), all_from: str = typer
     _review("rejected", ids, all_from, reason)
 
 
+@feedback_app.command("sync")
+def feedback_sync(config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model and experiment")) -> None:
+    """Write the model's served answers as MLflow traces with their ratings and corrections as assessments, and
+    read back the reviews made in the MLflow UI (a `tuneline.review` assessment: approved or rejected)."""
+    from tasks.feedback import trace
+
+    cfg = _config(config)
+    _connect(prefect=False)
+    try:
+        done = trace(_feedback_db(), cfg.registered_model, cfg.name)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if done.error:
+        _fail(f"{done.error}; {done.waiting} answers wait in the store and are traced on the next sync")
+    typer.echo(f"{cfg.name}: {done.answers} answers traced, {done.assessments} assessments written, "
+               f"{len(done.reviewed)} reviews read from MLflow ({', '.join(map(str, done.reviewed)) or '-'})")
+
+
 @feedback_app.command("purge")
 def feedback_purge(config: Path = typer.Option(Path("configs/demo.yaml"), help="its feedback.retain_days"),
                    days: float = typer.Option(None, help="override feedback.retain_days")) -> None:

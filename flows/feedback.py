@@ -16,7 +16,7 @@ from flows.config import load_config
 from flows.lifecycle import lifecycle
 from tasks import tracking
 from tasks.datasets import write_examples
-from tasks.feedback import Harvest, harvest, purge
+from tasks.feedback import Harvest, harvest, purge, trace
 from tasks.paths import feedback_db, run_folder
 from tasks.tracking import publish
 
@@ -36,12 +36,17 @@ def retrain_from_feedback(config_path: str, serve: bool | None = None) -> dict:
     """One feedback round for the config at `config_path`; `serve` overrides deploy.serve for its lifecycle.
 
     Trains on the approved feedback of the config's own registered model (every round's, the newest correction
-    per response), after deleting what the retention period no longer allows to be kept."""
+    per response), after tracing its answers in MLflow (and reading the reviews made there) and deleting what
+    the retention period no longer allows to be kept."""
     config = load_config(config_path)
     home = tracking.open_experiment(config.name)
     rounds = finished_rounds(config.name)
     since = int(rounds[-1].data.params["last_feedback_id"]) if rounds else 0
     db, fb = feedback_db(), config.feedback
+    if db.is_file():  # reviews made in the MLflow UI count: they are read into the store before the harvest
+        traced = trace(db, config.registered_model, config.name)
+        print(f"traces: {traced.answers} answers and {traced.assessments} assessments written, "
+              f"{len(traced.reviewed)} reviews read from MLflow" + (f"; {traced.error}" if traced.error else ""))
     purged = purge(db, fb.retain_days) if db.is_file() else {"responses": 0, "feedback": 0}
     found = harvest(db, config.registered_model, config.task.system_prompt, since, fb.approve_at,
                     require_review=fb.require_review) if db.is_file() else Harvest([], since, 0, 0, 0)

@@ -26,10 +26,14 @@ CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, creat
 # Columns added since the first schema: an older store gains them when it is opened.
 ADDED = {
     "responses": {"registered_model": "TEXT NOT NULL DEFAULT ''", "version": "TEXT NOT NULL DEFAULT ''",
-                  "system_supplied": "INTEGER NOT NULL DEFAULT 0", "redactions": "INTEGER NOT NULL DEFAULT 0"},
+                  "system_supplied": "INTEGER NOT NULL DEFAULT 0", "redactions": "INTEGER NOT NULL DEFAULT 0",
+                  # the served system and the request's time, for its MLflow trace; the trace's id once written
+                  "system": "TEXT NOT NULL DEFAULT ''", "latency_ms": "REAL NOT NULL DEFAULT 0", "trace_id": "TEXT"},
     "feedback": {"status": f"TEXT NOT NULL DEFAULT '{PENDING}'", "key_id": "TEXT NOT NULL DEFAULT ''",
                  "reviewer": "TEXT", "reviewed_at": "REAL", "reason": "TEXT",
-                 "redactions": "INTEGER NOT NULL DEFAULT 0"},
+                 "redactions": "INTEGER NOT NULL DEFAULT 0",
+                 # written to the trace: the rating and correction; the review decision
+                 "traced": "INTEGER NOT NULL DEFAULT 0", "decision_traced": "INTEGER NOT NULL DEFAULT 0"},
 }
 
 # What redaction replaces before anything is stored. Shapes, not validation: a false positive costs a token of
@@ -79,9 +83,9 @@ class Store:
     def _clean(self, text: str | None) -> tuple[str | None, int]:
         return (text, 0) if text is None or not self.redaction else redact(text)
 
-    def save_response(self, rid: str, model: str, messages: list[dict], answer: str,
-                      system_supplied: bool = False) -> None:
-        """One served answer; `model` is "<registered model>/<version>"."""
+    def save_response(self, rid: str, model: str, messages: list[dict], answer: str, system_supplied: bool = False,
+                      system: str = "", started: float | None = None) -> None:
+        """One served answer; `model` is "<registered model>/<version>", `started` the request's time.time()."""
         count, cleaned = 0, []
         for m in messages:
             content, n = self._clean(m["content"])
@@ -89,11 +93,12 @@ class Store:
             count += n
         answer, n = self._clean(answer)
         registered, _, version = model.rpartition("/")
+        now = time.time()
         with self.lock:
             self.db.execute("INSERT INTO responses (id, created, model, messages, answer, registered_model, version, "
-                            "system_supplied, redactions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (rid, time.time(), model, json.dumps(cleaned), answer, registered, version,
-                             int(system_supplied), count + n))
+                            "system_supplied, redactions, system, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (rid, now, model, json.dumps(cleaned), answer, registered, version, int(system_supplied),
+                             count + n, system, (now - started) * 1000 if started else 0.0))
 
     def save_feedback(self, response_id: str, rating: int, correction: str | None, comment: str | None,
                       key_id: str = "") -> int | None:

@@ -430,6 +430,7 @@ class Chat:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, _: str = Depends(require_key)):
+        started = time.time()
         messages, request = self._prepare(body)
         supplied = body.messages[0].role == "system"  # stored, never trained on
         text = request.pop("text")
@@ -440,9 +441,9 @@ class Chat:
             if body.stream:
                 raise HTTPException(400, "stream: a ranked answer is one reply; send stream false, or "
                                          'response_format {"type": "text"} for streamed free text')
-            return await self._ranked(rid, messages, text, answers, body.enum is not None, supplied)
+            return await self._ranked(rid, messages, text, answers, body.enum is not None, (supplied, started))
         if body.stream:
-            return StreamingResponse(self._stream(rid, messages, request, body.stops, supplied),
+            return StreamingResponse(self._stream(rid, messages, request, body.stops, (supplied, started)),
                                      media_type="text/event-stream")
         try:
             [result] = await self._generate(request)
@@ -451,11 +452,16 @@ class Chat:
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = (len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped
                   else result["completion_tokens"])
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text, supplied)
+        await self._save(rid, messages, text, (supplied, started))
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
+    async def _save(self, rid: str, messages: list[dict], answer: str, origin: tuple[bool, float]) -> None:
+        """Store the answer (off the event loop); `origin` is (system prompt supplied by the client, start)."""
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, answer, origin[0], self.system,
+                                origin[1])
+
     async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool,
-                      supplied: bool) -> dict:
+                      origin: tuple[bool, float]) -> dict:
         """The most likely of `answers` as the reply, with every answer's probability: ranked by the prompt rule,
         as evaluation ranks them."""
         ids, continuations = prompt_rule.ranking_inputs(self.tokenizer, text, answers, self.recipe["chat"])
@@ -466,7 +472,7 @@ class Chat:
         probs = prompt_rule.probabilities(logprobs)
         best = answers[int(logprobs.argmax())]
         reply = json.dumps(best) if as_json else best
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, reply, supplied)
+        await self._save(rid, messages, reply, origin)
         out = self._completion(rid, reply, "stop", len(ids), len(continuations[int(logprobs.argmax())]))
         out["choices"][0]["probabilities"] = {a: round(float(p), 6) for a, p in zip(answers, probs)}
         return out
@@ -489,7 +495,8 @@ class Chat:
             await asyncio.sleep(0.2 * 2**attempt)
         return await self.generator.to_async.generate([request])
 
-    async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str], supplied: bool):
+    async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str],
+                      origin: tuple[bool, float]):
         """Server-sent events in OpenAI's chunk format; text that could begin a stop string is held back."""
 
         def event(delta: dict, finish: str | None = None) -> str:
@@ -527,7 +534,7 @@ class Chat:
                 sent = len(text) - hold
         if len(text) > sent:
             yield event({"content": text[sent:]})
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, text, supplied)
+        await self._save(rid, messages, text, origin)
         yield event({}, finish)
         yield "data: [DONE]\n\n"
 

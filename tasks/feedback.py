@@ -1,8 +1,9 @@
 """Production feedback → training examples, after review.
 
 The service stores every answer and the feedback on it (serving/feedback_store.py), redacted and *pending*. A
-reviewer approves or rejects it (`tuneline feedback approve|reject`); a round trains on approved feedback of its
-own registered model only, and the newest approved correction of a response wins across rounds.
+reviewer approves or rejects it (`tuneline feedback approve|reject`, or an assessment on its MLflow trace); a
+round trains on approved feedback of its own registered model only, and the newest approved correction of a
+response wins across rounds.
 """
 
 from __future__ import annotations
@@ -125,6 +126,118 @@ def purge(db_path: str | Path, retain_days: float, now: float | None = None) -> 
         return {"responses": responses, "feedback": feedback}
     finally:
         db.close()
+
+
+REVIEW = "tuneline.review"  # a reviewer's assessment on a trace in the MLflow UI: value "approved" or "rejected"
+
+
+@dataclass(frozen=True)
+class Traced:
+    answers: int  # answers written as MLflow traces by this call
+    assessments: int  # ratings, corrections and review decisions attached to traces
+    reviewed: list[int]  # feedback ids a reviewer decided in MLflow, now applied to the store
+    waiting: int  # answers of the model not traced yet (the tracking server could not be reached)
+    error: str | None = None
+
+
+def _reachable(uri: str) -> str | None:
+    """Why the tracking server at `uri` cannot be used now, or None. Asked once, quickly: MLflow's client
+    retries a dead server for minutes, and an answer not traced now is traced on the next call."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"the tracking server at {uri} is not reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def trace(db_path: str | Path, model: str, experiment: str) -> Traced:
+    """Registered model `model`'s stored answers as MLflow traces in `experiment` (the question and answer, the
+    system and version, the latency), their ratings and corrections as assessments on them, and review decisions
+    both ways: one made with the CLI becomes an assessment on the trace; a `tuneline.review` assessment a
+    reviewer adds in the MLflow UI is applied to the store, with its author and time, as if made with the CLI.
+
+    The store stays the durable record: what could not be written (the tracking server down) is written by the
+    next call, and nothing is lost. Tracing happens here, out of band, so it adds nothing to a request's time."""
+    import mlflow
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+    db = _open(db_path, write=True)
+    try:
+        waiting = db.execute("SELECT COUNT(*) FROM responses WHERE registered_model = ? AND trace_id IS NULL",
+                             (model,)).fetchone()[0]
+        why = _reachable(mlflow.get_tracking_uri())
+        if why:
+            return Traced(0, 0, [], waiting, why)
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+
+        answers = 0
+        for rid, created, messages, answer, version, system, latency in db.execute(
+                "SELECT id, created, messages, answer, version, system, latency_ms FROM responses "
+                "WHERE registered_model = ? AND trace_id IS NULL ORDER BY created", (model,)).fetchall():
+            span = mlflow.start_span_no_context(
+                "chat", span_type="LLM", inputs={"messages": json.loads(messages)}, experiment_id=experiment_id,
+                start_time_ns=int((created - latency / 1000) * 1e9),
+                tags={"tuneline.response_id": rid, "tuneline.registered_model": model,
+                      "tuneline.version": version, "tuneline.system": system})
+            span.set_outputs({"answer": answer})
+            span.end(end_time_ns=int(created * 1e9))
+            mlflow.flush_trace_async_logging()
+            db.execute("UPDATE responses SET trace_id = ? WHERE id = ?", (span.trace_id, rid))
+            answers += 1
+
+        assessments = 0
+        rows = db.execute("SELECT f.id, r.trace_id, f.rating, f.correction, f.comment, f.key_id, f.traced, f.status, "
+                          "f.reviewer, f.reason FROM feedback f JOIN responses r ON r.id = f.response_id "
+                          "WHERE r.registered_model = ? AND r.trace_id IS NOT NULL AND "
+                          "(f.traced = 0 OR (f.status != ? AND f.decision_traced = 0))", (model, PENDING)).fetchall()
+        for fid, trace_id, rating, correction, comment, key_id, traced, status, by, reason in rows:
+            meta = {"tuneline.feedback_id": str(fid)}
+            if not traced:
+                client = AssessmentSource(AssessmentSourceType.HUMAN, key_id or "client")
+                mlflow.log_feedback(trace_id=trace_id, name="rating", value=rating, source=client,
+                                    rationale=comment, metadata=meta)
+                if correction:
+                    mlflow.log_expectation(trace_id=trace_id, name="expected_response", value=correction,
+                                           source=client, metadata=meta)
+                db.execute("UPDATE feedback SET traced = 1 WHERE id = ?", (fid,))
+                assessments += 1 + bool(correction)
+            if status != PENDING:
+                mlflow.log_feedback(trace_id=trace_id, name=REVIEW, value=status, rationale=reason, metadata=meta,
+                                    source=AssessmentSource(AssessmentSourceType.HUMAN, by or "unknown"))
+                db.execute("UPDATE feedback SET decision_traced = 1 WHERE id = ?", (fid,))
+                assessments += 1
+        return Traced(answers, assessments, _reviews_from_mlflow(db, model), 0)
+    finally:
+        db.close()
+
+
+def _reviews_from_mlflow(db: sqlite3.Connection, model: str) -> list[int]:
+    """Apply the newest valid `tuneline.review` assessment a person left on a trace to that answer's pending
+    feedback sent before it; the decision is already on the trace, so it is not written back."""
+    import mlflow
+
+    decided = []
+    for trace_id, in db.execute("SELECT DISTINCT r.trace_id FROM feedback f JOIN responses r ON r.id = f.response_id "
+                                "WHERE r.registered_model = ? AND f.status = ? AND f.traced = 1",
+                                (model, PENDING)).fetchall():
+        found = mlflow.get_trace(trace_id)
+        reviews = [a for a in (found.info.assessments if found else []) if a.name == REVIEW and a.valid is not False
+                   and a.source.source_type == "HUMAN" and a.value in (APPROVED, REJECTED)]
+        if not reviews:
+            continue
+        last = max(reviews, key=lambda a: a.create_time_ms)
+        ids = [i for i, in db.execute(
+            "SELECT f.id FROM feedback f JOIN responses r ON r.id = f.response_id WHERE r.trace_id = ? AND "
+            "f.status = ? AND f.created <= ?", (trace_id, PENDING, last.create_time_ms / 1000))]
+        db.executemany("UPDATE feedback SET status = ?, reviewer = ?, reviewed_at = ?, reason = ?, decision_traced = 1 "
+                       "WHERE id = ?", [(last.value, last.source.source_id, last.create_time_ms / 1000,
+                                         last.rationale, i) for i in ids])
+        decided += ids
+    return decided
 
 
 def harvest(db_path: str | Path, model: str, system_prompt: str, since_id: int = 0, approve_at: int | None = None,

@@ -146,6 +146,11 @@ def test_a_correction_sent_to_the_service_is_in_the_next_rounds_training_data(st
     client = stack.mlflow_client()
     experiment = client.get_experiment_by_name(NAME).experiment_id
     [round_run] = client.search_runs([experiment], "tags.`tuneline.kind` = 'feedback-round'")
+    # The round traced the served answers first: the correction's answer is a trace in MLflow carrying the
+    # rating, the correction and the CLI's approval as assessments, where a reviewer could have approved it.
+    [traced] = [t for t in client.search_traces(locations=[experiment])
+                if t.info.tags.get("tuneline.response_id") == answer["id"]]
+    assert {a.name for a in traced.info.assessments} >= {"rating", "expected_response", "tuneline.review"}
     assert round_run.data.params["new_examples"] == "1" and round_run.info.status == "FINISHED"
     [iteration] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{round_run.info.run_id}'")
     [data_run] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{iteration.info.run_id}' "

@@ -155,3 +155,61 @@ def test_serving_beyond_loopback_without_a_key_is_refused(monkeypatch, tmp_path)
     monkeypatch.delenv("TUNELINE_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="needs an API key"):
         packaging.serve.fn("tuneline-chat:none", free_port(), str(tmp_path), host="0.0.0.0")
+
+
+def test_answers_become_mlflow_traces_after_an_outage_and_a_review_in_mlflow_counts(db, tmp_path, monkeypatch):
+    """Every answer is an MLflow trace with its rating and correction as assessments. With the tracking server
+    down nothing is lost (the store keeps all and says what waits); once it is up the traces are written, a
+    reviewer's `tuneline.review` assessment made in MLflow approves the feedback with its author and time, and a
+    decision made with the CLI is written to its trace."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    from infra import local
+    from tasks.feedback import REVIEW, trace
+    from tasks.processes import stop_started
+
+    server = local.Server("mlflow", free_port(), "/health")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    mlflow.set_tracking_uri(server.url)
+    down = trace(db, "reviews", "reviews-exp")
+    assert down.waiting == 1 and down.answers == 0 and "not reachable" in down.error
+    assert items(db, ids=[1])[0].status == "pending"
+
+    home = tmp_path / "stack"
+    local.start(server, home)
+    try:
+        up = trace(db, "reviews", "reviews-exp")
+        assert (up.answers, up.assessments, up.reviewed, up.error) == (1, 2, [], None)  # rating + correction
+        experiment = mlflow.get_experiment_by_name("reviews-exp").experiment_id
+        [found] = mlflow.search_traces(locations=[experiment], return_type="list")  # not the other model's answer
+        assert found.info.tags["tuneline.response_id"] == "r1" and found.info.tags["tuneline.version"] == "1"
+        assert found.data.spans[0].outputs == {"answer": "positive"}
+        assessed = {a.name: a for a in found.info.assessments}
+        assert assessed["rating"].value == 1 and assessed["expected_response"].value == "negative"
+        assert assessed["rating"].source.source_id == "k1"
+
+        # A reviewer approves in the MLflow UI (an assessment on the trace); the next sync applies it.
+        before = time.time()
+        mlflow.log_feedback(trace_id=found.info.trace_id, name=REVIEW, value="approved", rationale="matches the lid",
+                            source=AssessmentSource("HUMAN", "alice"))
+        assert trace(db, "reviews", "reviews-exp").reviewed == [1]
+        [item] = items(db, ids=[1])
+        assert (item.status, item.reviewer, item.reason) == ("approved", "alice", "matches the lid")
+        assert item.reviewed_at >= before - 1
+        assert [e.assistant for e in harvest(db, "reviews", "sys").examples] == ["negative"]
+
+        # A decision made with the CLI is written to the trace, once.
+        store = Store(db)
+        serve(store, "r3", "reviews/1", "Review: fine", "positive")
+        store.save_feedback("r3", 2, "negative", None, key_id="k1")  # id 3
+        review(db, "rejected", [3], by="bob", reason="it is fine")
+        trace(db, "reviews", "reviews-exp")
+        assert trace(db, "reviews", "reviews-exp").assessments == 0
+        [third] = [t for t in mlflow.search_traces(locations=[experiment], return_type="list")
+                   if t.info.tags["tuneline.response_id"] == "r3"]
+        [decision] = [a for a in third.info.assessments if a.name == REVIEW]
+        assert (decision.value, decision.source.source_id, decision.rationale) == ("rejected", "bob", "it is fine")
+    finally:
+        stop_started("mlflow", home)
+        mlflow.set_tracking_uri(None)

@@ -272,11 +272,14 @@ def test_feedback_is_pending_until_reviewed_then_exported_as_training_data(clien
     assert unknown.exit_code == 2 and "no feedback with id 99999" in unknown.output
 
 
-def test_text_is_redacted_before_it_is_stored(client, service):
+def test_text_is_redacted_before_it_is_stored_with_what_its_trace_needs(client, service):
     reply = ask(client, "Review: mail jo@example.com or call +44 20 7946 0958", max_tokens=2)
     with sqlite3.connect(service["db"]) as db:
-        messages, count = db.execute("SELECT messages, redactions FROM responses WHERE id = ?", (reply.id,)).fetchone()
+        messages, count, system, latency, version = db.execute(
+            "SELECT messages, redactions, system, latency_ms, version FROM responses WHERE id = ?",
+            (reply.id,)).fetchone()
     assert "jo@example.com" not in messages and "[email]" in messages and "[phone]" in messages and count >= 2
+    assert (system, version) == (reply.system, "7") and latency > 0  # the MLflow trace's tags and duration
 
 
 def test_a_burst_of_300_clients_is_all_answered_and_no_feedback_lost(service, home):
