@@ -48,7 +48,8 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
             return Deployment(served=False, version=version, bento=tag, reason="deploy.serve is off")
-        url = packaging.serve(tag, config.deploy.port, home, host=config.deploy.host, redact=config.feedback.redact)
+        url = packaging.serve(tag, config.deploy.port, home, name=packaging.service_name(name),
+                              host=config.deploy.host, redact=config.feedback.redact)
         question = probe or _probe(config)
         reply = packaging.chat(url, question, max_tokens=config.task.max_answer_tokens)
         answer = reply["choices"][0]["message"]["content"]

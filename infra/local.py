@@ -245,4 +245,5 @@ def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
 
 def down(home: Path | None = None) -> list[str]:
     home = home or state_dir()
-    return [stop_started(name, home) for name in ("bento", "runner", prefect_server().name, mlflow_server().name)]
+    services = sorted(p.stem for p in home.glob("bento*.pid"))  # every registered model's service
+    return [stop_started(name, home) for name in (*services, "runner", prefect_server().name, mlflow_server().name)]

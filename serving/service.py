@@ -46,7 +46,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving import prompt_rule
 from serving.feedback_store import Store
 
-MODEL = BentoModel("tuneline-chat:latest")
+# The model this Bento was built with, by its exact tag: the launcher sets it from the Bento's manifest (and the
+# build from the model it just stored). BentoML pins only hub models to the Bento's version at serve time, so
+# "latest" would be whichever system was stored last, e.g. a newer one's weights behind a rolled-back Bento.
+# Unset (a container holding one model): the only one there.
+MODEL = BentoModel(os.environ.get("TUNELINE_BENTO_MODEL") or "tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
 MAX_BODY_BYTES = 1_000_000
 MAX_ANSWERS, MAX_ANSWER_CHARS = 32, 200  # a request's own allowed answers (response_format's enum)

@@ -24,9 +24,9 @@ SERVING_DIR = ROOT / "serving"
 BENTO_MODEL = "tuneline-chat"
 
 
-def _bentoml(*args: str) -> str:
+def _bentoml(*args: str, env: dict[str, str] | None = None) -> str:
     cmd = [str(Path(sys.executable).parent / "bentoml"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"`bentoml {' '.join(args)}` failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout
@@ -80,12 +80,20 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
         if recipe.shots == "retrieved":
             shutil.copytree(encoder, Path(bento_model.path) / "encoder")
-    out = _bentoml("build", "--output", "tag", "-f", str(SERVING_DIR / "bentofile.yaml"), str(ROOT))
+    # Built on the model just stored, by its exact tag: a deploy running at the same time stores another.
+    out = _bentoml("build", "--output", "tag", "-f", str(SERVING_DIR / "bentofile.yaml"), str(ROOT),
+                   env={"TUNELINE_BENTO_MODEL": str(bento_model.tag)})
     tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
     return tag
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def service_name(registered_model: str) -> str:
+    """The process name a registered model's service runs under: one per model, so that deploying one config
+    replaces its own service and never another config's."""
+    return f"bento-{registered_model}"
 
 
 @task(name="serve-bento")
@@ -113,8 +121,14 @@ def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | 
                            f"stop it, or serve on another port (deploy.port)")
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", host, "--port", str(port)]
     env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve())),
-           "TUNELINE_REDACT": "on" if redact else "off"}
+           "TUNELINE_REDACT": "on" if redact else "off", "TUNELINE_BENTO_MODEL": bento_model(bento_tag)}
     return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"
+
+
+def bento_model(bento_tag: str) -> str:
+    """The exact tag of the model a Bento was built with (from its manifest)."""
+    [tag] = {str(model.tag) for model in bentoml.get(bento_tag).info.all_models}  # both services share it
+    return tag
 
 
 def _ready(name: str, proc: subprocess.Popen, home_path: Path, url: str, timeout_s: float = 180.0) -> str:

@@ -21,3 +21,37 @@ def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, t
     unfaithful = packaging.smoke_compare.fn(other, bento, prompts, "You answer briefly.", 8, str(home), free_port())
     assert len(unfaithful) == 2 and "served" in unfaithful[0]
     assert not (Path(home) / "bento-smoke.pid").exists()  # the temporary service was stopped
+
+
+def test_two_models_services_run_side_by_side_each_on_the_model_it_was_built_with(tiny_model, home):
+    """Serving an older Bento (a rollback) once loaded whichever model was stored last; and every service ran
+    under one process name, so deploying one config's model stopped another config's service."""
+    from tasks.processes import stop_started
+
+    older = packaging.build_bento.fn(tiny_model, "team-a", "1", "You answer briefly.")
+    newer = packaging.build_bento.fn(tiny_model, "team-b", "2", "You answer briefly.")
+    assert packaging.bento_model(older) != packaging.bento_model(newer)
+    names = [packaging.service_name("team-a"), packaging.service_name("team-b")]
+    try:
+        urls = [packaging.serve.fn(bento, free_port(), str(home), name=name)
+                for bento, name in zip((older, newer), names)]
+        assert [packaging.chat.fn(url, "Review: fine", max_tokens=2)["model"] for url in urls] == ["team-a/1",
+                                                                                                  "team-b/2"]
+    finally:
+        for name in names:
+            stop_started(name, Path(home))
+
+
+def test_the_bento_pins_the_versions_the_project_is_tested_with():
+    """An image built from the Bento (`bentoml containerize`) must install what the tests ran."""
+    import re
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    tested = dict(re.findall(r'"(transformers|sentence-transformers)==([\d.]+)"', pyproject))
+    tested["torch"] = re.search(r"torch==([\d.]+)", (ROOT / "Makefile").read_text()).group(1)  # installed first
+    packages = yaml.safe_load((ROOT / "serving" / "bentofile.yaml").read_text())["python"]["packages"]
+    assert {p.split("==")[0]: p.split("==")[1] for p in packages if "==" in p} == tested

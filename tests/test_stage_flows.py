@@ -7,6 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tasks import packaging
 from tasks.processes import free_port, stop_started
 from tests.conftest import DEMO_DATA, ROOT
 
@@ -56,4 +57,4 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
         served = deploy_version(config)  # the champion, on the config's port
         assert served.served and served.model == "alone-model/1"
     finally:
-        stop_started("bento", home)
+        stop_started(packaging.service_name("alone-model"), home)

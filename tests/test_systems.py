@@ -130,7 +130,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert served.system == "fine-tuned + 2 fixed shots, plain"
         assert_served_as_evaluated(served.url, tuned, tasks_dir, "reviews_test_fixed2", chat=False)
     finally:
-        stop_started("bento", Path(home))
+        stop_started(packaging.service_name(NAME), Path(home))
 
 
 def assert_served_as_evaluated(url: str, weights: str, tasks_dir: Path, task: str, chat: bool) -> None:
