@@ -37,6 +37,11 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                 publish("deploy", f"## Deploy: nothing served\n\n{name} has no champion yet.")
                 return Deployment(served=False, reason="no champion")
             version = current[0]
+        if config.deploy.serve and packaging.serving(home, name, config.deploy.port) == f"{name}/{version}":
+            url = f"http://127.0.0.1:{config.deploy.port}"  # the champion did not change: no rebuild, no restart
+            print(f"deploy: {name} v{version} is served already at {url}; left running")
+            publish("deploy", f"## Deploy: {name} v{version} left running\n\nIt is served already at {url}.")
+            return Deployment(True, version, url=url, model=f"{name}/{version}", reason="served already")
         tag = (built or {}).get(version)
         if tag is None:
             with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from prefect import task
 
 from tasks.models import load
 from tasks.paths import feedback_db as default_feedback_db
-from tasks.processes import HOST, listening, spawn, stop_started, wait_until
+from tasks.processes import HOST, listening, recorded_pid, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
 
@@ -88,6 +88,21 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def serving(home: str, registered_model: str, port: int) -> str | None:
+    """The "<model>/<version>" that this state folder's service of `registered_model` answers as on `port`, or
+    None (not started here, gone, or not answering)."""
+    if recorded_pid(service_name(registered_model), Path(home)) is None:
+        return None
+    key = os.environ.get("TUNELINE_API_KEY")
+    try:
+        reply = httpx.get(f"http://{HOST}:{port}/v1/models", timeout=5,
+                          headers={"Authorization": f"Bearer {key}"} if key else {})
+        reply.raise_for_status()
+        return reply.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return None
 
 
 def service_name(registered_model: str) -> str:

@@ -8,7 +8,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks import packaging
-from tasks.processes import free_port, stop_started
+from tasks.processes import free_port, recorded_pid, stop_started
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -56,5 +56,9 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
     try:
         served = deploy_version(config)  # the champion, on the config's port
         assert served.served and served.model == "alone-model/1"
+        pid = recorded_pid(packaging.service_name("alone-model"), home)
+        again = deploy_version(config)  # the champion did not change: left running, not rebuilt or restarted
+        assert (again.model, again.reason, again.bento) == ("alone-model/1", "served already", None)
+        assert recorded_pid(packaging.service_name("alone-model"), home) == pid
     finally:
         stop_started(packaging.service_name("alone-model"), home)
