@@ -147,6 +147,23 @@ def test_qlora_loads_its_base_in_4bit_nf4_computing_in_bf16_on_cuda_and_fp32_on_
         assert quant.bnb_4bit_compute_dtype == compute
 
 
+def test_qlora_holds_its_base_weights_as_nf4_in_an_eighth_of_fp32s_memory(tiny_model):
+    """The weights themselves, not the config asked for: every linear layer of the decoder is bitsandbytes'
+    4-bit NF4, packed two weights a byte."""
+    import bitsandbytes as bnb
+
+    from tasks.training import _load_for
+
+    quantized, _ = _load_for("qlora", Path(tiny_model), "cpu")
+    dense, _ = _load_for("lora", Path(tiny_model), "cpu")
+    packed = [m for m in quantized.model.layers.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    full = [m for m in dense.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert packed and len(packed) == len(full)
+    assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4" for m in packed)
+    assert 8 * sum(m.weight.numel() * m.weight.element_size() for m in packed) == \
+        sum(m.weight.numel() * m.weight.element_size() for m in full)
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, tmp_path):
     """A real training process is killed mid-way; the next run resumes, losing no checkpointed step."""
     out = tmp_path / "run"
