@@ -121,15 +121,16 @@ def run_trial(number: int, study_name: str, storage: str, params: dict, spec: Fi
     `score(merged_dir) -> float`: the validation score objective; None: the final validation loss."""
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=_pruner(spec.search))
     trial = optuna.Trial(study, next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number))
-    trial_spec = spec.for_trial(params)
-    # Named by the trial's training inputs and its validation data (the loss it reports is measured on them).
-    out_dir = str(Path(runs_dir) / "search" / f"{run_key(base_dir, train_path, trial_spec)}-{digest(val_path)[:8]}")
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"trial {number}", nested=True, parent_run_id=parent_run_id,
                           tags={"tuneline.stage": "finetune-trial", "tuneline.trial": str(number)}) as run:
         mlflow.log_params({f"search_{k}": v for k, v in params.items()})
         try:
-            result = train.fn(base_dir, train_path, out_dir, trial_spec, val_path,
+            trial_spec = spec.for_trial(params)  # settings a finetune section refuses fail the trial, told so
+            # Named by the trial's training inputs and its validation data (the loss it reports is measured on
+            # them).
+            key = f"{run_key(base_dir, train_path, trial_spec)}-{digest(val_path)[:8]}"
+            result = train.fn(base_dir, train_path, str(Path(runs_dir) / "search" / key), trial_spec, val_path,
                               callbacks=[ReportLoss(trial)] if spec.search.prune else None,
                               eval_every=spec.search.report_every)
         except optuna.TrialPruned as pruned:
@@ -173,6 +174,7 @@ def search(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: str, 
     cfg = spec.search
     study, storage = open_study(spec, base_dir, train_path, val_path, Path(runs_dir) / "search")
     done: dict[int, Trial] = {}
+    failures: list[str] = []
 
     def finished() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished()
@@ -188,8 +190,13 @@ def search(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: str, 
         wait(futures)
         for asked, future in zip(wave, futures, strict=True):
             outcome = future.result(raise_on_failure=False)  # a failed trial is recorded; the others go on
-            done[asked.number] = outcome if isinstance(outcome, Trial) else \
-                Trial(asked.number, asked.params, "FAIL", None, None, None, None)
+            if not isinstance(outcome, Trial):
+                failures.append(f"trial {asked.number}: {type(outcome).__name__}: {outcome}")
+                outcome = Trial(asked.number, asked.params, "FAIL", None, None, None, None)
+            done[asked.number] = outcome
+        if len(failures) >= cfg.max_failures:  # failed trials do not count towards `trials`: never ask forever
+            raise RuntimeError(f"search: {len(failures)} trials failed (search.max_failures is {cfg.max_failures}); "
+                               f"the first: {failures[0]}")
     trials = _trials(study, done)
     complete = [t for t in trials if t.state == "COMPLETE"]
     if not complete:

@@ -56,6 +56,7 @@ class SearchConfig(Strict):
     space: dict[str, SearchRange | list[float | int | str | bool]] = Field(
         min_length=1, description="finetune field (lora.r for a LoRA field) -> values to try, or {low, high, log}")
     max_parallel: int = Field(1, gt=0, description="trials training at once")
+    max_failures: int = Field(3, gt=0, description="failed trials after which the search stops, naming the first")
     prune: bool = True
     report_every: int = Field(5, gt=0, description="steps between validation-loss reports (for pruning)")
     seed: int = 13

@@ -151,3 +151,19 @@ def test_optuna_study_storage_is_a_file_named_by_the_inputs(tiny_model, splits, 
     c, url_c = open_study(spec(report_every=1), tiny_model, splits.train, splits.validation, tmp_path)
     assert url_a == url_b != url_c and url_a.startswith("sqlite:///") and Path(url_a[10:]).is_file()
     assert a.study_name == b.study_name != c.study_name
+
+
+@pytest.mark.timeout(600)  # before max_failures this asked for trials forever
+def test_a_study_whose_trials_all_fail_stops_at_max_failures_naming_the_first_error(
+        splits, prefect_api, mlflow_sqlite, tmp_path):
+    """Failed trials do not count towards `trials`: a study whose trials always fail once asked for more forever."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tuneline_model.json"):  # a provisioned folder without weights: trials cannot load it
+        (broken / name).write_text("{}")
+    failing = spec(sampler="random", trials=2, max_failures=3, space={"learning_rate": {"low": 1e-3, "high": 1e-2}})
+    with mlflow.start_run() as run, pytest.raises(RuntimeError) as failed:
+        search(failing, str(broken), splits.train, splits.validation, str(tmp_path / "runs"), run.info.run_id)
+    assert str(failed.value).startswith("search: 3 trials failed (search.max_failures is 3); the first: trial 0: ")
+    states = [r.data.tags.get("tuneline.trial_state") for r in nested_runs(run.info.run_id)]
+    assert states == ["FAIL"] * 3
