@@ -16,8 +16,9 @@ from prefect import flow
 from evals import runner
 from evals.runner import write_listed_tasks
 from flows.config import LifecycleConfig, load_config
-from flows.data import general_suites, power, prepare
+from flows.data import general_suites, lengths_stage, power, prepare
 from tasks import registry, scoring, tracking
+from tasks.datasets import fingerprint, read_examples
 from tasks.evidence import table
 from tasks.paths import run_folder
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
@@ -289,7 +290,10 @@ def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candi
 @flow(name="evaluate-version", log_prints=True)
 def evaluate_version(config_path: str, version: str | None = None) -> dict:
     """Score one registered version (default: the champion) on the config's test split and the general
-    benchmark; the scores are written on the version, so a pending fine-tune can be judged before promotion."""
+    benchmark, through the lifecycle's data path (the data stage, then the lengths check with the version's own
+    tokenizer); so that a pending fine-tune can be judged before promotion. The scores are written on the version
+    as `tuneline.evaluated.*` with the fingerprint of the test items scored, beside the gate's (never over them:
+    the gate scored its own split, perhaps of other data)."""
     config = load_config(config_path)
     name, task = config.registered_model, config.task
     home = tracking.open_experiment(config.name)
@@ -298,8 +302,9 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
         raise ValueError(f"{name} has no champion; name a version to evaluate")
     run_dir = run_folder(home, config.name)
     with mlflow.start_run(run_name=f"evaluate {name} v{version}", tags={"tuneline.kind": "evaluate-version"}) as parent:
-        _, tasks_dir = prepare(config, run_dir, parent.info.run_id)
+        splits, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         folder = str(registry.download(name, version, run_dir / "model"))
+        lengths_stage(config, splits, folder, parent.info.run_id)  # rewrites the split files the tasks read
         with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
             v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
             result = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", system_prompt=task.system_prompt,
@@ -312,7 +317,7 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
                      split="test")
             registry.record_scores(name, version, {**result["metrics"], "general_acc": general["acc"]},
-                                   config.gate.metric)
+                                   fingerprint(read_examples(splits.test)))
             shown = {**result["metrics"], "general acc": general["acc"]}
             rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in shown.items())
             publish("evaluate-version",

@@ -21,6 +21,7 @@ from tasks.schema import GateConfig
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "tuneline.score"
 METRIC_TAG = "tuneline.metric."  # + a metric's name: the version's test score on it
+EVALUATED_TAG = "tuneline.evaluated."  # + a metric's name: a score evaluate-version measured later
 PREVIOUS_TAG = "tuneline.previous_champion"
 DECISION_TAG, REASONS_TAG = "tuneline.decision", "tuneline.reasons"
 SYSTEM_TAG = "tuneline.system"  # what the version is: "fine-tuned", "base + 3 retrieved shots, plain", …
@@ -229,10 +230,13 @@ def _score_tags(metrics: dict[str, float], gate_metric: str) -> dict[str, str]:
     return tags
 
 
-def record_scores(name: str, version: str, metrics: dict[str, float], gate_metric: str) -> None:
-    """A version's test scores, measured after its registration (evaluate-version), as its tags."""
+def record_scores(name: str, version: str, metrics: dict[str, float], test_fingerprint: str) -> None:
+    """A version's test scores measured after its registration (evaluate-version), as its tags beside the
+    gate's, with the fingerprint of the test items they were measured on."""
     client = MlflowClient()
-    for key, value in _score_tags(metrics, gate_metric).items():
+    tags = {EVALUATED_TAG + k: f"{v:.6f}" for k, v in metrics.items() if v is not None}
+    tags[EVALUATED_TAG + "test_split"] = test_fingerprint
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 
 

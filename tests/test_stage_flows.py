@@ -3,11 +3,14 @@ promote it by hand, roll back, serve the champion; on a real ephemeral Prefect a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tasks import packaging
+from tasks.datasets import fingerprint, read_examples
 from tasks.processes import free_port, recorded_pid, stop_started
 from tests.conftest import DEMO_DATA, ROOT
 
@@ -41,8 +44,17 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
 
     scores = evaluate_version(config, version="1")
     tags = client.get_model_version("alone-model", "1").tags
-    assert float(tags["tuneline.metric.exact_match"]) == pytest.approx(scores["exact_match"], abs=1e-6)
-    assert float(tags["tuneline.metric.general_acc"]) == pytest.approx(scores["general_acc"], abs=1e-6)
+    assert float(tags["tuneline.evaluated.exact_match"]) == pytest.approx(scores["exact_match"], abs=1e-6)
+    assert float(tags["tuneline.evaluated.general_acc"]) == pytest.approx(scores["general_acc"], abs=1e-6)
+    # through the lifecycle's data path: the lengths check ran with the version's tokenizer before scoring, and
+    # the scores name the test items they were measured on
+    [parent] = client.search_runs([client.get_experiment_by_name("alone").experiment_id],
+                                  "tags.`tuneline.kind` = 'evaluate-version'")
+    stages = {r.data.tags.get("tuneline.stage") for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert {"data", "lengths", "evaluate"} <= stages
+    scored = sorted(Path(home).glob("runs/alone/*/data/test.jsonl"))[-1]  # evaluate-version's, after the check
+    assert tags["tuneline.evaluated.test_split"] == fingerprint(read_examples(scored))
 
     with pytest.raises(ValueError, match="no champion"):
         evaluate_version(config)  # no version named and none promoted yet
