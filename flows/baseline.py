@@ -35,7 +35,8 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}",
                                ranked=task.ranked)
         for v in plan:
-            if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"]:  # selection scored exactly this
+            if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"] and chosen.result is not None:
+                # selection scored exactly this, on these validation items
                 result = chosen.result
             else:
                 result = score(chosen.model_dir, tasks_dir, f"{task.name}_validation{v['suffix']}",

@@ -6,7 +6,7 @@ One MLflow parent run per iteration with a nested run per stage; one Prefect flo
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import mlflow
 from prefect import flow
@@ -52,7 +52,9 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         pid = parent.info.run_id
         splits, tasks_dir = prepare(config, run_dir, pid, corrections)
         chosen: Selection = select_stage(config, str(home / "models"), tasks_dir, splits.validation, pid)
-        lengths_stage(config, splits, chosen.model_dir, pid, str(home / "finetune"))
+        fitted = lengths_stage(config, splits, chosen.model_dir, pid, str(home / "finetune"))
+        if "validation" in fitted.changed:  # selection scored items that are gone now: the bar is scored anew
+            chosen = replace(chosen, result=None)
         baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
         tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
         report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,

@@ -91,9 +91,11 @@ class Splits:
 
 @dataclass(frozen=True)
 class Lengths:
-    """The lengths check's result: token counts per task (chat template applied) and how many examples left."""
+    """The lengths check's result: token counts per task (chat template applied), how many examples left, and
+    the primary task's splits they left (whose fingerprints in keys.json were recomputed)."""
     lengths: dict[str, list[int]]
     removed: int
+    changed: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -492,7 +494,9 @@ def _write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
 def fit_lengths(splits: Splits, tokenizer_dir: str, max_tokens: dict[str, int]) -> Lengths:
     """Every split file checked with the chosen model's tokenizer and chat template: an example longer than
     its task's `max_tokens` is removed (with its reason in rejects.jsonl), never truncated. Files are rewritten
-    in place only when something was removed. Returns the token lengths per task and the removed count."""
+    in place only when something was removed, and then keys.json too: the fingerprints and training keys a
+    version is registered with describe the data it was trained and tested on. Returns the token lengths per
+    task, the removed count and the primary task's splits that changed."""
     count = token_counter(tokenizer_dir)
     paths = [*splits.files.values(), *([splits.pool] if splits.pool else [])] + \
         [f for files in splits.per_task.values() for f in files.values()]
@@ -519,4 +523,13 @@ def fit_lengths(splits: Splits, tokenizer_dir: str, max_tokens: dict[str, int]) 
                 raise DataError(f"{path}: every example is longer than max_tokens with {tokenizer_dir}'s tokenizer")
             write_examples(Path(path), kept)
     _write_rejects(Path(splits.rejects), removed, mode="a")
-    return Lengths(lengths, len(dropped))
+    primary = {"train": next(iter(splits.per_task.values()))["train"], "validation": splits.validation,
+               "test": splits.test}
+    now = {name: fingerprint(read_examples(path)) for name, path in primary.items()}
+    if dropped:
+        keys = json.loads(Path(splits.keys).read_text())
+        keys["fingerprints"] = now
+        remaining = {e.key for path in paths for e in read_examples(path) if e.key}
+        keys["train"] = sorted(set(keys["train"]) & remaining)
+        Path(splits.keys).write_text(json.dumps(keys))
+    return Lengths(lengths, len(dropped), frozenset(n for n in now if now[n] != splits.fingerprints.get(n)))

@@ -26,7 +26,7 @@ class Selection:
     reason: str
     score: float  # validation score on the gate's metric
     likelihood: float  # mean log-probability per token of the reference answers
-    result: dict  # the zero-shot validation scoring: metrics and samples
+    result: dict | None  # the zero-shot validation scoring (metrics and samples); None once its items changed
 
 
 class NoCandidateFits(ValueError):

@@ -102,3 +102,30 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
     assert runs["baseline chain of thought, plain"].data.params["chat_template"] == "False"
     cot = mlflow.artifacts.load_text(f"runs:/{runs['baseline chain of thought, chat'].info.run_id}/samples.jsonl")
     assert "step by step" in json.loads(cot.splitlines()[0])["prompt"]
+
+
+def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_items(tiny_model, splits, prefect_api,
+                                                                                     mlflow_sqlite):
+    """Selection's zero-shot scoring is reused only while it was measured on the items the baseline scores: the
+    lifecycle drops it when the lengths check removed validation items (a bar over different item sets)."""
+    from dataclasses import replace
+
+    from flows.baseline import baseline_stage
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.task.name, config.task.system_prompt = "reviews", "sys"
+    config.task.max_validation_examples, config.task.max_answer_tokens = 3, 4
+    config.baseline.shots, config.baseline.retrieval_shots, config.baseline.chain_of_thought = [0], 0, False
+    config.baseline.without_chat_template = False
+    zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
+                    batch_size=3)
+    metric = config.gate.metric
+    wider = {**zero, "metrics": {**zero["metrics"], metric: 0.99}}  # as if measured on more items
+    chosen = Selection("tiny:0", tiny_model, "the only candidate", 0.99, 0.0, wider)
+    mlflow.set_experiment("bar")
+    with mlflow.start_run() as parent:
+        reused = baseline_stage(config, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
+        anew = baseline_stage(config, replace(chosen, result=None), splits["tasks_dir"], splits["data"],
+                              parent.info.run_id)
+    assert reused.results["0-shot, chat"]["score"] == 0.99
+    assert anew.results["0-shot, chat"]["score"] == zero["metrics"][metric]

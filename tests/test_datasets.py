@@ -13,6 +13,7 @@ import pytest
 from tasks.datasets import (
     DataError,
     Example,
+    fingerprint,
     mix,
     normalise,
     prepare_data,
@@ -94,6 +95,14 @@ def test_lengths_are_checked_with_the_chosen_models_tokenizer_and_leave_every_sp
     assert not any("very long" in e.user for e in read_examples(result.per_task["t"]["train"]))
     rejects = Path(result.rejects).read_text()
     assert rejects.count("over-long") == 30 and "max_tokens 60" in rejects
+    # what a version is registered with describes the data used: the fingerprints and training keys of what stayed
+    keys = json.loads(Path(result.keys).read_text())
+    assert keys["fingerprints"] == {name: fingerprint(read_examples(result.files[name])) for name in
+                                    ("validation", "test")} | {"train": fingerprint(read_examples(
+                                        result.per_task["t"]["train"]))}
+    assert set(keys["train"]) == {e.key for e in read_examples(result.per_task["t"]["train"])}
+    assert fitted.changed == {n for n in ("train", "validation", "test") if keys["fingerprints"][n] !=
+                              result.fingerprints[n]} and fitted.changed
 
 
 def test_near_duplicates_cannot_leak_between_train_and_test(tmp_path):
