@@ -60,7 +60,9 @@ def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
                                                  help="where MLflow stores artifacts: a folder or s3://bucket/path "
                                                       "(clients reach them through the server)"),
        allowed_hosts: str = typer.Option("", envvar="TUNELINE_MLFLOW_ALLOWED_HOSTS", show_default=False,
-                                         help="MLflow's allowed Host headers, for a server behind a proxy")
+                                         help="MLflow's allowed Host headers, for a server behind a proxy"),
+       pool: str = typer.Option("", help="register the deployments on this process work pool (created if missing) "
+                                         "and start a worker for it, instead of the runner")
        ) -> None:
     """Start (or reuse) the Prefect and MLflow servers on 127.0.0.1, state under $TUNELINE_HOME (.tuneline) or
     on a shared PostgreSQL server, and a runner that registers each config's deployments (with its schedules)
@@ -73,7 +75,7 @@ def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
         if value:
             os.environ[key] = value
     try:
-        for line in local.up(configs=[str(p) for p in config] if runner else []):
+        for line in local.up(configs=[str(p) for p in config] if runner else [], pool=pool or None):
             typer.echo(line)
     except (RuntimeError, TimeoutError, ValueError) as exc:
         _fail(str(exc))

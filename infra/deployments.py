@@ -1,9 +1,11 @@
-"""Prefect deployments of the lifecycle and of each stage that makes sense alone, served by one runner process.
+"""Prefect deployments of the lifecycle and of each stage that makes sense alone, served by one runner process
+or sent to a work pool.
 
 `tuneline up` starts this module (`python -m infra.deployments CONFIG...`) beside the servers. It registers one
 deployment per flow and config, named `<flow>/<config name>`, whose typed parameters are the forms in the
 Prefect UI, with the schedules the config asks for; then it executes the runs that the UI, the API or a
-schedule create, one at a time (on two cores, two trainings at once would only slow both down).
+schedule create, one at a time (on two cores, two trainings at once would only slow both down). With
+`--pool NAME` first it registers the same deployments on that work pool and exits: the pool's workers run them.
 """
 
 from __future__ import annotations
@@ -59,4 +61,10 @@ def deployments(config_path: str) -> list:
 
 
 if __name__ == "__main__":
-    serve(*[d for path in sys.argv[1:] for d in deployments(path)], limit=1, print_starting_message=True)
+    if sys.argv[1:2] == ["--pool"]:
+        pool = sys.argv[2]
+        for found in (d for path in sys.argv[3:] for d in deployments(path)):
+            found.apply(work_pool_name=pool)  # its path is this checkout: a process worker runs it from here
+            print(f"{found.flow_name}/{found.name} -> work pool {pool}")
+    else:
+        serve(*[d for path in sys.argv[1:] for d in deployments(path)], limit=1, print_starting_message=True)

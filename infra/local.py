@@ -9,6 +9,7 @@ binds anything but loopback.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -187,8 +188,12 @@ def client_env() -> dict[str, str]:
     }
 
 
-def _without_server_secrets(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in SERVER_SECRETS}
+def _client_process_env(home: Path) -> dict[str, str]:
+    """The environment of a process that runs flows against the stack (the runner, a worker): pointed at the
+    servers, without what only the servers may hold."""
+    own = {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
+    return {**TELEMETRY_OFF, **client_env(), **own, "TUNELINE_HOME": str(home),
+            "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(home / "bentoml"))}
 
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments' entrypoints are paths under it
@@ -209,8 +214,7 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
 
     stop_started("runner", home)
     expected = {(d.name, d.flow_name) for path in configs for d in deployments(path)}
-    env = {**TELEMETRY_OFF, **client_env(), **_without_server_secrets(dict(os.environ)), "TUNELINE_HOME": str(home),
-           "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(home / "bentoml"))}
+    env = _client_process_env(home)
     started = time.time()
     proc = spawn("runner", [sys.executable, "-m", "infra.deployments", *configs], env, home, cwd=ROOT)
 
@@ -228,7 +232,39 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
         ", ".join(sorted(f"{flow}/{name}" for name, flow in expected))
 
 
-def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
+def start_pool(pool: str, configs: list[str], home: Path, timeout_s: float = 180.0) -> str:
+    """Register the configs' deployments on the process work pool `pool` (created if missing) and start a
+    worker for it; the runner, if one ran, is stopped (its deployments now belong to the pool).
+
+    Other workers on other machines (`prefect worker start --pool NAME`) then share the pool's runs."""
+    stop_started("runner", home)
+    env = _client_process_env(home)
+    api = f"{prefect_server().url}/api"
+    created = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=30)
+    if created.status_code not in (201, 409):  # 409: it exists already
+        raise RuntimeError(f"work pool {pool}: the Prefect server refused it ({created.status_code}: {created.text})")
+    done = subprocess.run([sys.executable, "-m", "infra.deployments", "--pool", pool, *configs], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"registering the deployments on work pool {pool} failed: {done.stderr[-2000:]}")
+    name = f"worker-{pool}"
+    stop_started(name, home)
+    proc = spawn(name, [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type",
+                        "process", "--limit", "1"], env, home, cwd=ROOT)
+
+    def online() -> bool:
+        try:
+            workers = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5).json()
+        except httpx.HTTPError:
+            return False
+        return any(w.get("status") == "ONLINE" for w in workers)
+
+    wait_until(name, online, proc, home, timeout_s)
+    count = done.stdout.count(" -> work pool ")
+    return f"{name}: started (pid {proc.pid}); {count} deployments on work pool {pool}"
+
+
+def up(home: Path | None = None, configs: list[str] = (), pool: str | None = None) -> list[str]:
     home = configure_env(home)
     stores = Stores.from_env()
     if stores.database:
@@ -239,11 +275,14 @@ def up(home: Path | None = None, configs: list[str] = ()) -> list[str]:
     if stores.database:
         lines.append(stores.describe())
     if configs:
-        lines.append(start_runner([str(Path(c).resolve()) for c in configs], home))
+        paths = [str(Path(c).resolve()) for c in configs]
+        lines.append(start_pool(pool, paths, home) if pool else start_runner(paths, home))
     return lines
 
 
 def down(home: Path | None = None) -> list[str]:
     home = home or state_dir()
     services = sorted(p.stem for p in home.glob("bento*.pid"))  # every registered model's service
-    return [stop_started(name, home) for name in (*services, "runner", prefect_server().name, mlflow_server().name)]
+    workers = sorted(p.stem for p in home.glob("worker-*.pid"))
+    return [stop_started(name, home)
+            for name in (*services, "runner", *workers, prefect_server().name, mlflow_server().name)]

@@ -81,4 +81,4 @@ def running_stack(home: Path, config: dict, *up_args: str, env: dict[str, str] |
         yield stack
     finally:
         down = stack.tuneline("down", timeout=120)
-        assert "runner: stopped" in down.stdout, down.stdout + down.stderr
+        assert down.returncode == 0 and "killed" not in down.stdout, down.stdout + down.stderr
