@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from evals.variants import COT, ZERO_SHOT, Variant, likelihood_task, ranked_twin
 from serving.prompt_rule import probabilities
 
 EVALS = Path(__file__).resolve().parent
@@ -78,13 +79,13 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
     out.mkdir(parents=True, exist_ok=True)
     data_files = {name: str(Path(path).resolve()) for name, path in splits.items()}
     for split in ("validation", "test"):
-        _write_task(out, f"{task}_{split}", SHARED_TASK, data_files, split,
+        _write_task(out, ZERO_SHOT.task(task, split), SHARED_TASK, data_files, split,
                     {"do_sample": False, "max_gen_toks": max_answer_tokens})
-        _write_task(out, f"{task}_{split}_cot", COT_TASK, data_files, split,
+        _write_task(out, COT.task(task, split), COT_TASK, data_files, split,
                     {"do_sample": False, "until": ["\n\n\n"], "max_gen_toks": max_answer_tokens + reasoning_tokens})
         if ranked:
-            _write_task(out, f"{task}_{split}_ranked", SHARED_TASK, data_files, split, None)
-    _write_task(out, f"{task}_validation_likelihood", LIKELIHOOD_TASK, data_files, "validation", {})
+            _write_task(out, ZERO_SHOT.task(task, split, ranked=True), SHARED_TASK, data_files, split, None)
+    _write_task(out, likelihood_task(task), LIKELIHOOD_TASK, data_files, "validation", {})
     for path in general:
         name = suite_task(path)
         spec = {"include": str(GENERAL_TASK), "task": name,
@@ -94,17 +95,17 @@ def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answ
 
 
 def write_listed_tasks(task: str, files: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
-                       suffix: str, ranked: bool = False) -> Path:
-    """`<task>_<split><suffix>` (and with `ranked` its `…_ranked` twin) for each split in `files`, whose records
-    carry their own `shots` (retrieved for each question, or the same fixed shots for all): lm-eval puts exactly
-    those before the question."""
+                       variant: Variant, ranked: bool = False) -> Path:
+    """The variant's task (and with `ranked` its ranked twin) for each split in `files`, whose records carry
+    their own `shots` (retrieved for each question, or the same fixed shots for all): lm-eval puts exactly those
+    before the question."""
     out = Path(out_dir)
     data_files = {name: str(Path(path).resolve()) for name, path in files.items()}
     for split in files:
-        _write_task(out, f"{task}_{split}{suffix}", RETRIEVED_TASK, data_files, split,
+        _write_task(out, variant.task(task, split), RETRIEVED_TASK, data_files, split,
                     {"do_sample": False, "max_gen_toks": max_answer_tokens}, fewshot_split=split)
         if ranked:
-            _write_task(out, f"{task}_{split}{suffix}_ranked", RETRIEVED_TASK, data_files, split, None,
+            _write_task(out, variant.task(task, split, ranked=True), RETRIEVED_TASK, data_files, split, None,
                         fewshot_split=split)
     return out
 
@@ -195,7 +196,7 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
     and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
     ranked twin is scored in the same pass, and accuracy (the most likely allowed reply) is the score."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    ranked = f"{task}_ranked" if kind != "generate" else None
+    ranked = ranked_twin(task) if kind != "generate" else None
     results = _evaluate(
         model=lm,
         tasks=[task] + ([ranked] if ranked else []),

@@ -8,6 +8,7 @@ import mlflow
 from prefect import flow
 
 from evals.runner import write_listed_tasks
+from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig
 from tasks.datasets import Splits
 from tasks.recipes import Baselines
@@ -22,42 +23,39 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
                    parent_run_id: str) -> Baselines:
     task, metric = config.task, config.gate.metric
     plan = config.baseline.variants(ranked=task.ranked)
-    results = {}
+    rows = {}
     with stage_run("baseline", parent_run_id, model=chosen.source, prompts=len(plan)):
         held_out = {"validation": splits.validation, "test": splits.test}  # for choosing, and for evaluate
         if config.baseline.retrieval_shots:
             files = attach_shots(splits.shot_pool, held_out, config.baseline.retrieval_shots, tasks_dir)
-            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, "_retrieved",
-                               ranked=task.ranked)
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens,
+                               Variant("retrieved", config.baseline.retrieval_shots), ranked=task.ranked)
         fixed = {k: pick_fixed(splits.shot_pool, k, config.data.seed) for k in config.baseline.shots if k}
         for k, shots in fixed.items():
             files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
-            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, f"_fixed{k}",
+            write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, Variant("fixed", k),
                                ranked=task.ranked)
         for v in plan:
-            if v["kind"] == "fixed" and v["shots"] == 0 and v["chat"] and chosen.result is not None:
-                # selection scored exactly this, on these validation items
+            if v == ZERO_SHOT and chosen.result is not None:  # selection scored exactly this, on these items
                 result = chosen.result
             else:
-                result = score(chosen.model_dir, tasks_dir, f"{task.name}_validation{v['suffix']}",
-                               system_prompt=task.system_prompt, shots=v["shots"], chat=v["chat"],
+                result = score(chosen.model_dir, tasks_dir, v.task(task.name, "validation"),
+                               system_prompt=task.system_prompt, shots=v.shots, chat=v.chat,
                                limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
                                kind=task.kind)
-            log_eval(f"baseline {v['name']}", result, kind=v["kind"], shots=v["shots"], chat_template=v["chat"],
+            log_eval(f"baseline {v.name}", result, kind=v.kind, shots=v.shots, chat_template=v.chat,
                      split="validation")
-            results[v["name"]] = {**v, **result["metrics"], "score": result["metrics"][metric],
-                                  "stderr": result["stderr"]}
-        best = max(results.values(), key=lambda r: r["score"])  # first of equals: the simpler prompt
+            rows[v.name] = {**result["metrics"], "score": result["metrics"][metric], "stderr": result["stderr"]}
+        found = Baselines(tuple(plan), rows, best=max(plan, key=lambda v: rows[v.name]["score"]), fixed=fixed)
         mlflow.log_metrics({f"score_{name.replace(',', '').replace(' ', '_')}": r["score"]
-                            for name, r in results.items()})
-        mlflow.log_params({"best_baseline": best["name"], "ranked_by": metric})
+                            for name, r in rows.items()})
+        mlflow.log_params({"best_baseline": found.best.name, "ranked_by": metric})
         publish(
             "baseline",
             f"## Prompt baselines on {chosen.source} (validation split)\n\n"
-            f"{table(results, task.ranked, first='prompt')}\n\n"
-            f"Bar for fine-tuning: **{best['name']}** (best {metric}, the gate's metric; ties keep the simpler "
+            f"{table(rows, task.ranked, first='prompt')}\n\n"
+            f"Bar for fine-tuning: **{found.best.name}** (best {metric}, the gate's metric; ties keep the simpler "
             "prompt). Each prompt's samples are in its MLflow run.",
         )
-        print(f"baseline: {({k: round(v['score'], 3) for k, v in results.items()})} ({metric}); best {best['name']}")
-    variant = {k: best[k] for k in ("name", "kind", "shots", "suffix", "chat")}
-    return Baselines(best["name"], variant, results, fixed)
+        print(f"baseline: {({k: round(r['score'], 3) for k, r in rows.items()})} ({metric}); best {found.best.name}")
+    return found

@@ -6,12 +6,14 @@ the YAML file's own folder, so a config means the same thing from any working di
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from evals.variants import Variant
 from tasks import model_sources
 from tasks.datasets import label_replies
 from tasks.schema import BudgetConfig, GateConfig, Strict, TaskConfig
@@ -58,18 +60,16 @@ class BaselineConfig(Strict):
     retrieval_shots: int = Field(3, ge=0, description="k nearest training examples by MiniLM embedding; 0: off")
     without_chat_template: bool = Field(True, description="also score each prompt as plain text, no system prompt")
 
-    def variants(self, ranked: bool = False) -> list[dict]:
+    def variants(self, ranked: bool = False) -> list[Variant]:
         """Every prompt to score, simplest first (a tie keeps the simpler prompt). Ranked tasks (classify,
         choice) have no chain of thought: the answers are ranked by likelihood, nothing is reasoned out first."""
-        kinds = [("fixed", k, f"_fixed{k}" if k else "", f"{k}-shot") for k in self.shots]
+        kinds = [Variant("fixed", k) for k in self.shots]
         if self.chain_of_thought and not ranked:
-            kinds.append(("cot", 0, "_cot", "chain of thought"))
+            kinds.append(Variant("cot"))
         if self.retrieval_shots:
-            kinds.append(("retrieved", self.retrieval_shots, "_retrieved", f"{self.retrieval_shots} retrieved shots"))
-        return [{"name": f"{label}, {'chat' if chat else 'plain'}", "kind": kind, "shots": shots, "suffix": suffix,
-                 "chat": chat}
-                for chat in ([True, False] if self.without_chat_template else [True])
-                for kind, shots, suffix, label in kinds]
+            kinds.append(Variant("retrieved", self.retrieval_shots))
+        return [replace(v, chat=chat) for chat in ([True, False] if self.without_chat_template else [True])
+                for v in kinds]
 
     @field_validator("shots")
     @classmethod

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 from matplotlib.figure import Figure
@@ -15,6 +17,7 @@ from prefect import flow
 
 from evals import runner
 from evals.runner import write_listed_tasks
+from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig, load_config
 from flows.data import general_suites, lengths_stage, power, prepare
 from tasks import registry, scoring, tracking
@@ -27,7 +30,6 @@ from tasks.retrieval import attach_fixed, attach_shots
 from tasks.scoring import score, score_builtin, score_general
 from tasks.tracking import log_eval, publish, stage_run
 
-ZERO = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}  # as trained and served
 # The champion is compared on the test items it never trained on when they are at least this share of the
 # test split (its smallest detectable difference then grows by at most 12 %); otherwise it is not comparable.
 CLEAN_SHARE = 0.8
@@ -77,6 +79,19 @@ def _plot(rows: dict[str, dict], metric: str):
     return fig
 
 
+class System(NamedTuple):
+    folder: str  # its weights
+    variant: Variant  # its prompt
+
+
+@dataclass
+class Scored:
+    """What scoring found, by system name: test results, general-suite results, crashes (one line each)."""
+    results: dict[str, dict] = field(default_factory=dict)
+    general: dict[str, dict[str, dict]] = field(default_factory=dict)
+    crashed: dict[str, str] = field(default_factory=dict)
+
+
 @flow(name="evaluate")
 def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Baselines, tasks_dir: str,
                    parent_run_id: str, champion: bool = False) -> Evaluation:
@@ -84,117 +99,144 @@ def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, basel
     fine-tuned weights zero-shot, the fine-tuned weights with the best recipe that uses shots; beside them the
     base zero-shot, the bar (best prompt of all) and, with `champion`, the registry's champion system on the test
     items it never trained on. Returns the scores and one piece of gate evidence per candidate."""
-    task, gate_metric = config.task, config.gate.metric
-    common = dict(system_prompt=task.system_prompt, limit=task.max_test_examples,
-                  batch_size=config.evaluation.batch_size)
-    servable = [v for v in baseline.results.values() if v["kind"] != "cot"]  # in order: simplest first
-    best_recipe = max(servable, key=lambda v: v["score"])
-    with_shots = [v for v in servable if v["shots"]]
-    plan = {"base": (base_dir, ZERO), "baseline": (base_dir, baseline.variant), "prompt": (base_dir, best_recipe),
-            "finetuned": (tuned_dir, ZERO)}
-    if with_shots:
-        plan["finetuned+shots"] = (tuned_dir, max(with_shots, key=lambda v: v["score"]))
-
-    results, general, crashed, done = {}, {}, {}, {}
-    with stage_run("evaluate", parent_run_id, split="test", gate_metric=gate_metric):
+    with stage_run("evaluate", parent_run_id, split="test", gate_metric=config.gate.metric):
         current = registry.champion(config.registered_model) if champion else None
-        if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
-            folder = str(registry.download(config.registered_model, current[0], Path(tasks_dir).parent / "champion"))
-            plan["champion"] = (folder, _system_variant(config, folder, tasks_dir))
-        for name, (folder, v) in plan.items():
-            same = (folder, v["suffix"], v["chat"])
-            if same in done:  # e.g. the bar is also the best recipe: scored once
-                if done[same] in results:
-                    results[name] = results[done[same]]
-                continue
-            done[same] = name
-            try:
-                results[name] = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", shots=v["shots"],
-                                      chat=v["chat"], kind=task.kind, **common)
-            except Exception as exc:  # recorded for the gate, which fails on any crash; the report goes on
-                crashed[name] = _crash(name, exc)
-                continue
-            log_eval(f"test {name}", results[name], prompt=v["name"], shots=v["shots"], chat_template=v["chat"],
-                     split="test")
-            if name in ("base", "finetuned"):  # forgetting: the fine-tuned weights against the base's
-                for path in general_suites(config):
-                    suite = runner.suite_task(path)
-                    try:
-                        general.setdefault(name, {})[suite] = score_general(
-                            folder, tasks_dir, suite, limit=config.evaluation.general_limit,
-                            batch_size=config.evaluation.batch_size)
-                    except Exception as exc:  # same rule as above
-                        crashed[f"{name} ({suite})"] = _crash(f"{name} ({suite})", exc)
-        builtin = _builtin_benchmarks(config, {n: plan[n][0] for n in ("base", "finetuned") if n in results})
-
-        champion_items, note = _champion_items(config, results, current)
-        candidates = []
-        for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned")):
-            if name not in plan or (name == "prompt" and plan[name][1]["suffix"] == "" and plan[name][1]["chat"]):
-                continue  # no prompt system besides the base zero-shot
-            folder, v = plan[name]
-            recipe = Recipe.of(v, task.system_prompt, baseline.fixed)
-            bar = "base" if weights == "base" else "baseline"
-            suites = {} if weights == "base" else {
-                suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
-                for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
-            evidence = registry.Evidence(
-                metric=gate_metric, candidate=_items(results.get(name), gate_metric),
-                bar=_items(results.get(bar), gate_metric), bar_name=f"{plan[bar][1]['name']} on the base weights",
-                champion=champion_items, champion_version=current[0] if current else None, champion_note=note,
-                general=suites, weights_changed=weights != "base",
-                crashed={k: e for k, e in crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
-            candidates.append(registry.Candidate(
-                name, recipe.describe(weights), folder, recipe, evidence,
-                score=_mean(list((evidence.candidate or {}).values())) or 0.0,
-                metrics=results[name]["metrics"] if name in results else {}))
-
-        rows = {name: {**r["metrics"], "stderr": r["stderr"],
-                       "general_acc": _mean([g["acc"] for g in general.get(name, {}).values()])}
-                for name, r in results.items()}
-        for name, row in rows.items():
-            mlflow.log_metrics({f"{name.replace('+', '_')}_{k}": v for k, v in row.items() if v is not None})
-        compared = {c.name: registry.comparisons(c.evidence, config.gate) for c in candidates}
-        for name, found in compared.items():
-            for c in found:
-                slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")
-                mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low,
-                                    f"{slug}_high": c.high, f"{slug}_p": c.p_value})
-        changes = _wins_and_losses(results["baseline"], results["finetuned"], gate_metric) \
-            if {"baseline", "finetuned"} <= results.keys() else []
-        fixed, broke = sum(c["change"] == "fixed" for c in changes), sum(c["change"] == "broke" for c in changes)
-        mlflow.log_metrics({"fixed_by_finetuning": fixed, "broken_by_finetuning": broke})
-        mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
-        mlflow.log_figure(_plot(rows, gate_metric), "report/comparison.png")
-        for name, r in results.items():
-            if "confusion" in r:
-                mlflow.log_figure(_confusion_plot(r["confusion"], name), f"report/confusion_{name}.png")
-                mlflow.log_dict({"classes": r["classes"], "confusion": r["confusion"]}, f"report/classes_{name}.json")
-        bar_rate = rows.get("baseline", {}).get(gate_metric, 0.5)
-        note_power, warnings = power(config, len(_items(results.get("baseline"), gate_metric) or {})
-                                     or task.max_test_examples, bar_rate)
-        markdown = _report(rows, crashed, fixed, broke, plan, candidates, compared, note, note_power, warnings,
-                           gate_metric, results)
-        mlflow.log_text(markdown, "report/report.md")
-        publish("evaluate", markdown)
-        print("evaluate: " + ", ".join(f"{n} {r.get(gate_metric, 0):.3f}" for n, r in rows.items())
-              + "".join(f"\n  {n} {c.rule}: {c.describe()}" for n, found in compared.items() for c in found)
-              + (f"; crashed: {list(crashed)}" if crashed else ""))
-    return Evaluation(candidates, rows, crashed, fixed, broke, builtin)
+        plan = _plan(config, base_dir, tuned_dir, baseline, tasks_dir, current)
+        scored = _score(config, plan, tasks_dir)
+        builtin = _builtin_benchmarks(config, {n: plan[n].folder for n in ("base", "finetuned") if n in scored.results})
+        champion_items, note = _champion_items(config, scored.results, current)
+        candidates = _candidates(config, plan, scored, baseline, champion_items, current, note)
+        rows, fixed, broke = _report(config, plan, scored, candidates, note)
+    return Evaluation(candidates, rows, scored.crashed, fixed, broke, builtin)
 
 
-def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> dict:
-    """A registered system's own recipe as an lm-eval task over this run's test split (`<task>_test_champion`):
-    its fixed shots, or shots retrieved from its own pool."""
+def _plan(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Baselines, tasks_dir: str,
+          current: tuple | None) -> dict[str, System]:
+    """The systems to score, by role: the base zero-shot, the bar, the best servable prompt, the fine-tuned
+    weights zero-shot and with the best shots; the champion's own system when there is one."""
+    servable = [v for v in baseline.variants if v.servable]  # in order: simplest first
+    plan = {"base": System(base_dir, ZERO_SHOT), "baseline": System(base_dir, baseline.best),
+            "prompt": System(base_dir, baseline.best_of(servable)), "finetuned": System(tuned_dir, ZERO_SHOT)}
+    with_shots = baseline.best_of([v for v in servable if v.shots])
+    if with_shots:
+        plan["finetuned+shots"] = System(tuned_dir, with_shots)
+    if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
+        folder = str(registry.download(config.registered_model, current[0], Path(tasks_dir).parent / "champion"))
+        plan["champion"] = System(folder, _system_variant(config, folder, tasks_dir))
+    return plan
+
+
+def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> Scored:
+    """Each distinct system once on the test split (the bar is often also the best recipe); the base and the
+    fine-tuned weights on the general suites too. A crash is recorded for the gate, which fails on any; the
+    report goes on."""
+    task, scored, done = config.task, Scored(), {}
+    for name, (folder, v) in plan.items():
+        test_task = v.task(task.name, "test")
+        if (folder, test_task, v.chat) in done:
+            if done[folder, test_task, v.chat] in scored.results:
+                scored.results[name] = scored.results[done[folder, test_task, v.chat]]
+            continue
+        done[folder, test_task, v.chat] = name
+        try:
+            scored.results[name] = score(folder, tasks_dir, test_task, shots=v.shots, chat=v.chat, kind=task.kind,
+                                         system_prompt=task.system_prompt, limit=task.max_test_examples,
+                                         batch_size=config.evaluation.batch_size)
+        except Exception as exc:
+            scored.crashed[name] = _crash(name, exc)
+            continue
+        log_eval(f"test {name}", scored.results[name], prompt=v.name, shots=v.shots, chat_template=v.chat,
+                 split="test")
+        if name in ("base", "finetuned"):  # forgetting: the fine-tuned weights against the base's
+            for path in general_suites(config):
+                suite = runner.suite_task(path)
+                try:
+                    scored.general.setdefault(name, {})[suite] = score_general(
+                        folder, tasks_dir, suite, limit=config.evaluation.general_limit,
+                        batch_size=config.evaluation.batch_size)
+                except Exception as exc:
+                    scored.crashed[f"{name} ({suite})"] = _crash(f"{name} ({suite})", exc)
+    return scored
+
+
+def _candidates(config: LifecycleConfig, plan: dict[str, System], scored: Scored, baseline: Baselines,
+                champion_items: dict | None, current: tuple | None, note: str | None) -> list[registry.Candidate]:
+    """One candidate per system that could replace the champion, with its paired evidence: a prompt recipe on
+    the base weights (unless it is the base zero-shot itself) against the base; fine-tuned systems against the
+    bar, and for forgetting against the base on the general suites."""
+    metric, results, general, candidates = config.gate.metric, scored.results, scored.general, []
+    for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned")):
+        if name not in plan or (name == "prompt" and plan[name].variant == ZERO_SHOT):
+            continue
+        folder, v = plan[name]
+        recipe = Recipe.of(v, config.task.system_prompt, baseline.fixed)
+        bar = "base" if weights == "base" else "baseline"
+        suites = {} if weights == "base" else {
+            suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
+            for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
+        evidence = registry.Evidence(
+            metric=metric, candidate=_items(results.get(name), metric), bar=_items(results.get(bar), metric),
+            bar_name=f"{plan[bar].variant.name} on the base weights", champion=champion_items,
+            champion_version=current[0] if current else None, champion_note=note, general=suites,
+            weights_changed=weights != "base",
+            crashed={k: e for k, e in scored.crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
+        candidates.append(registry.Candidate(
+            name, recipe.describe(weights), folder, recipe, evidence,
+            score=_mean(list((evidence.candidate or {}).values())) or 0.0,
+            metrics=results[name]["metrics"] if name in results else {}))
+    return candidates
+
+
+def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, candidates: list[registry.Candidate],
+            champion_note: str | None) -> tuple[dict[str, dict], int, int]:
+    """The stage's MLflow metrics, figures and markdown report; returns each system's row, and what
+    fine-tuning alone fixed and broke against the bar."""
+    metric, results = config.gate.metric, scored.results
+    rows = {name: {**r["metrics"], "stderr": r["stderr"],
+                   "general_acc": _mean([g["acc"] for g in scored.general.get(name, {}).values()])}
+            for name, r in results.items()}
+    for name, row in rows.items():
+        mlflow.log_metrics({f"{name.replace('+', '_')}_{k}": v for k, v in row.items() if v is not None})
+    compared = {c.name: registry.comparisons(c.evidence, config.gate) for c in candidates}
+    for name, found in compared.items():
+        for c in found:
+            slug = f"{name}_{c.rule}".replace(" ", "_").replace("+", "_")
+            mlflow.log_metrics({f"{slug}_difference": c.difference, f"{slug}_low": c.low, f"{slug}_high": c.high,
+                                f"{slug}_p": c.p_value})
+    changes = _wins_and_losses(results["baseline"], results["finetuned"], metric) \
+        if {"baseline", "finetuned"} <= results.keys() else []
+    fixed, broke = sum(c["change"] == "fixed" for c in changes), sum(c["change"] == "broke" for c in changes)
+    mlflow.log_metrics({"fixed_by_finetuning": fixed, "broken_by_finetuning": broke})
+    mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
+    mlflow.log_figure(_plot(rows, metric), "report/comparison.png")
+    for name, r in results.items():
+        if "confusion" in r:
+            mlflow.log_figure(_confusion_plot(r["confusion"], name), f"report/confusion_{name}.png")
+            mlflow.log_dict({"classes": r["classes"], "confusion": r["confusion"]}, f"report/classes_{name}.json")
+    note_power, warnings = power(config, len(_items(results.get("baseline"), metric) or {})
+                                 or config.task.max_test_examples, rows.get("baseline", {}).get(metric, 0.5))
+    markdown = _markdown(rows, scored.crashed, fixed, broke, plan, candidates, compared, champion_note, note_power,
+                         warnings, metric, results)
+    mlflow.log_text(markdown, "report/report.md")
+    publish("evaluate", markdown)
+    print("evaluate: " + ", ".join(f"{n} {r.get(metric, 0):.3f}" for n, r in rows.items())
+          + "".join(f"\n  {n} {c.rule}: {c.describe()}" for n, found in compared.items() for c in found)
+          + (f"; crashed: {list(scored.crashed)}" if scored.crashed else ""))
+    return rows, fixed, broke
+
+
+def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> Variant:
+    """A registered system's own recipe as an lm-eval task over this run's test split: its fixed shots, or
+    shots retrieved from its own pool."""
     recipe = read_recipe(folder)
+    variant = recipe.variant(owner="champion")
     if recipe.shots != "none":
         test = {"test": str(Path(tasks_dir).parent / "data" / "test.jsonl")}
         files = attach_shots(str(Path(folder) / POOL_FILE), test, recipe.k, tasks_dir, prefix="champion") \
             if recipe.shots == "retrieved" else attach_fixed(list(recipe.fixed), test, tasks_dir, "champion")
-        write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, "_champion",
+        write_listed_tasks(config.task.name, files, tasks_dir, config.task.max_answer_tokens, variant,
                            ranked=config.task.ranked)
-    return {"name": recipe.label, "kind": recipe.shots, "shots": recipe.k,
-            "suffix": "_champion" if recipe.shots != "none" else "", "chat": recipe.chat}
+    return variant
 
 
 def _mean(values: list[float]) -> float | None:
@@ -253,13 +295,16 @@ def _crash(what: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _report(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict, candidates: list[registry.Candidate],
-            compared: dict,
-            champion_note: str | None, power_note: str, warnings: list[str], metric: str, results: dict) -> str:
-    label = {"base": "base, 0-shot chat", "baseline": f"bar: {plan['baseline'][1]['name']} on the base weights",
-             "prompt": f"base + {plan['prompt'][1]['name']}", "finetuned": "fine-tuned",
-             "finetuned+shots": f"fine-tuned + {plan.get('finetuned+shots', (None, {'name': ''}))[1]['name']}",
-             "champion": f"champion ({plan['champion'][1]['name']})" if "champion" in plan else "champion"}
+def _markdown(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict[str, System],
+              candidates: list[registry.Candidate], compared: dict, champion_note: str | None, power_note: str,
+              warnings: list[str], metric: str, results: dict) -> str:
+    label = {"base": "base, 0-shot chat", "finetuned": "fine-tuned",
+             "baseline": f"bar: {plan['baseline'].variant.name} on the base weights",
+             "prompt": f"base + {plan['prompt'].variant.name}"}
+    if "finetuned+shots" in plan:
+        label["finetuned+shots"] = f"fine-tuned + {plan['finetuned+shots'].variant.name}"
+    if "champion" in plan:
+        label["champion"] = f"champion ({plan['champion'].variant.name})"
     ranked = metric == "accuracy"
     lines = ["## Evaluation on the test split", "",
              scoring.table({label.get(name, name): r for name, r in rows.items()}, ranked,
@@ -307,8 +352,8 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
         lengths_stage(config, splits, folder, parent.info.run_id)  # rewrites the split files the tasks read
         with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
             v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
-            result = score(folder, tasks_dir, f"{task.name}_test{v['suffix']}", system_prompt=task.system_prompt,
-                           shots=v["shots"], chat=v["chat"], limit=task.max_test_examples,
+            result = score(folder, tasks_dir, v.task(task.name, "test"), system_prompt=task.system_prompt,
+                           shots=v.shots, chat=v.chat, limit=task.max_test_examples,
                            batch_size=config.evaluation.batch_size, kind=task.kind)
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,

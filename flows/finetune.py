@@ -8,6 +8,7 @@ import mlflow
 from matplotlib.figure import Figure
 from prefect import flow
 
+from evals.variants import ZERO_SHOT
 from flows.config import LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare, training_plan
 from tasks import registry, tracking
@@ -62,9 +63,9 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
             raise ValueError("finetune.search.objective validation_score needs the lm-eval tasks (run the lifecycle)")
 
         def scorer(merged: str) -> float:
-            found = score.fn(merged, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
-                             shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
-                             kind=task.kind)
+            found = score.fn(merged, tasks_dir, ZERO_SHOT.task(task.name, "validation"),
+                             system_prompt=task.system_prompt, shots=0, limit=task.max_validation_examples,
+                             batch_size=config.evaluation.batch_size, kind=task.kind)
             return found["metrics"][config.gate.metric]
 
     # Each trial's validation loss is computed on the validation items selection scores (the first

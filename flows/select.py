@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlflow
 from prefect import flow
 
+from evals.variants import ZERO_SHOT, likelihood_task
 from flows.config import LifecycleConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
@@ -27,10 +28,10 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             folder = provision_model(source, store)
             info = model_info(folder)
             cost = measure_cost(folder, probe, models.cost_tokens)
-            result = score(folder, tasks_dir, f"{task.name}_validation", system_prompt=task.system_prompt,
+            result = score(folder, tasks_dir, ZERO_SHOT.task(task.name, "validation"), system_prompt=task.system_prompt,
                            shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
                            kind=task.kind)
-            likely = score_likelihood(folder, tasks_dir, f"{task.name}_validation_likelihood",
+            likely = score_likelihood(folder, tasks_dir, likelihood_task(task.name),
                                       system_prompt=task.system_prompt, limit=task.max_validation_examples,
                                       batch_size=config.evaluation.batch_size)
             log_eval(f"candidate {source}", result, metrics={**cost, "answer_logprob": likely["mean_logprob"]},

@@ -90,9 +90,10 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
 
 
 def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct", seed: int = 0,
-               store: Path | None = None) -> Path:
+               store: Path | None = None, head_size: int = 16) -> Path:
     """A random 2-layer Llama (hidden 64) with a real tokenizer and chat template: fast enough for unit tests.
-    With a shipped base model's tokenizer (Gemma's), that model's chat template and end of turn too."""
+    With a shipped base model's tokenizer (Gemma's), that model's chat template and end of turn too.
+    `head_size` 64 (one attention head): vLLM's CPU attention runs no smaller head."""
     tok_dir = provision_tokenizer(tokenizer_source, store or folder.parent)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     kind, ref = parse(tokenizer_source)
@@ -101,7 +102,8 @@ def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=64 // head_size, num_key_value_heads=max(1, 32 // head_size),
+        max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evals.variants import Variant
 from serving.prompt_rule import render_question, retrieve
 from tasks.datasets import read_examples
 from tasks.retrieval import ENCODER, embed, shot
@@ -34,16 +35,19 @@ class Recipe:
     encoder: str | None = None  # retrieval only
 
     @classmethod
-    def of(cls, variant: dict, system_prompt: str, fixed: dict[int, list[dict]] | None = None) -> Recipe:
+    def of(cls, variant: Variant, system_prompt: str, fixed: dict[int, list[dict]] | None = None) -> Recipe:
         """From a baseline prompt variant (flows/config.py `BaselineConfig.variants`)."""
-        k = variant["shots"]
-        if variant["kind"] == "retrieved":
-            return cls(system_prompt, variant["chat"], "retrieved", k, encoder=ENCODER)
-        if variant["kind"] == "fixed" and k:
-            return cls(system_prompt, variant["chat"], "fixed", k, tuple((fixed or {})[k]))
-        if variant["kind"] != "fixed":
-            raise ValueError(f"prompt {variant['name']!r} cannot be served as a recipe")
-        return cls(system_prompt, variant["chat"])
+        if not variant.servable:
+            raise ValueError(f"prompt {variant.name!r} cannot be served as a recipe")
+        if variant.kind == "retrieved":
+            return cls(system_prompt, variant.chat, "retrieved", variant.shots, encoder=ENCODER)
+        if variant.shots:
+            return cls(system_prompt, variant.chat, "fixed", variant.shots, tuple((fixed or {})[variant.shots]))
+        return cls(system_prompt, variant.chat)
+
+    def variant(self, owner: str = "") -> Variant:
+        """The prompt variant this recipe serves; `owner` names whose shots its lm-eval tasks list."""
+        return Variant("fixed" if self.shots == "none" else self.shots, self.k, self.chat, owner)
 
     @property
     def label(self) -> str:
@@ -59,13 +63,20 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Baselines:
-    """What the baseline stage hands on: every prompt's validation result (by name, simplest first; each row is
-    the prompt variant with its metrics and `score` on the gate's metric), the best one (the bar), and the
-    fixed shots drawn per k (a fixed-shot recipe carries them)."""
-    best: str
-    variant: dict  # the best prompt: name, kind, shots, suffix (its lm-eval task), chat
-    results: dict[str, dict]
+    """What the baseline stage hands on: every prompt scored (simplest first), each one's validation row (its
+    metrics, `score` on the gate's metric and `stderr`), the best one (the bar), and the fixed shots drawn per k
+    (a fixed-shot recipe carries them)."""
+    variants: tuple[Variant, ...]
+    rows: dict[str, dict]  # by variant name
+    best: Variant
     fixed: dict[int, list[dict]]
+
+    def score(self, variant: Variant) -> float:
+        return self.rows[variant.name]["score"]
+
+    def best_of(self, variants: list[Variant]) -> Variant | None:
+        """The best scored of `variants`; the first (simpler) of equals."""
+        return max(variants, key=self.score) if variants else None
 
 
 def write_recipe(recipe: Recipe, out_dir: str | Path, pool_path: str | None = None) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from evals.runner import write_listed_tasks, write_tasks
+from evals.variants import Variant
 from flows.config import load_config
 from tasks.datasets import prepare_data, read_examples
 from tasks.retrieval import attach_fixed, attach_shots, encoder, nearest, pick_fixed
@@ -34,7 +35,7 @@ def users(path: str) -> set[str]:
 def test_k_shot_prompts_hold_the_same_k_shots_from_the_train_split_only(tiny_model, splits, chat):
     fixed = pick_fixed(splits["train"], 3, seed=13)
     files = attach_fixed.fn(fixed, {"validation": splits["validation"]}, splits["tasks_dir"], "fixed3")
-    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, "_fixed3")
+    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, Variant("fixed", 3))
     result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_fixed3", system_prompt="sys", shots=3,
                       chat=chat, limit=4, batch_size=4)
     train, held_out = users(splits["train"]), users(splits["validation"]) | users(splits["test"])
@@ -64,7 +65,7 @@ def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, p
         query = encoder().encode([row["user"]], normalize_embeddings=True)[0]
         brute = [train[i].id for i in np.argsort(-(vectors @ query))[:2]]
         assert [s["id"] for s in row["shots"]] == brute[::-1]  # nearest last, next to the question
-    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, "_retrieved")
+    write_listed_tasks("reviews", files, splits["tasks_dir"], 4, Variant("retrieved", 2))
     result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_retrieved", system_prompt="sys", shots=2,
                       limit=3, batch_size=3)
     for sample in result["samples"]:
@@ -92,11 +93,10 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
 
     expected = [f"{p}, {mode}" for mode in ("chat", "plain")
                 for p in ("0-shot", "2-shot", "chain of thought", "2 retrieved shots")]
-    assert list(found.results) == expected
+    assert [v.name for v in found.variants] == list(found.rows) == expected
     # the bar is the argmax of the gate's metric, and among equals the first (simplest) prompt
-    scores = {name: r["score"] for name, r in found.results.items()}
-    assert found.best == next(name for name in expected if scores[name] == max(scores.values()))
-    assert found.variant["name"] == found.best
+    scores = {name: r["score"] for name, r in found.rows.items()}
+    assert found.best.name == next(name for name in expected if scores[name] == max(scores.values()))
     runs = {r.info.run_name: r for r in mlflow.search_runs(output_format="list")}
     assert {f"baseline {name}" for name in expected} <= set(runs)
     assert runs["baseline chain of thought, plain"].data.params["chat_template"] == "False"
@@ -127,5 +127,5 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
         reused = baseline_stage(config, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
         anew = baseline_stage(config, replace(chosen, result=None), splits["tasks_dir"], splits["data"],
                               parent.info.run_id)
-    assert reused.results["0-shot, chat"]["score"] == 0.99
-    assert anew.results["0-shot, chat"]["score"] == zero["metrics"][metric]
+    assert reused.rows["0-shot, chat"]["score"] == 0.99
+    assert anew.rows["0-shot, chat"]["score"] == zero["metrics"][metric]

@@ -10,6 +10,7 @@ import pytest
 from trl import SFTConfig, SFTTrainer
 
 from evals import runner
+from evals.variants import Variant
 from serving.service import Chat, ChatRequest
 from tasks.datasets import Example, write_examples
 from tasks.models import build_tiny, load
@@ -96,15 +97,15 @@ def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_serv
     fixed = pick_fixed(train, 2, seed=13)
     files = attach_shots.fn(train, {"test": test}, 2, str(tasks_dir)) if shots == "retrieved" else \
         attach_fixed.fn(fixed, {"test": test}, str(tasks_dir), "fixed2")
-    suffix = "_retrieved" if shots == "retrieved" else "_fixed2"
-    runner.write_listed_tasks("reviews", files, tasks_dir, 2, suffix, ranked=True)
-    [sample] = runner.evaluate(model, tok, tasks_dir, f"reviews_test{suffix}", system_prompt=SYSTEM, shots=2,
+    variant = Variant(shots, 2, chat)
+    runner.write_listed_tasks("reviews", files, tasks_dir, 2, variant, ranked=True)
+    [sample] = runner.evaluate(model, tok, tasks_dir, variant.task("reviews", "test"), system_prompt=SYSTEM, shots=2,
                                chat=chat, limit=1, batch_size=1, kind="classify")["samples"]
     evaluated = sample["prompt"]
     assert sample["prediction"] in REPLIES  # the ranked twin takes the same listed shots
 
-    variant = {"name": "x", "kind": shots, "shots": 2, "suffix": suffix, "chat": chat}
     recipe = Recipe.of(variant, SYSTEM, {2: fixed})
+    assert recipe.variant() == variant  # a recipe serves the very prompt variant it was made from
     folder = tmp_path / "system"
     served = served_prompt(tok, folder, recipe, EXAMPLE.user, train)
     in_process = prompt_text(tok, recipe, EXAMPLE.user, shots_for(recipe, folder, EXAMPLE.user))

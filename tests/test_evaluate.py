@@ -13,6 +13,7 @@ import torch
 
 from evals import runner
 from evals.runner import write_tasks
+from evals.variants import ZERO_SHOT, Variant
 from flows.config import load_config
 from tasks.datasets import Example, prepare_data, write_examples
 from tasks.models import load
@@ -39,10 +40,9 @@ def test_evaluate_reports_side_by_side_and_records_a_crash(tiny_model, prefect_a
     mlflow.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("eval")
     with mlflow.start_run() as parent:
-        cot = {"name": "chain of thought, plain", "kind": "cot", "shots": 0, "suffix": "_cot", "chat": False}
-        zero = {"name": "0-shot, chat", "kind": "fixed", "shots": 0, "suffix": "", "chat": True}
-        results = {zero["name"]: {**zero, "score": 0.0}, cot["name"]: {**cot, "score": 0.1}}
-        baselines = Baselines(best=cot["name"], variant=cot, results=results, fixed={})
+        cot = Variant("cot", chat=False)
+        rows = {ZERO_SHOT.name: {"score": 0.0}, cot.name: {"score": 0.1}}
+        baselines = Baselines((ZERO_SHOT, cot), rows, best=cot, fixed={})
         report = evaluate_stage(config, tiny_model, str(broken), baselines, str(tasks_dir), parent.info.run_id)
 
     # the bar (chain of thought) cannot be served: the prompt candidate is the best servable recipe, zero-shot
@@ -199,9 +199,10 @@ def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model,
     run = tmp_path / "run"
     write_examples(run / "data" / "test.jsonl", [Example("t", "sys", "Review: My teapot leaks.", "x", "reviews", "t")])
     variant = _system_variant(config, str(champion), str(run / "eval_tasks"))
-    assert (variant["suffix"], variant["shots"], variant["chat"]) == ("_champion", 2, True)
+    assert variant == Variant("retrieved", 2, True, owner="champion")
+    assert variant.task("reviews", "test") == "reviews_test_champion"  # not the run's own retrieval task
     model, tok = load(Path(tiny_model))
-    [sample] = runner.evaluate(model, tok, run / "eval_tasks", f"reviews_test{variant['suffix']}", system_prompt="sys",
+    [sample] = runner.evaluate(model, tok, run / "eval_tasks", variant.task("reviews", "test"), system_prompt="sys",
                                shots=2, limit=1, batch_size=1)["samples"]
     assert sample["prompt"].index("kettle") < sample["prompt"].index("teapot")  # its nearest pool shot, listed
     assert "Love the shoes" not in sample["prompt"]

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from evals import runner
+from evals.variants import Variant
 from tasks import packaging, registry
 from tasks.datasets import Example, Splits, write_examples
 from tasks.models import load, provision
@@ -34,8 +35,8 @@ TRAIN = [Example(f"t{i}", SYSTEM, f"Review: {text}", label, "reviews", f"k{i}") 
 TEST = [Example(f"q{i}", SYSTEM, f"Review: {text}", label, "reviews", f"q{i}") for i, (text, label) in enumerate([
     ("The mug leaks at the handle.", "negative"), ("These shoes are wonderful.", "positive"),
     ("The desk lamp is too dim.", "negative")])]
-RETRIEVED = {"name": "2 retrieved shots, chat", "kind": "retrieved", "shots": 2, "suffix": "_retrieved", "chat": True}
-FIXED = {"name": "2-shot, plain", "kind": "fixed", "shots": 2, "suffix": "_fixed2", "chat": False}
+RETRIEVED = Variant("retrieved", 2, chat=True)
+FIXED = Variant("fixed", 2, chat=False)
 
 
 def right(k: int, n: int = 100) -> dict[str, float]:
@@ -112,9 +113,9 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
     tasks_dir = runner.write_tasks("reviews", {"train": data.train, "validation": data.test,
                                                "test": data.test}, tmp_path / "tasks", 6)
     runner.write_listed_tasks("reviews", attach_shots.fn(data.train, {"test": data.test}, 2, str(tasks_dir)),
-                              tasks_dir, 6, "_retrieved")
+                              tasks_dir, 6, RETRIEVED)
     runner.write_listed_tasks("reviews", attach_fixed.fn(fixed, {"test": data.test}, str(tasks_dir), "fixed2"),
-                              tasks_dir, 6, "_fixed2")
+                              tasks_dir, 6, Variant("fixed", 2))
     registry.rollback(NAME, "prefer the prompt system")
     try:
         served = deploy_stage(config, str(home), version=None, probe=TEST[0].user)
