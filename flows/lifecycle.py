@@ -68,7 +68,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         "mlflow_run_id": pid,
         "model": chosen.source,
         "data": {"train": splits.train, "counts": splits.counts, "mixed_train": splits.mixed_train},
-        "baseline": baselines.results,
+        "baseline": baselines.rows,
         "test": report.scores,
         "promotion": asdict(verdict),
         "service": asdict(service),
