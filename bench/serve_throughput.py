@@ -3,6 +3,11 @@
 are noisy). Also checks that batched greedy answers equal the one-at-a-time answers.
 
 Run:  .venv/bin/python bench/serve_throughput.py [--model gguf:smollm2-135m-instruct|tiny:0] [--requests 16]
+      .venv/bin/python bench/serve_throughput.py --engines [--clients 1 8 32 128]   # vLLM against transformers
+
+`--engines`: the same Bento served with each engine (deploy.engine transformers, with adaptive batching, and
+vllm, from `make install-vllm`'s environment), requests/s and p50/p95 latency at each client count, engine start
+time, and how many greedy answers agree (identical text; the first 8 tokens).
 
 Each client sends requests one after another (a demo review, max_tokens 48, greedy) until the level has sent
 at least `--requests` (and every client at least one), so the concurrency holds for the whole measurement.
@@ -59,15 +64,40 @@ async def level(url: str, prompts: list[str], clients: int, rounds: int, max_tok
     return {"rps": len(latencies) / wall, "p50": statistics.median(latencies), "p95": cuts[18], "answers": answers}
 
 
-def measure(bento: str, batching: bool, prompts: list[str], args, home: Path) -> dict[int, dict]:
+def measure(bento: str, batching: bool, prompts: list[str], args, home: Path, engine: str = "transformers",
+            clients: tuple[int, ...] = (1, 8, 32)) -> dict:
     os.environ["TUNELINE_BATCHING"] = "on" if batching else "off"
-    name = "bench-batched" if batching else "bench-sequential"
-    url = packaging.serve.fn(bento, free_port(), str(home), name=name, feedback_db=str(home / "bench-answers.db"))
+    name = f"bench-{engine}-{'batched' if batching else 'sequential'}"
+    started = time.perf_counter()
+    url = packaging.serve.fn(bento, free_port(), str(home), name=name, feedback_db=str(home / "bench-answers.db"),
+                             engine=engine)
+    start_s = time.perf_counter() - started
     try:
         asyncio.run(level(url, prompts, 2, 1, args.max_tokens))  # warm-up (and the batcher's first estimates)
-        return {c: asyncio.run(level(url, prompts, c, -(-args.requests // c), args.max_tokens)) for c in (1, 8, 32)}
+        found = {c: asyncio.run(level(url, prompts, c, -(-args.requests // c), args.max_tokens)) for c in clients}
+        return {**found, "start_s": start_s}
     finally:
         stop_started(name, home)
+
+
+def engines(bento: str, prompts: list[str], args, home: Path, tokenizer) -> None:
+    """vLLM against the transformers engine on the same Bento: throughput, latency, agreement."""
+    clients = tuple(args.clients)
+    hf = measure(bento, True, prompts, args, home, "transformers", clients)
+    vl = measure(bento, True, prompts, args, home, "vllm", clients)
+    print(f"model {args.model}, max_tokens {args.max_tokens}, at least {args.requests} requests per level; engine "
+          f"start: transformers {hf['start_s']:.0f} s, vllm {vl['start_s']:.0f} s\n")
+    print("| clients | vllm req/s | p50 s | p95 s | transformers req/s | p50 s | p95 s | vllm / transformers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in clients:
+        v, h = vl[c], hf[c]
+        print(f"| {c} | {v['rps']:.2f} | {v['p50']:.2f} | {v['p95']:.2f} | {h['rps']:.2f} | {h['p50']:.2f} | "
+              f"{h['p95']:.2f} | {v['rps'] / h['rps']:.2f}× |")
+    last = clients[-1]
+    pairs = [(vl[last]["answers"][p], hf[last]["answers"][p]) for p in vl[last]["answers"] if p in hf[last]["answers"]]
+    head = sum(tokenizer(a)["input_ids"][:8] == tokenizer(b)["input_ids"][:8] for a, b in pairs)
+    print(f"\ngreedy answers, vllm vs transformers: identical {sum(a == b for a, b in pairs)}/{len(pairs)}, "
+          f"same first 8 tokens {head}/{len(pairs)}")
 
 
 def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, home: Path) -> dict:
@@ -107,6 +137,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--pool", type=int, default=1200, help="examples in the retrieval pool")
     parser.add_argument("--retrieval-only", action="store_true", help="skip the batching levels")
+    parser.add_argument("--engines", action="store_true", help="vLLM against transformers, nothing else")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128], help="with --engines")
     args = parser.parse_args()
 
     home = configure_env()
@@ -115,6 +147,11 @@ def main() -> None:
     reviews = [json.loads(line)["review"] for line in (ROOT / "data" / "reviews.jsonl").read_text().splitlines()]
     prompts = [f"Review: {text}\nReturn the JSON." for text in reviews[:64]]
     pool = [f"Review: {text}\nReturn the JSON." for text in reviews[64:64 + args.pool]]
+    if args.engines:
+        from transformers import AutoTokenizer
+
+        engines(bento, prompts, args, home, AutoTokenizer.from_pretrained(model_dir))
+        return
 
     found = retrieval_share(str(model_dir), prompts, pool, args, home)
     print(f"model {args.model}, retrieval of 3 shots from {len(pool)} examples: {found['retrieval_s'] * 1000:.1f} ms "

@@ -94,6 +94,11 @@ class DeployConfig(Strict):
     host: str = Field("127.0.0.1", description="where the service listens; beyond loopback it needs "
                                                 "TUNELINE_API_KEY set, or it refuses to start")
     port: int = Field(3000, gt=0, lt=65536)
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="what generates: vllm (its own environment, `make install-vllm`), transformers, or "
+                            "auto: vllm on a CUDA host that has it, else transformers")
+    canary: float = Field(0.0, ge=0.0, lt=1.0, description="the share of chat requests the registry's challenger "
+                          "answers beside the champion (sticky per request `user`); 0: the champion answers all")
     max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
     max_tokens: int = Field(256, gt=0, description="the default and the largest max_tokens a request may ask for")
     constrain: bool = Field(True, description="classify: reply with the most likely label and every label's "

@@ -4,6 +4,7 @@ smoke-tested. Runs at the end of each lifecycle iteration and alone through `tun
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import mlflow
 from prefect import flow
@@ -13,6 +14,7 @@ from flows.data import served_answers
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
 from tasks.packaging import Deployment
+from tasks.processes import free_port, recorded_pid, stop_started
 from tasks.tracking import publish, stage_run
 
 
@@ -24,8 +26,9 @@ def _probe(config: LifecycleConfig) -> str:
 @flow(name="deploy")
 def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None = None, version: str | None = None,
                  built: dict[str, str] | None = None, probe: str | None = None) -> Deployment:
-    """Serve `version` of the registered model (default: the champion); `built` maps versions to Bentos already
-    built by the promote stage. Outside a lifecycle run, the deploy is its own MLflow run."""
+    """Serve `version` of the registered model (default: the champion), and with deploy.canary the registry's
+    challenger beside it; `built` maps versions to Bentos already built by the promote stage. Outside a
+    lifecycle run, the deploy is its own MLflow run."""
     name = config.registered_model
     run = stage_run("deploy", parent_run_id, registered_model=name) if parent_run_id else \
         mlflow.start_run(run_name="deploy", tags={"tuneline.stage": "deploy"})
@@ -37,33 +40,108 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                 publish("deploy", f"## Deploy: nothing served\n\n{name} has no champion yet.")
                 return Deployment(served=False, reason="no champion")
             version = current[0]
+        question = probe or _probe(config)
         if config.deploy.serve and packaging.serving(home, name, config.deploy.port) == f"{name}/{version}":
             url = f"http://127.0.0.1:{config.deploy.port}"  # the champion did not change: no rebuild, no restart
             print(f"deploy: {name} v{version} is served already at {url}; left running")
             publish("deploy", f"## Deploy: {name} v{version} left running\n\nIt is served already at {url}.")
-            return Deployment(True, version, url=url, model=f"{name}/{version}", reason="served already")
-        tag = (built or {}).get(version)
-        if tag is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
-                tag = packaging.build_bento(str(model_dir), name, version, config.task.system_prompt,
-                                            config.deploy.limits, system=registry.system(name, version),
-                                            answers=served_answers(config))
+            return Deployment(True, version, url=url, model=f"{name}/{version}", reason="served already",
+                              **_canary(config, home, version, built, question))
+        tag = _bento(config, version, built)
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
             return Deployment(served=False, version=version, bento=tag, reason="deploy.serve is off")
-        url = packaging.serve(tag, config.deploy.port, home, name=packaging.service_name(name),
-                              host=config.deploy.host, redact=config.feedback.redact)
-        question = probe or _probe(config)
-        reply = packaging.chat(url, question, max_tokens=config.task.max_answer_tokens)
+        url, reply = _take_over(config, home, version, tag, question)
         answer = reply["choices"][0]["message"]["content"]
         mlflow.log_text(f"Q: {question}\nA: {answer}\n", "smoke_test.txt")
         publish("deploy", f"## Deploy: {name} v{version} served\n\nBento `{tag}` at {url}/v1/chat/completions\n\n"
                           f"Smoke prompt: {question!r}\n\nAnswer: `{answer}`")
         print(f"deploy: {name} v{version} ({reply.get('system', '')}) served at {url}; answer to a test prompt: "
               f"{answer!r}")
-    return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer)
+        side = _canary(config, home, version, built, question)
+    return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer, **side)
+
+
+def _bento(config: LifecycleConfig, version: str, built: dict[str, str] | None) -> str:
+    """The Bento of `version`: the one the promote stage built, else built now from the registry."""
+    if (built or {}).get(version):
+        return built[version]
+    name = config.registered_model
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
+        return packaging.build_bento(str(model_dir), name, version, config.task.system_prompt, config.deploy.limits,
+                                     system=registry.system(name, version), answers=served_answers(config))
+
+
+def _start(config: LifecycleConfig, home: str, version: str, tag: str, question: str) -> tuple[dict, dict]:
+    """`version`'s service on a spare loopback port, ready and answering the smoke prompt: its route and the
+    reply. The version already answering a route (the challenger becoming champion) is reused, not restarted.
+    A version that fails is stopped, and the error names it and what keeps serving."""
+    name, model = config.registered_model, f"{config.registered_model}/{version}"
+    service = packaging.service_name(name, version)
+    routed = [r for r in packaging.routes(home, name).values() if isinstance(r, dict) and r.get("model") == model]
+    previous = packaging.routes(home, name).get("champion")
+    try:
+        backend = routed[0]["url"] if routed and recorded_pid(service, Path(home)) else \
+            packaging.serve(tag, free_port(), home, name=service, redact=config.feedback.redact,
+                            engine=packaging.resolve_engine(config.deploy.engine))
+        reply = packaging.chat(backend, question, max_tokens=config.task.max_answer_tokens)
+    except Exception as exc:
+        if not routed:
+            stop_started(service, Path(home))
+        kept = f"{previous['model']} keeps serving" if previous else "nothing was served before"
+        raise RuntimeError(f"deploy: {name} v{version} failed before taking over ({type(exc).__name__}: {exc}); "
+                           f"{kept}") from exc
+    return {"url": backend, "model": model, "service": service}, reply
+
+
+def _take_over(config: LifecycleConfig, home: str, version: str, tag: str, question: str) -> tuple[str, dict]:
+    """Start `version` beside the version served now; once it is ready and answers the smoke prompt, point the
+    front on deploy.port at it and stop the old one. A version that fails is stopped and the deploy fails naming
+    why, while the old one keeps serving."""
+    name = config.registered_model
+    packaging.require_key_beyond_loopback(config.deploy.host)  # before anything starts
+    before = packaging.routes(home, name)
+    route, reply = _start(config, home, version, tag, question)
+    url = packaging.switch(home, name, config.deploy.port, route, host=config.deploy.host)
+    for old in (before.get("champion"), before.get("challenger")):  # the canary is set again after
+        if old and old.get("service") != route["service"]:
+            stop_started(old["service"], Path(home))  # requests it is still answering finish first (SIGTERM)
+    return url, {**reply, "question": question}
+
+
+def _canary(config: LifecycleConfig, home: str, champion: str, built: dict[str, str] | None,
+            question: str) -> dict:
+    """With deploy.canary, the registry's challenger answers that share of chat requests beside the champion
+    (sticky per request `user`); without it, or when the challenger is the champion, the champion answers all.
+    A challenger that fails to start is stopped and named, and the champion keeps every request."""
+    name, share = config.registered_model, config.deploy.canary
+    found = registry.aliased(name, registry.CHALLENGER) if share > 0 else None
+    wanted = found[0] if found and found[0] != champion else None
+    now = packaging.routes(home, name)
+    had = now.get("challenger")
+    if wanted is None and not had:
+        return {}
+    if wanted and had and had["model"] == f"{name}/{wanted}" and now.get("canary") == share:
+        return {"challenger": had["model"], "canary": share}  # as served already
+    side = None
+    if wanted:
+        try:
+            side, _ = _start(config, home, wanted, _bento(config, wanted, built), question)
+        except RuntimeError as exc:
+            print(f"deploy: no canary: {exc}")
+            publish("canary", f"## Canary: none\n\nThe challenger failed: {exc}")
+    packaging.switch(home, name, config.deploy.port, now["champion"], side, share if side else 0.0,
+                     host=config.deploy.host)
+    if had and (not side or had["service"] != side["service"]):
+        stop_started(had["service"], Path(home))
+    if not side:
+        return {}
+    print(f"deploy: canary: {side['model']} answers {share:.0%} of chat requests beside {name}/{champion}")
+    publish("canary", f"## Canary: {side['model']} answers {share:.0%} beside {name}/{champion}\n\n"
+                      "Sticky per request `user`; every reply's `model` names the version that answered.")
+    return {"challenger": side["model"], "canary": share}
 
 
 @flow(name="deploy-version", log_prints=True)

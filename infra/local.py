@@ -282,7 +282,8 @@ def up(home: Path | None = None, configs: list[str] = (), pool: str | None = Non
 
 def down(home: Path | None = None) -> list[str]:
     home = home or state_dir()
-    services = sorted(p.stem for p in home.glob("bento*.pid"))  # every registered model's service
+    # every registered model's front, then the Bento services behind them
+    services = sorted(p.stem for p in home.glob("front-*.pid")) + sorted(p.stem for p in home.glob("bento*.pid"))
     workers = sorted(p.stem for p in home.glob("worker-*.pid"))
     return [stop_started(name, home)
             for name in (*services, "runner", *workers, prefect_server().name, mlflow_server().name)]

@@ -52,6 +52,7 @@ from serving.feedback_store import Store
 # Unset (a container holding one model): the only one there.
 MODEL = BentoModel(os.environ.get("TUNELINE_BENTO_MODEL") or "tuneline-chat:latest")
 BATCHING = os.environ.get("TUNELINE_BATCHING", "on") != "off"
+ENGINE = os.environ.get("TUNELINE_ENGINE", "transformers")  # or vllm (serving/vllm_engine.py)
 MAX_BODY_BYTES = 1_000_000
 MAX_ANSWERS, MAX_ANSWER_CHARS = 32, 200  # a request's own allowed answers (response_format's enum)
 # The generator's answers that mean "busy or restarting", as BentoML's client raises them (error_code).
@@ -81,16 +82,33 @@ class Generator:
 
     def load(self, path: str) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-        eos = self.model.generation_config.eos_token_id
+        self.engine = self.model = None
+        if ENGINE == "vllm":
+            from serving.vllm_engine import VllmEngine
+
+            meta = self.model_ref.info.metadata
+            longest = int(meta.get("max_prompt_tokens", 1024)) + int(meta.get("max_tokens", 256))
+            limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", longest)
+            self.engine = VllmEngine(path, os.environ.get("TUNELINE_VLLM_PYTHON", "vllm-python-not-set"),
+                                     min(longest, limit), os.environ.get("TUNELINE_LOG_DIR"))
+            generation = GenerationConfig.from_pretrained(path)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+            generation = self.model.generation_config
+        eos = generation.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else self.tokenizer.eos_token_id
         self.lock = threading.Lock()  # a stream and a batch at once would only fight over the same cores
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def _sampling(self, request: dict) -> dict:
         """generate()'s sampling settings; a request's `seed` reseeds torch first (call under the lock)."""
@@ -107,16 +125,20 @@ class Generator:
         return tokens[:max_tokens], "length" if len(tokens) >= max_tokens else "stop"
 
     def _generate_group(self, group: list[dict]) -> list[dict]:
-        """One left-padded `generate` for requests that share sampling settings."""
-        width = max(len(r["ids"]) for r in group)
-        ids = [[self.pad] * (width - len(r["ids"])) + r["ids"] for r in group]
-        mask = [[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in group]
-        with self.lock, self.torch.no_grad():
-            out = self.model.generate(
-                input_ids=self.torch.tensor(ids), attention_mask=self.torch.tensor(mask),
-                max_new_tokens=max(r["max_tokens"] for r in group), **self._sampling(group[0]))
+        """One left-padded `generate` for requests that share sampling settings (vLLM: the requests at once)."""
+        if self.engine is not None:
+            rows = self.engine.generate(group, GREEDY_BELOW)
+        else:
+            width = max(len(r["ids"]) for r in group)
+            ids = [[self.pad] * (width - len(r["ids"])) + r["ids"] for r in group]
+            mask = [[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in group]
+            with self.lock, self.torch.no_grad():
+                out = self.model.generate(
+                    input_ids=self.torch.tensor(ids), attention_mask=self.torch.tensor(mask),
+                    max_new_tokens=max(r["max_tokens"] for r in group), **self._sampling(group[0]))
+            rows = out[:, width:].tolist()
         results = []
-        for row, request in zip(out[:, width:].tolist(), group):
+        for row, request in zip(rows, group):
             tokens, finish = self._finish(row, request["max_tokens"])
             results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True),
                             "completion_tokens": len(tokens), "finish_reason": finish})
@@ -142,6 +164,8 @@ class Generator:
         """The summed log-probability of each continuation (token ids) after the prompt's ids: one forward
         pass over every prompt + continuation, right-padded."""
         prompt, continuations = request["ids"], request["continuations"]
+        if self.engine is not None:
+            return self.engine.rank(prompt, continuations)
         rows = [prompt + c for c in continuations]
         width = max(len(r) for r in rows)
         ids = self.torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
@@ -156,6 +180,9 @@ class Generator:
     def stream(self, request: dict) -> t.Generator[str, None, None]:
         """Newline-delimited JSON: {"text": …} pieces as they are decoded, then {"finish_reason",
         "completion_tokens"}."""
+        if self.engine is not None:
+            yield from self._stream_vllm(request)
+            return
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -192,6 +219,23 @@ class Generator:
         if "error" in produced:
             raise produced["error"]
         tokens, finish = self._finish(produced["tokens"], request["max_tokens"])
+        yield json.dumps({"finish_reason": finish, "completion_tokens": len(tokens)}) + "\n"
+
+    def _stream_vllm(self, request: dict) -> t.Generator[str, None, None]:
+        """vLLM's token ids as text pieces, decoded as the whole reply so far (a piece never splits a character:
+        text ending in an incomplete one waits for the next token); the same pieces' text as a plain request."""
+        tokens, sent = [], ""
+        for ids in self.engine.stream(request, GREEDY_BELOW):
+            tokens += ids
+            kept, _ = self._finish(tokens, request["max_tokens"])
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            if len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield json.dumps({"text": text[len(sent):]}) + "\n"
+                sent = text
+        tokens, finish = self._finish(tokens, request["max_tokens"])
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(sent):
+            yield json.dumps({"text": text[len(sent):]}) + "\n"
         yield json.dumps({"finish_reason": finish, "completion_tokens": len(tokens)}) + "\n"
 
 

@@ -123,6 +123,7 @@ def provision_tokenizer(source: str, store: Path) -> Path:
     if (target / "tokenizer_config.json").is_file():
         return target
     kind, ref = parse(source)
+    Path(store).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store) as tmp:
         if kind == "gguf":
             spec = SHIPPED[ref]

@@ -42,3 +42,11 @@ def feedback_db(home: Path | None = None) -> Path:
     """Where the service records answers and feedback: $TUNELINE_FEEDBACK_DB, else feedback.db in the state
     folder. The service decides the same way on its own (it runs from its Bento, without this package)."""
     return Path(os.environ.get("TUNELINE_FEEDBACK_DB") or (home or state_dir()) / "feedback.db")
+
+
+def vllm_python() -> Path:
+    """The Python of the vLLM environment (deploy.engine vllm): $TUNELINE_VLLM_PYTHON, else the project's
+    `.venv-vllm` (`make install-vllm`). vLLM pins transformers below the version tuneline trains with, so it
+    lives in an environment of its own."""
+    root = Path(__file__).resolve().parent.parent
+    return Path(os.environ.get("TUNELINE_VLLM_PYTHON") or root / ".venv-vllm" / "bin" / "python")

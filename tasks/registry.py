@@ -165,12 +165,17 @@ def champion(name: str) -> tuple[str, float] | None:
     """(version, recorded score) of the current champion, or None when there is none yet: when the model or its
     alias does not exist. Any other failure (a server down, a timeout) is raised with MLflow's message, so a
     gate never mistakes an outage for "no champion" and skips the champion rule."""
+    return aliased(name, CHAMPION)
+
+
+def aliased(name: str, alias: str) -> tuple[str, float] | None:
+    """(version, recorded score) under `alias` (champion, challenger), or None when the model or alias is missing."""
     try:
-        mv = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         # A missing model is RESOURCE_DOES_NOT_EXIST; a missing alias, INVALID_PARAMETER_VALUE "... not found".
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in exc.message):
+                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
             return None
         raise
     return str(mv.version), float(mv.tags.get(SCORE_TAG, "nan"))

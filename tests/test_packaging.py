@@ -31,7 +31,7 @@ def test_two_models_services_run_side_by_side_each_on_the_model_it_was_built_wit
     older = packaging.build_bento.fn(tiny_model, "team-a", "1", "You answer briefly.")
     newer = packaging.build_bento.fn(tiny_model, "team-b", "2", "You answer briefly.")
     assert packaging.bento_model(older) != packaging.bento_model(newer)
-    names = [packaging.service_name("team-a"), packaging.service_name("team-b")]
+    names = [packaging.service_name("team-a", "1"), packaging.service_name("team-b", "2")]
     try:
         urls = [packaging.serve.fn(bento, free_port(), str(home), name=name)
                 for bento, name in zip((older, newer), names)]

@@ -9,9 +9,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from serving.front import share
 from tasks import packaging
 from tasks.datasets import fingerprint, read_examples
-from tasks.processes import free_port, recorded_pid, stop_started
+from tasks.processes import free_port, recorded_pid
 from tests.conftest import DEMO_DATA, ROOT
 
 
@@ -68,9 +69,30 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
     try:
         served = deploy_version(config)  # the champion, on the config's port
         assert served.served and served.model == "alone-model/1"
-        pid = recorded_pid(packaging.service_name("alone-model"), home)
+        pids = [recorded_pid(n, home) for n in (packaging.front_name("alone-model"),
+                                                packaging.service_name("alone-model", "1"))]
         again = deploy_version(config)  # the champion did not change: left running, not rebuilt or restarted
         assert (again.model, again.reason, again.bento) == ("alone-model/1", "served already", None)
-        assert recorded_pid(packaging.service_name("alone-model"), home) == pid
+        assert [recorded_pid(n, home) for n in (packaging.front_name("alone-model"),
+                                                packaging.service_name("alone-model", "1"))] == pids
+
+        # deploy.canary: the challenger (v2, registered after v1, rolled back from) answers half beside v1
+        with_canary = yaml.safe_load(Path(config).read_text())
+        with_canary["deploy"]["canary"] = 0.5
+        Path(config).write_text(yaml.safe_dump(with_canary))
+        side = deploy_version(config)
+        assert (side.model, side.challenger, side.canary) == ("alone-model/1", "alone-model/2", 0.5)
+        assert recorded_pid(packaging.service_name("alone-model", "1"), home) == pids[1]  # the champion untouched
+        answered = {u: packaging.chat.fn(f"{served.url}", "Review: fine", user=u)["model"] for u in "abcdefghijkl"}
+        assert set(answered.values()) == {"alone-model/1", "alone-model/2"}, answered
+        assert all((share(u) < 0.5) == (m == "alone-model/2") for u, m in answered.items())
+        challenger_pid = recorded_pid(packaging.service_name("alone-model", "2"), home)
+
+        promote_version("alone-model", "2", "won its canary")  # the challenger takes over: its service is reused
+        promoted = deploy_version(config)
+        assert (promoted.model, promoted.challenger) == ("alone-model/2", None)
+        assert recorded_pid(packaging.service_name("alone-model", "2"), home) == challenger_pid
+        assert recorded_pid(packaging.service_name("alone-model", "1"), home) is None
+        assert packaging.routes(home, "alone-model")["challenger"] is None
     finally:
-        stop_started(packaging.service_name("alone-model"), home)
+        packaging.stop_model(home, "alone-model")

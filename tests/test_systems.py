@@ -20,7 +20,7 @@ from evals.variants import Variant
 from tasks import packaging, registry
 from tasks.datasets import Example, Splits, write_examples
 from tasks.models import load, provision
-from tasks.processes import free_port, stop_started
+from tasks.processes import free_port
 from tasks.recipes import POOL_FILE, Recipe, write_recipe
 from tasks.registry import Candidate, Evaluation, Evidence
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
@@ -131,7 +131,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         assert served.system == "fine-tuned + 2 fixed shots, plain"
         assert_served_as_evaluated(served.url, tuned, tasks_dir, "reviews_test_fixed2", chat=False)
     finally:
-        stop_started(packaging.service_name(NAME), Path(home))
+        packaging.stop_model(home, NAME)
 
 
 def assert_served_as_evaluated(url: str, weights: str, tasks_dir: Path, task: str, chat: bool) -> None:

@@ -1,0 +1,156 @@
+"""The service with vLLM as its engine (serving/vllm_engine.py), for real on vLLM's CPU build: the same prompts,
+greedy answers and ranked probabilities as the transformers engine, streaming, seeds, a client that leaves
+mid-stream, and no vLLM process left behind. `make test-vllm` (which installs `.venv-vllm` first); skipped where
+that environment is missing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from serving import prompt_rule
+from tasks import packaging
+from tasks.models import build_tiny, load
+from tasks.processes import free_port, stop_started
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(not packaging.vllm_python().is_file(),
+                                 reason=f"no vLLM environment at {packaging.vllm_python()} (make install-vllm)")]
+SYSTEM = "You answer briefly."
+PROMPTS = ["Review: the kettle leaks", "Review: these shoes are great, I wear them every day"]
+ANSWERS = ["positive", "negative", "neutral"]
+
+
+def _vllm_processes(bento: str) -> list[int]:
+    """PIDs of vLLM servers serving the Bento's model (from /proc: this test's own, by the model's store path)."""
+    version = packaging.bento_model(bento).split(":")[1]
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"vllm.entrypoints.openai.api_server" in cmd \
+                and any(version.encode() in part for part in cmd):
+            found.append(int(proc.name))
+    return found
+
+
+def varied_tiny(folder: Path, store: Path) -> str:
+    """The tiny model with one attention head of 64 (vLLM's CPU attention runs no smaller head), its matrices
+    drawn wide enough that greedy replies vary from token to token (at the usual scale a random model repeats
+    one token, and any engine would "agree")."""
+    build_tiny(folder, store=store, head_size=64)
+    model, tokenizer = load(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weights in model.parameters():
+            if weights.dim() == 2:
+                weights.normal_(0, 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def served(home, store, tmp_path_factory):
+    model_dir = varied_tiny(tmp_path_factory.mktemp("tiny64") / "model", store)
+    bento = packaging.build_bento.fn(model_dir, "vllm-test", "1", SYSTEM, {"max_prompt_tokens": 96, "max_tokens": 24},
+                                     answers=ANSWERS)
+    url = packaging.serve.fn(bento, free_port(), str(home), name="bento-vllm-test", engine="vllm")
+    model, tokenizer = load(Path(model_dir))
+    yield {"url": url, "model": model, "tokenizer": tokenizer, "dir": model_dir}
+    stop_started("bento-vllm-test", Path(home))
+
+
+def chat(served, content: str, **body) -> dict:
+    reply = httpx.post(f"{served['url']}/v1/chat/completions", timeout=300,
+                       json={"messages": [{"role": "user", "content": content}], **body})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _reference(served, content: str, max_tokens: int) -> tuple[list[int], list[int]]:
+    """The prompt ids and greedy reply ids of the transformers engine, in-process, under the same prompt rule."""
+    tok, model = served["tokenizer"], served["model"]
+    text = prompt_rule.render_question(tok, True, SYSTEM, [], content)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return ids, out[0, len(ids):].tolist()
+
+
+def test_greedy_answers_match_the_transformers_engine_token_for_token(served):
+    replies = set()
+    for content in PROMPTS:
+        ids, reference = _reference(served, content, 24)
+        assert len(set(reference)) > 8  # a reply of many different tokens: agreement means something
+        reply = chat(served, content, max_tokens=24, response_format={"type": "text"})
+        assert reply["usage"]["prompt_tokens"] == len(ids)  # the same prompt, rendered by the same rule
+        expected = served["tokenizer"].decode(reference, skip_special_tokens=True)
+        assert reply["choices"][0]["message"]["content"] == expected
+        assert reply["usage"]["completion_tokens"] == len(reference)
+        replies.add(expected)
+    assert len(replies) == len(PROMPTS)
+
+
+def test_ranked_probabilities_match_the_transformers_engine(served):
+    tok, model = served["tokenizer"], served["model"]
+    text = prompt_rule.render_question(tok, True, SYSTEM, [], PROMPTS[0])
+    ids, continuations = prompt_rule.ranking_inputs(tok, text, ANSWERS, chat=True)
+    with torch.no_grad():
+        expected = []
+        for c in continuations:
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids + c])).logits.float(), dim=-1)[0]
+            expected.append(float(sum(logprobs[len(ids) + j - 1, t] for j, t in enumerate(c))))
+    reply = chat(served, PROMPTS[0])  # a classifier's reply: its most likely label, every label's probability
+    found = reply["choices"][0]["probabilities"]
+    want = prompt_rule.probabilities(expected)
+    assert np.allclose([found[a] for a in ANSWERS], want, atol=1e-4), (found, want)
+    assert reply["choices"][0]["message"]["content"] == ANSWERS[int(np.argmax(expected))]
+
+
+def test_streaming_yields_the_plain_reply_and_seeds_repeat(served):
+    plain = chat(served, PROMPTS[1], max_tokens=16, response_format={"type": "text"})
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{served['url']}/v1/chat/completions", timeout=300,
+                      json={"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 16, "stream": True,
+                            "response_format": {"type": "text"}}) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                pieces.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+    assert finish == plain["choices"][0]["finish_reason"]
+    sampled = [chat(served, PROMPTS[0], max_tokens=12, temperature=1.0, seed=7, response_format={"type": "text"})
+               ["choices"][0]["message"]["content"] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_a_client_leaving_mid_stream_leaves_the_service_answering(served):
+    with httpx.stream("POST", f"{served['url']}/v1/chat/completions", timeout=300,
+                      json={"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 24, "stream": True,
+                            "response_format": {"type": "text"}}) as reply:
+        next(reply.iter_lines())  # the first event, then the client goes away
+    reply = chat(served, PROMPTS[1], max_tokens=4, response_format={"type": "text"})
+    assert reply["usage"]["completion_tokens"] <= 4
+
+
+def test_stopping_the_service_stops_its_vllm_server(home, store, tmp_path_factory):
+    """Runs last in this file (the module's service is stopped by its fixture); a second service of its own."""
+    model_dir = str(build_tiny(tmp_path_factory.mktemp("tiny64b") / "model", store=store, head_size=64, seed=1))
+    bento = packaging.build_bento.fn(model_dir, "vllm-stop", "1", SYSTEM, {"max_prompt_tokens": 32, "max_tokens": 4})
+    packaging.serve.fn(bento, free_port(), str(home), name="bento-vllm-stop", engine="vllm")
+    assert len(_vllm_processes(bento)) == 1
+    stop_started("bento-vllm-stop", Path(home))
+    deadline = time.monotonic() + 60
+    while _vllm_processes(bento) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _vllm_processes(bento) == []
