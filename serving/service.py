@@ -479,7 +479,9 @@ class Chat:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, _: str = Depends(require_key)):
         started = time.time()
-        messages, request = self._prepare(body)
+        # rendering, retrieval and tokenising a prompt of up to the body limit take about a second: off the event
+        # loop, so one large prompt never stalls the requests beside it
+        messages, request = await asyncio.to_thread(self._prepare, body)
         supplied = body.messages[0].role == "system"  # stored, never trained on
         text = request.pop("text")
         rid = f"chatcmpl-{uuid.uuid4().hex}"

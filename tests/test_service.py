@@ -8,6 +8,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,24 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(service):
     assert big.status_code == 413 and "chunked request body" in big.json()["error"]["message"], big.text
     small = httpx.post(service["url"] + "/v1/chat/completions", content=chunks(0), headers=headers, timeout=60)
     assert small.status_code == 200, small.text  # a chunked body within the limit reaches the endpoint whole
+
+
+def test_a_large_prompt_being_tokenised_does_not_stall_the_requests_beside_it(service):
+    """Tokenising a prompt near the body limit takes about a second here; it runs off the event loop, so a
+    request sent meanwhile is answered first (it once waited for the tokeniser)."""
+    finished: list[str] = []
+
+    def large():
+        reply = post(service, "/v1/chat/completions", {"messages": [{"role": "user", "content": "ab1 " * 240_000}]})
+        finished.append(f"large {reply.status_code}")
+
+    sender = threading.Thread(target=large)
+    sender.start()
+    time.sleep(0.3)  # the large body is sent and parsed within this; its tokenising takes longer
+    small = httpx.get(service["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    finished.append(f"small {small.status_code}")
+    sender.join()
+    assert finished == ["small 200", "large 400"]
 
 
 def test_a_failure_behind_the_api_is_503_only_when_retrying_can_help(caplog):
