@@ -279,6 +279,26 @@ def feedback_sync(config: Path = typer.Option(Path("configs/demo.yaml"), help="w
                f"{len(done.reviewed)} reviews read from MLflow ({', '.join(map(str, done.reviewed)) or '-'})")
 
 
+@feedback_app.command("shadow")
+def feedback_shadow(config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model")) -> None:
+    """What a shadow deploy recorded: the challenger's answers beside the champion's on the same requests, and
+    on the requests a reviewer settled, which was right (paired, exact McNemar test)."""
+    from tasks.feedback import shadow_report
+
+    cfg = _config(config)
+    try:
+        reports = shadow_report(_feedback_db(), cfg.registered_model, cfg.feedback.approve_at)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if not reports:
+        typer.echo(f"{cfg.registered_model}: no shadow answers recorded (deploy.shadow: true records them)")
+    for r in reports:
+        typer.echo(f"{r.shadow} shadowing {r.champion}: {r.pairs} requests, the same answer on {r.agreed}; "
+                   f"{r.judged} settled by review: champion right {r.champion_right}, shadow right "
+                   f"{r.shadow_right} (shadow better on {r.wins}, worse on {r.losses}; exact McNemar p = "
+                   f"{r.p_value:.3g}, against no difference)")
+
+
 @feedback_app.command("purge")
 def feedback_purge(config: Path = typer.Option(Path("configs/demo.yaml"), help="its feedback.retain_days"),
                    days: float = typer.Option(None, help="override feedback.retain_days")) -> None:

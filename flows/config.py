@@ -99,6 +99,9 @@ class DeployConfig(Strict):
                             "auto: vllm on a CUDA host that has it, else transformers")
     canary: float = Field(0.0, ge=0.0, lt=1.0, description="the share of chat requests the registry's challenger "
                           "answers beside the champion (sticky per request `user`); 0: the champion answers all")
+    shadow: bool = Field(False, description="the challenger also answers a copy of each plain chat request the "
+                                            "champion answers; its answer is recorded beside the champion's, never "
+                                            "returned (`tuneline feedback shadow` compares them)")
     max_prompt_tokens: int = Field(1024, gt=0, description="longer prompts get a 400")
     max_tokens: int = Field(256, gt=0, description="the default and the largest max_tokens a request may ask for")
     constrain: bool = Field(True, description="classify: reply with the most likely label and every label's "

@@ -26,8 +26,8 @@ def _probe(config: LifecycleConfig) -> str:
 @flow(name="deploy")
 def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None = None, version: str | None = None,
                  built: dict[str, str] | None = None, probe: str | None = None) -> Deployment:
-    """Serve `version` of the registered model (default: the champion), and with deploy.canary the registry's
-    challenger beside it; `built` maps versions to Bentos already built by the promote stage. Outside a
+    """Serve `version` of the registered model (default: the champion), and with deploy.canary or deploy.shadow
+    the registry's challenger beside it; `built` maps versions to Bentos already built by the promote stage. Outside a
     lifecycle run, the deploy is its own MLflow run."""
     name = config.registered_model
     run = stage_run("deploy", parent_run_id, registered_model=name) if parent_run_id else \
@@ -46,7 +46,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
             print(f"deploy: {name} v{version} is served already at {url}; left running")
             publish("deploy", f"## Deploy: {name} v{version} left running\n\nIt is served already at {url}.")
             return Deployment(True, version, url=url, model=f"{name}/{version}", reason="served already",
-                              **_canary(config, home, version, built, question))
+                              **_challenger(config, home, version, built, question))
         tag = _bento(config, version, built)
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
@@ -59,7 +59,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                           f"Smoke prompt: {question!r}\n\nAnswer: `{answer}`")
         print(f"deploy: {name} v{version} ({reply.get('system', '')}) served at {url}; answer to a test prompt: "
               f"{answer!r}")
-        side = _canary(config, home, version, built, question)
+        side = _challenger(config, home, version, built, question)
     return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer, **side)
 
 
@@ -111,36 +111,41 @@ def _take_over(config: LifecycleConfig, home: str, version: str, tag: str, quest
     return url, {**reply, "question": question}
 
 
-def _canary(config: LifecycleConfig, home: str, champion: str, built: dict[str, str] | None,
-            question: str) -> dict:
-    """With deploy.canary, the registry's challenger answers that share of chat requests beside the champion
-    (sticky per request `user`); without it, or when the challenger is the champion, the champion answers all.
-    A challenger that fails to start is stopped and named, and the champion keeps every request."""
-    name, share = config.registered_model, config.deploy.canary
-    found = registry.aliased(name, registry.CHALLENGER) if share > 0 else None
+def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[str, str] | None,
+                question: str) -> dict:
+    """With deploy.canary or deploy.shadow, the registry's challenger runs beside the champion: it answers the
+    canary share of chat requests (sticky per request `user`), and as a shadow a copy of the rest, recorded and
+    never returned. Without either, or when the challenger is the champion, the champion answers alone. A
+    challenger that fails to start is stopped and named, and the champion keeps every request."""
+    name, share, shadow = config.registered_model, config.deploy.canary, config.deploy.shadow
+    found = registry.aliased(name, registry.CHALLENGER) if share > 0 or shadow else None
     wanted = found[0] if found and found[0] != champion else None
     now = packaging.routes(home, name)
     had = now.get("challenger")
     if wanted is None and not had:
         return {}
-    if wanted and had and had["model"] == f"{name}/{wanted}" and now.get("canary") == share:
+    if wanted and had and had["model"] == f"{name}/{wanted}" and (now.get("canary"), now.get("shadow")) == (
+            share, shadow):
         return {"challenger": had["model"], "canary": share}  # as served already
     side = None
     if wanted:
         try:
             side, _ = _start(config, home, wanted, _bento(config, wanted, built), question)
         except RuntimeError as exc:
-            print(f"deploy: no canary: {exc}")
-            publish("canary", f"## Canary: none\n\nThe challenger failed: {exc}")
+            print(f"deploy: no challenger: {exc}")
+            publish("challenger", f"## Challenger: none\n\nIt failed: {exc}")
     packaging.switch(home, name, config.deploy.port, now["champion"], side, share if side else 0.0,
-                     host=config.deploy.host)
+                     host=config.deploy.host, shadow=shadow)
     if had and (not side or had["service"] != side["service"]):
         stop_started(had["service"], Path(home))
     if not side:
         return {}
-    print(f"deploy: canary: {side['model']} answers {share:.0%} of chat requests beside {name}/{champion}")
-    publish("canary", f"## Canary: {side['model']} answers {share:.0%} beside {name}/{champion}\n\n"
-                      "Sticky per request `user`; every reply's `model` names the version that answered.")
+    roles = [f"answers {share:.0%} of chat requests"] * (share > 0) + ["shadows the rest"] * shadow
+    print(f"deploy: challenger {side['model']} {' and '.join(roles)} beside {name}/{champion}")
+    publish("challenger", f"## Challenger: {side['model']} {' and '.join(roles)} beside {name}/{champion}\n\n"
+                          "A canary is sticky per request `user`, and every reply's `model` names the version that "
+                          "answered; a shadow's answers are recorded beside the champion's (`tuneline feedback "
+                          "shadow`).")
     return {"challenger": side["model"], "canary": share}
 
 

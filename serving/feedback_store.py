@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+# Sent by the front (serving/front.py) alone, which drops them from clients' requests: one request's pair id, on
+# both the champion's and the shadow's copy, and the mark on the shadow's copy.
+PAIR_HEADER, SHADOW_HEADER = "x-tuneline-pair", "x-tuneline-shadow"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT NOT NULL,
@@ -28,7 +31,10 @@ ADDED = {
     "responses": {"registered_model": "TEXT NOT NULL DEFAULT ''", "version": "TEXT NOT NULL DEFAULT ''",
                   "system_supplied": "INTEGER NOT NULL DEFAULT 0", "redactions": "INTEGER NOT NULL DEFAULT 0",
                   # the served system and the request's time, for its MLflow trace; the trace's id once written
-                  "system": "TEXT NOT NULL DEFAULT ''", "latency_ms": "REAL NOT NULL DEFAULT 0", "trace_id": "TEXT"},
+                  "system": "TEXT NOT NULL DEFAULT ''", "latency_ms": "REAL NOT NULL DEFAULT 0", "trace_id": "TEXT",
+                  # a shadow deploy: the id the front gave one request's champion and shadow answers, and
+                  # whether this answer is the shadow's (recorded, never returned)
+                  "pair": "TEXT", "shadow": "INTEGER NOT NULL DEFAULT 0"},
     "feedback": {"status": f"TEXT NOT NULL DEFAULT '{PENDING}'", "key_id": "TEXT NOT NULL DEFAULT ''",
                  "reviewer": "TEXT", "reviewed_at": "REAL", "reason": "TEXT",
                  "redactions": "INTEGER NOT NULL DEFAULT 0",
@@ -84,8 +90,10 @@ class Store:
         return (text, 0) if text is None or not self.redaction else redact(text)
 
     def save_response(self, rid: str, model: str, messages: list[dict], answer: str, system_supplied: bool = False,
-                      system: str = "", started: float | None = None) -> None:
-        """One served answer; `model` is "<registered model>/<version>", `started` the request's time.time()."""
+                      system: str = "", started: float | None = None, pair: str | None = None,
+                      shadow: bool = False) -> None:
+        """One served answer; `model` is "<registered model>/<version>", `started` the request's time.time();
+        `pair` and `shadow` as the front sent them when a shadow version answers the same request."""
         count, cleaned = 0, []
         for m in messages:
             content, n = self._clean(m["content"])
@@ -96,9 +104,10 @@ class Store:
         now = time.time()
         with self.lock:
             self.db.execute("INSERT INTO responses (id, created, model, messages, answer, registered_model, version, "
-                            "system_supplied, redactions, system, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "system_supplied, redactions, system, latency_ms, pair, shadow) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (rid, now, model, json.dumps(cleaned), answer, registered, version, int(system_supplied),
-                             count + n, system, (now - started) * 1000 if started else 0.0))
+                             count + n, system, (now - started) * 1000 if started else 0.0, pair, int(shadow)))
 
     def save_feedback(self, response_id: str, rating: int, correction: str | None, comment: str | None,
                       key_id: str = "") -> int | None:

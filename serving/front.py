@@ -8,10 +8,12 @@ routing, a BentoCloud feature), so this is ours.
 
 With a challenger in the routes, `canary` is the share of chat requests it answers instead of the champion,
 sticky per the request's `user` field when there is one (else drawn per request); every reply's `model` names
-the version that answered.
+the version that answered. With `shadow`, every plain (not streamed) chat request the champion answers is sent
+again to the challenger once the champion's reply is out: the challenger records its answer beside the
+champion's under one pair id (feedback store) and the client never sees it.
 
 The routes live in a JSON file (TUNELINE_FRONT_ROUTES), rewritten atomically by the deploy and read again when
-it changes: {"champion": {"url", "model"}, "challenger": {"url", "model"} | null, "canary": 0.0}.
+it changes: {"champion": {"url", "model"}, "challenger": {"url", "model"} | null, "canary": 0.0, "shadow": false}.
 Run: python -m serving.front --host 127.0.0.1 --port 3000 --routes FILE
 Stands alone like the service (Starlette, httpx, uvicorn: what BentoML already installs).
 """
@@ -24,14 +26,17 @@ import hashlib
 import json
 import os
 import random
+import uuid
 from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+
+from serving.feedback_store import PAIR_HEADER, SHADOW_HEADER
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes: never forwarded.
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -76,9 +81,29 @@ def choose(routes: dict, path: str, body: bytes) -> dict:
     return challenger if draw < canary else routes["champion"]
 
 
+def mirrored(routes: dict, target: dict, path: str, body: bytes) -> dict | None:
+    """The shadow a request is sent to after the champion answered it: plain chat requests only (a stream's
+    copy would hold the shadow for as long as the client reads)."""
+    if not routes.get("shadow") or not routes.get("challenger") or target is not routes["champion"] or path != CHAT:
+        return None
+    try:
+        return None if json.loads(body).get("stream") else routes["challenger"]
+    except (ValueError, AttributeError):
+        return None
+
+
 def create_app(routes_file: Path) -> Starlette:
     routes = Routes(routes_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+    shadowed = {"sent": 0, "answered": 0, "failed": 0}
+
+    async def mirror(shadow: dict, path: str, headers: list, body: bytes) -> None:
+        shadowed["sent"] += 1
+        try:
+            reply = await client.post(shadow["url"] + path, headers=[*headers, (SHADOW_HEADER, "1")], content=body)
+            shadowed["answered" if reply.status_code < 400 else "failed"] += 1
+        except httpx.HTTPError:
+            shadowed["failed"] += 1  # the shadow's trouble is never the client's
 
     async def forward(request: Request):
         found = routes.current()
@@ -87,7 +112,11 @@ def create_app(routes_file: Path) -> Starlette:
                                            "code": 503}}, status_code=503)
         body = await request.body()
         target = choose(found, request.url.path, body)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() not in HOP and k.lower() not in (PAIR_HEADER, SHADOW_HEADER)]
+        shadow = mirrored(found, target, request.url.path, body)
+        if shadow:
+            headers.append((PAIR_HEADER, uuid.uuid4().hex))
         outgoing = client.build_request(request.method, target["url"] + request.url.path,
                                         params=request.query_params, headers=headers, content=body)
         try:
@@ -97,14 +126,18 @@ def create_app(routes_file: Path) -> Starlette:
                                                       f"{type(exc).__name__}", "type": "server_error", "code": 503}},
                                 status_code=503)
         kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP}
-        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=kept,
-                                 background=BackgroundTask(reply.aclose))
+        after = BackgroundTasks()  # run once the reply is sent: the shadow never delays the client
+        after.add_task(reply.aclose)
+        if shadow:
+            after.add_task(mirror, shadow, request.url.path, headers, body)
+        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=kept, background=after)
 
     async def front_health(_: Request):
         found = routes.current()
         return JSONResponse({"champion": (found.get("champion") or {}).get("model"),
                              "challenger": (found.get("challenger") or {}).get("model"),
-                             "canary": found.get("canary", 0.0)})
+                             "canary": found.get("canary", 0.0), "shadow": bool(found.get("shadow")),
+                             "shadowed": shadowed})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):

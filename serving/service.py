@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving import prompt_rule
-from serving.feedback_store import Store
+from serving.feedback_store import PAIR_HEADER, SHADOW_HEADER, Store
 
 # The model this Bento was built with, by its exact tag: the launcher sets it from the Bento's manifest (and the
 # build from the model it just stored). BentoML pins only hub models to the Bento's version at serve time, so
@@ -477,12 +477,14 @@ class Chat:
                                             "owned_by": "tuneline", "system": self.system}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, _: str = Depends(require_key)):
+    async def chat_completions(self, body: ChatRequest, http: Request, _: str = Depends(require_key)):
         started = time.time()
         # rendering, retrieval and tokenising a prompt of up to the body limit take about a second: off the event
         # loop, so one large prompt never stalls the requests beside it
         messages, request = await asyncio.to_thread(self._prepare, body)
         supplied = body.messages[0].role == "system"  # stored, never trained on
+        # set by the front alone (it drops these headers from clients): a shadow deploy's pairing of answers
+        origin = (supplied, started, http.headers.get(PAIR_HEADER), http.headers.get(SHADOW_HEADER) == "1")
         text = request.pop("text")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         free = (body.response_format or {}).get("type") == "text"
@@ -491,9 +493,9 @@ class Chat:
             if body.stream:
                 raise HTTPException(400, "stream: a ranked answer is one reply; send stream false, or "
                                          'response_format {"type": "text"} for streamed free text')
-            return await self._ranked(rid, messages, text, answers, body.enum is not None, (supplied, started))
+            return await self._ranked(rid, messages, text, answers, body.enum is not None, origin)
         if body.stream:
-            return StreamingResponse(self._stream(rid, messages, request, body.stops, (supplied, started)),
+            return StreamingResponse(self._stream(rid, messages, request, body.stops, origin),
                                      media_type="text/event-stream")
         try:
             [result] = await self._generate(request)
@@ -502,16 +504,18 @@ class Chat:
         text, stopped = _cut_at_stop(result["text"], body.stops)
         tokens = (len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped
                   else result["completion_tokens"])
-        await self._save(rid, messages, text, (supplied, started))
+        await self._save(rid, messages, text, origin)
         return self._completion(rid, text, "stop" if stopped else result["finish_reason"], len(request["ids"]), tokens)
 
-    async def _save(self, rid: str, messages: list[dict], answer: str, origin: tuple[bool, float]) -> None:
-        """Store the answer (off the event loop); `origin` is (system prompt supplied by the client, start)."""
-        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, answer, origin[0], self.system,
-                                origin[1])
+    async def _save(self, rid: str, messages: list[dict], answer: str, origin: tuple) -> None:
+        """Store the answer (off the event loop); `origin` is (system prompt supplied by the client, start, the
+        front's pair id, whether this is a shadow's answer)."""
+        supplied, started, pair, shadow = origin
+        await asyncio.to_thread(self.store.save_response, rid, self.model_id, messages, answer, supplied, self.system,
+                                started, pair, shadow)
 
     async def _ranked(self, rid: str, messages: list[dict], text: str, answers: list[str], as_json: bool,
-                      origin: tuple[bool, float]) -> dict:
+                      origin: tuple) -> dict:
         """The most likely of `answers` as the reply, with every answer's probability: ranked by the prompt rule,
         as evaluation ranks them."""
         ids, continuations = prompt_rule.ranking_inputs(self.tokenizer, text, answers, self.recipe["chat"])
@@ -546,7 +550,7 @@ class Chat:
         return await self.generator.to_async.generate([request])
 
     async def _stream(self, rid: str, messages: list[dict], request: dict, stops: list[str],
-                      origin: tuple[bool, float]):
+                      origin: tuple):
         """Server-sent events in OpenAI's chunk format; text that could begin a stop string is held back."""
 
         def event(delta: dict, finish: str | None = None) -> str:

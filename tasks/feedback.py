@@ -18,6 +18,7 @@ from pathlib import Path
 
 from serving.feedback_store import APPROVED, PENDING, REJECTED, Store
 from tasks.datasets import Example, write_examples
+from tasks.evidence import mcnemar_exact
 
 
 @dataclass(frozen=True)
@@ -274,3 +275,52 @@ def export(db_path: str | Path, out: str | Path, model: str, system_prompt: str,
     found = harvest(db_path, model, system_prompt, 0, approve_at, task)
     write_examples(Path(out), found.examples)
     return found
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """A shadow deploy's record: the champion's and the shadow's answers to the same requests, and on those a
+    reviewer settled (an approved correction, or an approved rating at least `approve_at` of the champion's
+    answer) which of the two was right, with the exact McNemar test of the discordant pairs."""
+    champion: str
+    shadow: str
+    pairs: int
+    agreed: int  # the same answer (whitespace aside)
+    judged: int
+    champion_right: int
+    shadow_right: int
+    wins: int  # the shadow right where the champion was wrong
+    losses: int
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar_exact(self.wins, self.losses)
+
+
+def shadow_report(db_path: str | Path, model: str, approve_at: int | None = None) -> list[ShadowReport]:
+    """Per (champion, shadow) version pair of `model`, what the shadow answered beside the champion."""
+    with _open(db_path) as db:
+        have = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+        if "pair" not in have:
+            return []  # a store from before shadow deploys
+        rows = db.execute(
+            "SELECT c.id, c.model, c.answer, s.model, s.answer FROM responses c JOIN responses s "
+            "ON s.pair = c.pair AND s.shadow = 1 WHERE c.shadow = 0 AND c.pair IS NOT NULL "
+            "AND c.registered_model = ? ORDER BY c.created", (model,)).fetchall()
+        verdicts: dict[str, str] = {}  # the champion's response id → the right answer, newest approved first
+        for rid, rating, correction in db.execute(
+                "SELECT f.response_id, f.rating, f.correction FROM feedback f JOIN responses r ON r.id = "
+                "f.response_id WHERE f.status = ? AND r.registered_model = ? AND r.pair IS NOT NULL "
+                "ORDER BY f.id DESC", (APPROVED, model)):
+            if rid not in verdicts and (correction or (approve_at is not None and rating >= approve_at)):
+                verdicts[rid] = correction or next(r[2] for r in rows if r[0] == rid)
+    grouped: dict[tuple[str, str], list[tuple]] = {}
+    for rid, champion, answer, shadow, shadow_answer in rows:
+        grouped.setdefault((champion, shadow), []).append((rid, answer.strip(), shadow_answer.strip()))
+    reports = []
+    for (champion, shadow), found in grouped.items():
+        judged = [(a == verdicts[rid].strip(), s == verdicts[rid].strip()) for rid, a, s in found if rid in verdicts]
+        reports.append(ShadowReport(champion, shadow, len(found), sum(a == s for _, a, s in found), len(judged),
+                                    sum(a for a, _ in judged), sum(s for _, s in judged),
+                                    sum(s and not a for a, s in judged), sum(a and not s for a, s in judged)))
+    return reports

@@ -147,15 +147,16 @@ def routes(home: str | Path, registered_model: str) -> dict:
 
 @task(name="switch-front")
 def switch(home: str, registered_model: str, port: int, champion: dict, challenger: dict | None = None,
-           canary: float = 0.0, host: str = HOST) -> str:
-    """Point the model's front at `champion` (and `challenger` with its `canary` share), starting the front on
-    `host`:`port` when it is not running; the switch is one atomic file rewrite, so no request finds no
-    backend. Returns the front's URL."""
+           canary: float = 0.0, host: str = HOST, shadow: bool = False) -> str:
+    """Point the model's front at `champion` (and `challenger` with its `canary` share, and as the `shadow`
+    that answers a copy of each request), starting the front on `host`:`port` when it is not running; the
+    switch is one atomic file rewrite, so no request finds no backend. Returns the front's URL."""
     require_key_beyond_loopback(host)
     path = routes_file(home, registered_model)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps({"champion": champion, "challenger": challenger, "canary": canary}, indent=2))
+    staged.write_text(json.dumps({"champion": champion, "challenger": challenger, "canary": canary,
+                                  "shadow": bool(shadow and challenger)}, indent=2))
     os.replace(staged, path)
     url, name, home_path = f"http://{HOST}:{port}", front_name(registered_model), Path(home)
     if recorded_pid(name, home_path) is not None and _front_up(url):

@@ -19,6 +19,25 @@ SENTIMENT = TaskConfig(name="reviews", data=str(DEMO_DATA), system_prompt="sys",
                        answer="{{ sentiment }}")
 
 
+def varied_tiny(folder: Path, store: Path) -> str:
+    """The tiny model with one attention head of 64 (vLLM's CPU attention runs no smaller head), its matrices
+    drawn wide enough that greedy replies vary from token to token (at the usual scale a random model repeats
+    one token, and any engine would "agree")."""
+    from tasks.models import build_tiny, load
+
+    build_tiny(folder, store=store, head_size=64)
+    model, tokenizer = load(folder)
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weights in model.parameters():
+            if weights.dim() == 2:
+                weights.normal_(0, 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
 # The files that take longest, longest first (measured on 2 cores): the workers start on them and the short
 # files fill in the ends, so neither worker is left with a long file at the end of the run.
 LONGEST = ("test_deployments.py", "test_shared_servers.py", "test_training.py", "test_systems.py",

@@ -18,6 +18,7 @@ from serving import prompt_rule
 from tasks import packaging
 from tasks.models import build_tiny, load
 from tasks.processes import free_port, stop_started
+from tests.conftest import varied_tiny
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not packaging.vllm_python().is_file(),
@@ -40,21 +41,6 @@ def _vllm_processes(bento: str) -> list[int]:
                 and any(version.encode() in part for part in cmd):
             found.append(int(proc.name))
     return found
-
-
-def varied_tiny(folder: Path, store: Path) -> str:
-    """The tiny model with one attention head of 64 (vLLM's CPU attention runs no smaller head), its matrices
-    drawn wide enough that greedy replies vary from token to token (at the usual scale a random model repeats
-    one token, and any engine would "agree")."""
-    build_tiny(folder, store=store, head_size=64)
-    model, tokenizer = load(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weights in model.parameters():
-            if weights.dim() == 2:
-                weights.normal_(0, 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
