@@ -23,6 +23,9 @@ from tasks.paths import feedback_db
 from tasks.processes import free_port, recorded_pid
 from tests.conftest import ROOT, varied_tiny
 
+# A serving stack of four Bento services and a front: with the whole-stack runs, in `make test-system`.
+pytestmark = pytest.mark.system
+
 NAME = "front-test"
 SYSTEM = "You answer briefly."
 
