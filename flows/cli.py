@@ -178,6 +178,26 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
     typer.echo(f"serving {result.model} ({result.bento}) at {result.url}/v1/chat/completions")
 
 
+@app.command()
+def gc(config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model"),
+       keep: int = typer.Option(None, help="newest versions whose served copies stay; default: deploy.keep, else 3")
+       ) -> None:
+    """Delete the served copies (Bentos, BentoML models) of the model's old versions; never the champion, the
+    challenger, the rollback target or what is served. The registry keeps every version."""
+    cfg = _config(config)
+    _connect(prefect=False)
+    from flows.deploy import prune_served
+    from tasks.paths import state_dir
+
+    newest = keep if keep is not None else (cfg.deploy.keep if cfg.deploy.keep is not None else 3)
+    try:
+        removed = prune_served(cfg, str(state_dir()), newest)
+    except Exception as exc:  # MLflow's message names the missing model
+        _fail(f"gc of {cfg.registered_model}: {exc}", exc)
+    for tag in removed:
+        typer.echo(f"deleted {tag}")
+
+
 def _feedback_db() -> Path:
     from tasks.paths import feedback_db
 

@@ -99,6 +99,9 @@ class DeployConfig(Strict):
                             "auto: vllm on a CUDA host that has it, else transformers")
     canary: float = Field(0.0, ge=0.0, lt=1.0, description="the share of chat requests the registry's challenger "
                           "answers beside the champion (sticky per request `user`); 0: the champion answers all")
+    keep: int | None = Field(None, ge=0, description="after each deploy, delete the served copies (BentoML models "
+                             "and Bentos) of all but the newest N versions, never the champion, the challenger, "
+                             "the rollback target or what is served; none: keep every copy (`tuneline gc` on demand)")
     shadow: bool = Field(False, description="the challenger also answers a copy of each plain chat request the "
                                             "champion answers; its answer is recorded beside the champion's, never "
                                             "returned (`tuneline feedback shadow` compares them)")

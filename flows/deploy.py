@@ -60,6 +60,8 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
         print(f"deploy: {name} v{version} ({reply.get('system', '')}) served at {url}; answer to a test prompt: "
               f"{answer!r}")
         side = _challenger(config, home, version, built, question)
+    if config.deploy.keep is not None:
+        prune_served(config, home, config.deploy.keep)
     return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer, **side)
 
 
@@ -147,6 +149,19 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
                           "answered; a shadow's answers are recorded beside the champion's (`tuneline feedback "
                           "shadow`).")
     return {"challenger": side["model"], "canary": share}
+
+
+def prune_served(config: LifecycleConfig, home: str, newest: int) -> list[str]:
+    """Delete the served copies (BentoML models and Bentos) of the config's model but those of the newest
+    `newest` versions, the champion, the challenger, the rollback target and the versions the front serves.
+    The registry keeps every version: a pruned one is built again from it when it is deployed."""
+    name = config.registered_model
+    keep = registry.kept(name, newest)
+    keep |= {r["model"].rpartition("/")[2] for r in packaging.routes(home, name).values() if isinstance(r, dict)}
+    removed = packaging.prune(name, keep)
+    print(f"gc: {name}: kept v{', v'.join(sorted(keep, key=int)) or ' none'}; deleted {len(removed)} "
+          f"Bentos and stored models")
+    return removed
 
 
 @flow(name="deploy-version", log_prints=True)

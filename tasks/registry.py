@@ -181,6 +181,22 @@ def aliased(name: str, alias: str) -> tuple[str, float] | None:
     return str(mv.version), float(mv.tags.get(SCORE_TAG, "nan"))
 
 
+def kept(name: str, newest: int) -> set[str]:
+    """The versions whose served copies are never pruned: the champion, the challenger, the version `rollback`
+    would return to, and the `newest` most recent."""
+    client = MlflowClient()
+    keep = set()
+    for alias in (CHAMPION, CHALLENGER):
+        found = aliased(name, alias)
+        if found:
+            keep.add(found[0])
+            if alias == CHAMPION:
+                previous = client.get_model_version(name, found[0]).tags.get(PREVIOUS_TAG)
+                keep |= {previous} if previous else set()
+    numbers = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
+    return keep | {str(n) for n in numbers[:newest]}
+
+
 def training_keys(name: str, version: str) -> set[str] | None:
     """The example keys of the training split a version learned from (recorded at registration), or None
     when the version carries none."""

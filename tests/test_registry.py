@@ -217,3 +217,38 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
     assert built == []
     tags = MlflowClient().get_model_version("never-built", verdict.version).tags
     assert tags["tuneline.decision"] == "fail" and "not shown to beat the bar" in tags["tuneline.reasons"]
+
+
+def test_gc_keeps_the_champion_challenger_rollback_target_served_and_newest_copies(registry_env, tiny_model, home):
+    import bentoml
+
+    from flows.config import load_config
+    from flows.deploy import prune_served
+    from tasks import packaging
+    from tests.conftest import ROOT
+
+    v1 = _candidate(registry_env, GOOD)  # champion, then the rollback target
+    worse = (replace(GOOD, candidate=right(55)), right(60))
+    v2, v3 = _candidate(registry_env, *worse), _candidate(registry_env, *worse)
+    v4 = _candidate(registry_env, replace(GOOD, candidate=right(80)), right(60))  # the champion
+    v5, v6 = _candidate(registry_env, *worse), _candidate(registry_env, *worse)  # v6: the challenger
+    bentos = {v: packaging.build_bento.fn(tiny_model, NAME, v, "sys") for v in (v1, v2, v3, v5, v6)}
+    other = packaging.build_bento.fn(tiny_model, "another-model", v2, "sys")
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model = NAME
+    routes = packaging.routes_file(home, NAME)
+    routes.parent.mkdir(parents=True, exist_ok=True)
+    routes.write_text(f'{{"champion": {{"url": "http://127.0.0.1:1", "model": "{NAME}/{v2}"}}}}')  # served now
+
+    gone = {v3, v5}
+    expected = {bentos[v] for v in gone} | {packaging.bento_model(bentos[v]) for v in gone}
+
+    removed = prune_served(config, str(home), newest=0)
+
+    assert registry.kept(NAME, 0) == {v1, v4, v6}
+    assert set(removed) == expected
+    for version, tag in bentos.items():
+        stored = [b for b in bentoml.list() if str(b.tag) == tag]
+        assert bool(stored) == (version not in gone), version
+    assert bentoml.get(other)  # another model's copies are never touched
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 6  # the registry keeps every version
