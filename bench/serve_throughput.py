@@ -4,10 +4,15 @@ are noisy). Also checks that batched greedy answers equal the one-at-a-time answ
 
 Run:  .venv/bin/python bench/serve_throughput.py [--model gguf:smollm2-135m-instruct|tiny:0] [--requests 16]
       .venv/bin/python bench/serve_throughput.py --engines [--clients 1 8 32 128]   # vLLM against transformers
+      .venv/bin/python bench/serve_throughput.py --shadow [--clients 1 8]   # a shadow's cost to the champion
 
 `--engines`: the same Bento served with each engine (deploy.engine transformers, with adaptive batching, and
 vllm, from `make install-vllm`'s environment), requests/s and p50/p95 latency at each client count, engine start
 time, and how many greedy answers agree (identical text; the first 8 tokens).
+
+`--shadow`: requests through the front (serving/front.py) to a champion, alone and with a second service of the
+same model shadowing it (deploy.shadow), in interleaved rounds; requests/s and p50 at each client count, median of
+the rounds. Each round waits for the shadow's copies to be answered before the next, so none spills over.
 
 Each client sends requests one after another (a demo review, max_tokens 48, greedy) until the level has sent
 at least `--requests` (and every client at least one), so the concurrency holds for the whole measurement.
@@ -100,6 +105,42 @@ def engines(bento: str, prompts: list[str], args, home: Path, tokenizer) -> None
           f"same first 8 tokens {head}/{len(pairs)}")
 
 
+def shadow_cost(model_dir: str, prompts: list[str], args, home: Path, rounds: int = 2) -> None:
+    """The front with and without a shadow, the same champion behind it."""
+    name, clients = "bench-shadow", tuple(args.clients)
+    limits = {"max_tokens": args.max_tokens}
+    routes = []
+    try:
+        for version in ("1", "2"):
+            bento = packaging.build_bento.fn(model_dir, name, version, SYSTEM, limits)
+            url = packaging.serve.fn(bento, free_port(), str(home), name=packaging.service_name(name, version),
+                                     feedback_db=str(home / "bench-answers.db"))
+            routes.append({"url": url, "model": f"{name}/{version}"})
+        port, found = free_port(), {}
+        for shadow in (False, True) * rounds:  # interleaved: these machines drift within a run
+            url = packaging.switch.fn(str(home), name, port, routes[0], routes[1], shadow=shadow)
+            asyncio.run(level(url, prompts, 2, 1, args.max_tokens))  # warm-up
+            for c in clients:
+                found.setdefault((shadow, c), []).append(
+                    asyncio.run(level(url, prompts, c, -(-args.requests // c), args.max_tokens)))
+                while True:  # the shadow's copies still running would slow the next measurement
+                    counts = httpx.get(f"{url}/front").json()["shadowed"]
+                    if counts["sent"] == counts["answered"] + counts["failed"]:
+                        break
+                    time.sleep(0.5)
+    finally:
+        packaging.stop_model(home, name)
+    print(f"model {args.model}, max_tokens {args.max_tokens}, at least {args.requests} requests per level, "
+          f"median of {rounds} interleaved rounds\n")
+    print("| clients | champion alone req/s | p50 s | with a shadow req/s | p50 s | with ÷ alone |")
+    print("|---|---|---|---|---|---|")
+    for c in clients:
+        alone, shadowed = (
+            {k: statistics.median(r[k] for r in found[(s, c)]) for k in ("rps", "p50")} for s in (False, True))
+        print(f"| {c} | {alone['rps']:.2f} | {alone['p50']:.2f} | {shadowed['rps']:.2f} | {shadowed['p50']:.2f} | "
+              f"{shadowed['rps'] / alone['rps']:.2f}× |")
+
+
 def retrieval_share(model_dir: str, prompts: list[str], pool: list[str], args, home: Path) -> dict:
     import numpy as np
 
@@ -138,7 +179,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=1200, help="examples in the retrieval pool")
     parser.add_argument("--retrieval-only", action="store_true", help="skip the batching levels")
     parser.add_argument("--engines", action="store_true", help="vLLM against transformers, nothing else")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128], help="with --engines")
+    parser.add_argument("--shadow", action="store_true", help="a shadow's cost to the champion, nothing else")
+    parser.add_argument("--clients", type=int, nargs="+", default=None,
+                        help="with --engines (default 1 8 32 128) or --shadow (default 1 8)")
     args = parser.parse_args()
 
     home = configure_env()
@@ -147,7 +190,12 @@ def main() -> None:
     reviews = [json.loads(line)["review"] for line in (ROOT / "data" / "reviews.jsonl").read_text().splitlines()]
     prompts = [f"Review: {text}\nReturn the JSON." for text in reviews[:64]]
     pool = [f"Review: {text}\nReturn the JSON." for text in reviews[64:64 + args.pool]]
+    if args.shadow:
+        args.clients = args.clients or [1, 8]
+        shadow_cost(str(model_dir), prompts, args, home)
+        return
     if args.engines:
+        args.clients = args.clients or [1, 8, 32, 128]
         from transformers import AutoTokenizer
 
         engines(bento, prompts, args, home, AutoTokenizer.from_pretrained(model_dir))

@@ -27,8 +27,8 @@ def _probe(config: LifecycleConfig) -> str:
 def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None = None, version: str | None = None,
                  built: dict[str, str] | None = None, probe: str | None = None) -> Deployment:
     """Serve `version` of the registered model (default: the champion), and with deploy.canary or deploy.shadow
-    the registry's challenger beside it; `built` maps versions to Bentos already built by the promote stage. Outside a
-    lifecycle run, the deploy is its own MLflow run."""
+    the registry's challenger beside it; `built` maps versions to Bentos already built by the promote stage.
+    Outside a lifecycle run, the deploy is its own MLflow run."""
     name = config.registered_model
     run = stage_run("deploy", parent_run_id, registered_model=name) if parent_run_id else \
         mlflow.start_run(run_name="deploy", tags={"tuneline.stage": "deploy"})
@@ -61,7 +61,10 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
               f"{answer!r}")
         side = _challenger(config, home, version, built, question)
     if config.deploy.keep is not None:
-        prune_served(config, home, config.deploy.keep)
+        try:
+            prune_served(config, home, config.deploy.keep)
+        except Exception as exc:  # housekeeping: the version is served; `tuneline gc` can prune later
+            print(f"gc: skipped after the deploy ({type(exc).__name__}: {exc}); run `tuneline gc` later")
     return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer, **side)
 
 
