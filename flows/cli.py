@@ -43,6 +43,11 @@ def _connect(prefect: bool) -> None:
     local.configure_env()
     for key, value in local.client_env().items():
         os.environ.setdefault(key, value)
+    # Prefect read its settings when the config schema's tasks imported it, before the lines above named the
+    # servers: read them again, or flows start on a temporary server while their tasks report to this one.
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
     mlflow_server, prefect_server = local.mlflow_server(), local.prefect_server()
     if os.environ["MLFLOW_TRACKING_URI"] == mlflow_server.url and not mlflow_server.healthy():
         _fail(f"no MLflow server at {mlflow_server.url}; start the stack with `tuneline up`")

@@ -14,6 +14,7 @@ import pytest
 
 from infra import local
 from tasks.processes import free_port, stop_started, wait_until
+from tests.conftest import ROOT
 
 
 def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):
@@ -76,3 +77,18 @@ def test_a_database_url_that_is_not_postgresql_is_refused_naming_the_option(tmp_
     assert done.returncode != 0
     assert "--database / TUNELINE_DATABASE_URL: expected postgresql://" in done.stderr, done.stderr
     assert "hunter2" not in done.stdout + done.stderr and not (tmp_path / "prefect.pid").exists()
+
+
+def test_the_cli_points_prefect_at_the_stack_it_connects_to(tmp_path):
+    """The config schema imports Prefect before `_connect` names the servers; Prefect, which reads its settings
+    on import, must read them again, or a flow runs on a temporary server while its tasks report to the stack
+    (a 409 on the first subflow: `tuneline run` failed so from a fresh clone)."""
+    code = ("import os, flows.cli as cli; from prefect.settings import get_current_settings; "
+            "cli._connect(prefect=False); print(get_current_settings().api.url, os.environ['PREFECT_API_URL'])")
+    env = {**os.environ, "TUNELINE_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    used, named = done.stdout.split()
+    assert used == named == f"{local.prefect_server().url}/api"
