@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from bentoml.exceptions import BentoMLException
+from mlflow.exceptions import MlflowException
 from prefect import flow
 
 from flows.config import LifecycleConfig, load_config
@@ -40,18 +42,18 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
                 publish("deploy", f"## Deploy: nothing served\n\n{name} has no champion yet.")
                 return Deployment(served=False, reason="no champion")
             version = current[0]
-        question = probe or _probe(config)
         if config.deploy.serve and packaging.serving(home, name, config.deploy.port) == f"{name}/{version}":
             url = f"http://127.0.0.1:{config.deploy.port}"  # the champion did not change: no rebuild, no restart
             print(f"deploy: {name} v{version} is served already at {url}; left running")
             publish("deploy", f"## Deploy: {name} v{version} left running\n\nIt is served already at {url}.")
             return Deployment(True, version, url=url, model=f"{name}/{version}", reason="served already",
-                              **_challenger(config, home, version, built, question))
+                              **_challenger(config, home, version, built, probe))
         tag = _bento(config, version, built)
         mlflow.log_params({"bento": tag, "version": version})
         if not config.deploy.serve:
             publish("deploy", f"## Deploy: {name} v{version} built, not served\n\nBento `{tag}` (deploy.serve is off).")
             return Deployment(served=False, version=version, bento=tag, reason="deploy.serve is off")
+        question = probe or _probe(config)
         url, reply = _take_over(config, home, version, tag, question)
         answer = reply["choices"][0]["message"]["content"]
         mlflow.log_text(f"Q: {question}\nA: {answer}\n", "smoke_test.txt")
@@ -63,7 +65,7 @@ def deploy_stage(config: LifecycleConfig, home: str, parent_run_id: str | None =
     if config.deploy.keep is not None:
         try:
             prune_served(config, home, config.deploy.keep)
-        except Exception as exc:  # housekeeping: the version is served; `tuneline gc` can prune later
+        except (MlflowException, BentoMLException, OSError) as exc:  # housekeeping: the version is served already
             print(f"gc: skipped after the deploy ({type(exc).__name__}: {exc}); run `tuneline gc` later")
     return Deployment(True, version, tag, url, reply["model"], reply.get("system"), answer, **side)
 
@@ -85,14 +87,15 @@ def _start(config: LifecycleConfig, home: str, version: str, tag: str, question:
     A version that fails is stopped, and the error names it and what keeps serving."""
     name, model = config.registered_model, f"{config.registered_model}/{version}"
     service = packaging.service_name(name, version)
-    routed = [r for r in packaging.routes(home, name).values() if isinstance(r, dict) and r.get("model") == model]
-    previous = packaging.routes(home, name).get("champion")
+    now = packaging.routes(home, name)
+    routed = [r for r in now.values() if isinstance(r, dict) and r.get("model") == model]
+    previous = now.get("champion")
     try:
         backend = routed[0]["url"] if routed and recorded_pid(service, Path(home)) else \
             packaging.serve(tag, free_port(), home, name=service, redact=config.feedback.redact,
                             engine=packaging.resolve_engine(config.deploy.engine))
         reply = packaging.chat(backend, question, max_tokens=config.task.max_answer_tokens)
-    except Exception as exc:
+    except Exception as exc:  # whatever stopped it, it stops; the cause stays chained (`from exc`) with its traceback
         if not routed:
             stop_started(service, Path(home))
         kept = f"{previous['model']} keeps serving" if previous else "nothing was served before"
@@ -113,11 +116,11 @@ def _take_over(config: LifecycleConfig, home: str, version: str, tag: str, quest
     for old in (before.get("champion"), before.get("challenger")):  # the canary is set again after
         if old and old.get("service") != route["service"]:
             stop_started(old["service"], Path(home))  # requests it is still answering finish first (SIGTERM)
-    return url, {**reply, "question": question}
+    return url, reply
 
 
 def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[str, str] | None,
-                question: str) -> dict:
+                probe: str | None) -> dict:
     """With deploy.canary or deploy.shadow, the registry's challenger runs beside the champion: it answers the
     canary share of chat requests (sticky per request `user`), and as a shadow a copy of the rest, recorded and
     never returned. Without either, or when the challenger is the champion, the champion answers alone. A
@@ -135,7 +138,7 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
     side = None
     if wanted:
         try:
-            side, _ = _start(config, home, wanted, _bento(config, wanted, built), question)
+            side, _ = _start(config, home, wanted, _bento(config, wanted, built), probe or _probe(config))
         except RuntimeError as exc:
             print(f"deploy: no challenger: {exc}")
             publish("challenger", f"## Challenger: none\n\nIt failed: {exc}")

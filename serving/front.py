@@ -68,28 +68,34 @@ def share(user: str) -> float:
     return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
 
 
-def choose(routes: dict, path: str, body: bytes) -> dict:
-    """The backend for a request: the challenger for its canary share of chat requests, else the champion."""
-    challenger, canary = routes.get("challenger"), float(routes.get("canary") or 0.0)
-    if not challenger or canary <= 0 or path != CHAT:
-        return routes["champion"]
+def chat_fields(routes: dict, path: str, body: bytes) -> dict | None:
+    """The fields of a chat request, read once and only when a challenger may take it (canary or shadow);
+    None for any other request, which the champion answers."""
+    if path != CHAT or not routes.get("challenger"):
+        return None
     try:
-        user = json.loads(body).get("user")
-    except (ValueError, AttributeError):
-        user = None
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def choose(routes: dict, fields: dict | None) -> dict:
+    """The backend for a request: the challenger for its canary share of chat requests, else the champion."""
+    canary = float(routes.get("canary") or 0.0)
+    if fields is None or canary <= 0:
+        return routes["champion"]
+    user = fields.get("user")
     draw = share(user) if isinstance(user, str) and user else random.random()
-    return challenger if draw < canary else routes["champion"]
+    return routes["challenger"] if draw < canary else routes["champion"]
 
 
-def mirrored(routes: dict, target: dict, path: str, body: bytes) -> dict | None:
+def mirrored(routes: dict, target: dict, fields: dict | None) -> dict | None:
     """The shadow a request is sent to after the champion answered it: plain chat requests only (a stream's
     copy would hold the shadow for as long as the client reads)."""
-    if not routes.get("shadow") or not routes.get("challenger") or target is not routes["champion"] or path != CHAT:
+    if fields is None or not routes.get("shadow") or target is not routes["champion"] or fields.get("stream"):
         return None
-    try:
-        return None if json.loads(body).get("stream") else routes["challenger"]
-    except (ValueError, AttributeError):
-        return None
+    return routes["challenger"]
 
 
 def create_app(routes_file: Path) -> Starlette:
@@ -111,10 +117,11 @@ def create_app(routes_file: Path) -> Starlette:
             return JSONResponse({"error": {"message": "no version is served yet", "type": "server_error",
                                            "code": 503}}, status_code=503)
         body = await request.body()
-        target = choose(found, request.url.path, body)
+        fields = chat_fields(found, request.url.path, body)
+        target = choose(found, fields)
         headers = [(k, v) for k, v in request.headers.items()
                    if k.lower() not in HOP and k.lower() not in (PAIR_HEADER, SHADOW_HEADER)]
-        shadow = mirrored(found, target, request.url.path, body)
+        shadow = mirrored(found, target, fields)
         if shadow:
             headers.append((PAIR_HEADER, uuid.uuid4().hex))
         outgoing = client.build_request(request.method, target["url"] + request.url.path,

@@ -307,13 +307,14 @@ def shadow_report(db_path: str | Path, model: str, approve_at: int | None = None
             "SELECT c.id, c.model, c.answer, s.model, s.answer FROM responses c JOIN responses s "
             "ON s.pair = c.pair AND s.shadow = 1 WHERE c.shadow = 0 AND c.pair IS NOT NULL "
             "AND c.registered_model = ? ORDER BY c.created", (model,)).fetchall()
+        served = {rid: answer for rid, _, answer, _, _ in rows}  # the champion's answers
         verdicts: dict[str, str] = {}  # the champion's response id → the right answer, newest approved first
         for rid, rating, correction in db.execute(
                 "SELECT f.response_id, f.rating, f.correction FROM feedback f JOIN responses r ON r.id = "
                 "f.response_id WHERE f.status = ? AND r.registered_model = ? AND r.pair IS NOT NULL "
                 "ORDER BY f.id DESC", (APPROVED, model)):
             if rid not in verdicts and (correction or (approve_at is not None and rating >= approve_at)):
-                verdicts[rid] = correction or next(r[2] for r in rows if r[0] == rid)
+                verdicts[rid] = correction or served[rid]
     grouped: dict[tuple[str, str], list[tuple]] = {}
     for rid, champion, answer, shadow, shadow_answer in rows:
         grouped.setdefault((champion, shadow), []).append((rid, answer.strip(), shadow_answer.strip()))
