@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from evals.variants import COT, ZERO_SHOT, Variant, likelihood_task, ranked_twin
+from evals.variants import COT, ZERO_SHOT, Variant, likelihood_task, preference_task, ranked_twin
 from serving.prompt_rule import probabilities
 
 EVALS = Path(__file__).resolve().parent
@@ -110,6 +110,16 @@ def write_listed_tasks(task: str, files: dict[str, str], out_dir: str | Path, ma
     return out
 
 
+def write_preference_task(task: str, pairs: str | Path, out_dir: str | Path) -> str:
+    """The held-out preference pairs as a ranked task (`<task>_test_preference`): each pair's two answers ranked
+    by likelihood after the same chat prompt; zero-shot, so no training split is read. Returns its name."""
+    name = preference_task(task)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_task(Path(out_dir), name, SHARED_TASK, {"test": str(Path(pairs).resolve())}, "test", None,
+                training_split=None, fewshot_split=None)
+    return name
+
+
 def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str, generation: dict | None,
                 **extra) -> None:
     """One task YAML including `shared`; without `generation` settings, the ranked-answer keys laid over it."""
@@ -129,6 +139,21 @@ def general_accuracy(model, tokenizer, tasks_dir: str | Path, suite: str, *, lim
     items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in results["samples"][suite]}
     return {"acc": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")), "n": len(items),
             "items": items}
+
+
+def preference_accuracy(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,
+                        limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
+    """How often the model finds a pair's chosen answer more likely than its rejected one (summed log-probability,
+    chat template and system prompt as training renders them), with every pair's 0/1 result by id."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = _evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=1000,
+                        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                        apply_chat_template=True, system_instruction=system_prompt or None,
+                        log_samples=True, random_seed=0)
+    scores = results["results"][task]
+    items = {str(s["doc"]["id"]): float(s["acc"]) for s in results["samples"][task]}
+    return {"accuracy": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")),
+            "n": len(items), "items": items}
 
 
 def answer_likelihood(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,

@@ -59,5 +59,10 @@ def likelihood_task(task: str) -> str:
     return f"{task}_validation_likelihood"
 
 
+def preference_task(task: str) -> str:
+    """The task that ranks each held-out preference pair's two answers by likelihood (preference accuracy)."""
+    return f"{task}_test_preference"
+
+
 ZERO_SHOT = Variant()  # as fine-tuned weights are trained and served: the chat template, no shots
 COT = Variant("cot")

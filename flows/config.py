@@ -15,12 +15,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evals.variants import Variant
 from tasks import model_sources
+from tasks.alignment_config import AlignConfig
 from tasks.datasets import label_replies
 from tasks.schema import BudgetConfig, GateConfig, Strict, TaskConfig
 from tasks.training_config import FinetuneConfig, FinetuneStage, LoraConfig
 
-__all__ = ["BudgetConfig", "ConfigError", "FinetuneConfig", "FinetuneStage", "GateConfig", "LifecycleConfig",
-           "LoraConfig", "TaskConfig", "load_config"]
+__all__ = ["AlignConfig", "BudgetConfig", "ConfigError", "FinetuneConfig", "FinetuneStage", "GateConfig",
+           "LifecycleConfig", "LoraConfig", "TaskConfig", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,8 @@ class FeedbackConfig(Strict):
                                  "`tuneline check` warns")
     approve_at: int | None = Field(None, ge=1, le=5,
                                    description="also train on uncorrected replies rated at least this (1-5)")
+    reject_at: int | None = Field(None, ge=1, le=5, description="preference tuning: an approved rating at most this "
+                                  "marks the served answer undesirable (KTO rows; `tuneline feedback export --pairs`)")
     min_examples: int = Field(1, gt=0, description="fewer new examples: the round ends with 'no approved feedback'")
     into_pool: bool = Field(False, description="approved corrections may also become retrieved or fixed shots "
                                                "(shown to other users); by default shots come from task records only")
@@ -159,6 +162,7 @@ class LifecycleConfig(Strict):
     models: ModelsConfig
     baseline: BaselineConfig = BaselineConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    align: AlignConfig | None = Field(None, description="preference tuning (DPO, KTO) after fine-tuning")
     evaluation: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     deploy: DeployConfig = DeployConfig()
@@ -167,6 +171,10 @@ class LifecycleConfig(Strict):
 
     @model_validator(mode="after")
     def _metric_of_the_kind(self) -> LifecycleConfig:
+        for where, task in [("task", self.task), *((f"extra_tasks.{i}", t) for i, t in enumerate(self.extra_tasks))]:
+            if task.kind == "preference":
+                raise ValueError(f"{where}: kind preference is the data of `align` (align.data), not a task to "
+                                 "fine-tune or score on")
         if self.gate.metric is None:
             self.gate.metric = "accuracy" if self.task.ranked else "exact_match"
         elif (self.gate.metric == "accuracy") != self.task.ranked:
@@ -215,7 +223,7 @@ def load_config(path: str | Path) -> LifecycleConfig:
     if config.finetune.early_stopping_patience and not config.finetune.save_steps:
         raise ConfigError(f"{path}: finetune.early_stopping_patience: needs finetune.save_steps "
                           "(the evaluation interval)")
-    for where, task in tasks:
+    for where, task in tasks + ([("align.data", config.align.data)] if config.align else []):
         if task.data.startswith("hf:"):
             continue
         data = (path.parent / task.data).resolve()

@@ -21,13 +21,14 @@ from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig, load_config
 from flows.data import general_suites, lengths_stage, power, prepare
 from tasks import registry, scoring, tracking
+from tasks.alignment import Aligned
 from tasks.datasets import fingerprint, read_examples
-from tasks.evidence import table
+from tasks.evidence import table, wilson
 from tasks.paths import run_folder
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
 from tasks.registry import Evaluation
 from tasks.retrieval import attach_fixed, attach_shots
-from tasks.scoring import score, score_builtin, score_general
+from tasks.scoring import score, score_builtin, score_general, score_preferences
 from tasks.tracking import log_eval, publish, stage_run
 
 # The champion is compared on the test items it never trained on when they are at least this share of the
@@ -90,36 +91,45 @@ class Scored:
     results: dict[str, dict] = field(default_factory=dict)
     general: dict[str, dict[str, dict]] = field(default_factory=dict)
     crashed: dict[str, str] = field(default_factory=dict)
+    preferences: dict[str, dict] = field(default_factory=dict)  # held-out pairs: base, finetuned, aligned
 
 
 @flow(name="evaluate")
 def evaluate_stage(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Baselines, tasks_dir: str,
-                   parent_run_id: str, champion: bool = False) -> Evaluation:
+                   parent_run_id: str, champion: bool = False, aligned: Aligned | None = None) -> Evaluation:
     """Every candidate system on the test split, item by item: the best prompt recipe on the base weights, the
-    fine-tuned weights zero-shot, the fine-tuned weights with the best recipe that uses shots; beside them the
-    base zero-shot, the bar (best prompt of all) and, with `champion`, the registry's champion system on the test
-    items it never trained on. Returns the scores and one piece of gate evidence per candidate."""
+    fine-tuned weights zero-shot, the fine-tuned weights with the best recipe that uses shots, and the `aligned`
+    weights (preference tuning) zero-shot; beside them the base zero-shot, the bar (best prompt of all) and, with
+    `champion`, the registry's champion system on the test items it never trained on. With `aligned`, the base,
+    fine-tuned and aligned weights are also scored on the held-out preference pairs. Returns the scores and one
+    piece of gate evidence per candidate."""
     with stage_run("evaluate", parent_run_id, split="test", gate_metric=config.gate.metric):
         current = registry.champion(config.registered_model) if champion else None
-        plan = _plan(config, base_dir, tuned_dir, baseline, tasks_dir, current)
+        plan = _plan(config, base_dir, tuned_dir, baseline, tasks_dir, current, aligned)
         scored = _score(config, plan, tasks_dir)
+        if aligned:
+            _score_preferences(config, plan, aligned, tasks_dir, scored)
         builtin = _builtin_benchmarks(config, {n: plan[n].folder for n in ("base", "finetuned") if n in scored.results})
         champion_items, note = _champion_items(config, scored.results, current)
         candidates = _candidates(config, plan, scored, baseline, champion_items, current, note)
         rows, fixed, broke = _report(config, plan, scored, candidates, note)
-    return Evaluation(candidates, rows, scored.crashed, fixed, broke, builtin)
+    return Evaluation(candidates, rows, scored.crashed, fixed, broke, builtin,
+                      {n: {k: r[k] for k in ("accuracy", "stderr", "n")} for n, r in scored.preferences.items()})
 
 
 def _plan(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Baselines, tasks_dir: str,
-          current: tuple | None) -> dict[str, System]:
+          current: tuple | None, aligned: Aligned | None = None) -> dict[str, System]:
     """The systems to score, by role: the base zero-shot, the bar, the best servable prompt, the fine-tuned
-    weights zero-shot and with the best shots; the champion's own system when there is one."""
+    weights zero-shot and with the best shots, the aligned weights zero-shot; the champion's own system when there
+    is one."""
     servable = [v for v in baseline.variants if v.servable]  # in order: simplest first
     plan = {"base": System(base_dir, ZERO_SHOT), "baseline": System(base_dir, baseline.best),
             "prompt": System(base_dir, baseline.best_of(servable)), "finetuned": System(tuned_dir, ZERO_SHOT)}
     with_shots = baseline.best_of([v for v in servable if v.shots])
     if with_shots:
         plan["finetuned+shots"] = System(tuned_dir, with_shots)
+    if aligned:
+        plan["aligned"] = System(aligned.merged, ZERO_SHOT)
     if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
         folder = str(registry.download(config.registered_model, current[0], Path(tasks_dir).parent / "champion"))
         plan["champion"] = System(folder, _system_variant(config, folder, tasks_dir))
@@ -147,7 +157,7 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
             continue
         log_eval(f"test {name}", scored.results[name], prompt=v.name, shots=v.shots, chat_template=v.chat,
                  split="test")
-        if name in ("base", "finetuned"):  # forgetting: the fine-tuned weights against the base's
+        if name in ("base", "finetuned", "aligned"):  # forgetting: the trained weights against the base's
             for path in general_suites(config):
                 suite = runner.suite_task(path)
                 try:
@@ -159,31 +169,53 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
     return scored
 
 
+def _score_preferences(config: LifecycleConfig, plan: dict[str, System], aligned: Aligned, tasks_dir: str,
+                       scored: Scored) -> None:
+    """The base, fine-tuned and aligned weights on the held-out preference pairs (the same pairs for each)."""
+    for name in ("base", "finetuned", "aligned"):
+        try:
+            scored.preferences[name] = score_preferences(
+                plan[name].folder, tasks_dir, aligned.task, system_prompt=config.align.data.system_prompt,
+                limit=None, batch_size=config.evaluation.batch_size)
+        except Exception as exc:
+            scored.crashed[f"{name} (preferences)"] = _crash(f"{name} (preferences)", exc)
+
+
 def _candidates(config: LifecycleConfig, plan: dict[str, System], scored: Scored, baseline: Baselines,
                 champion_items: dict | None, current: tuple | None, note: str | None) -> list[registry.Candidate]:
     """One candidate per system that could replace the champion, with its paired evidence: a prompt recipe on
     the base weights (unless it is the base zero-shot itself) against the base; fine-tuned systems against the
     bar, and for forgetting against the base on the general suites."""
     metric, results, general, candidates = config.gate.metric, scored.results, scored.general, []
-    for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned")):
+    aligned = f"fine-tuned + {config.align.method.upper()}" if config.align else ""
+    for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned"),
+                          ("aligned", aligned)):
         if name not in plan or (name == "prompt" and plan[name].variant == ZERO_SHOT):
             continue
         folder, v = plan[name]
         recipe = Recipe.of(v, config.task.system_prompt, baseline.fixed)
         bar = "base" if weights == "base" else "baseline"
+        trained = "aligned" if name == "aligned" else "finetuned"  # whose general-suite items
         suites = {} if weights == "base" else {
-            suite: (general["base"][suite]["items"], general["finetuned"][suite]["items"])
-            for suite in general.get("base", {}) if suite in general.get("finetuned", {})}
+            suite: (general["base"][suite]["items"], general[trained][suite]["items"])
+            for suite in general.get("base", {}) if suite in general.get(trained, {})}
+        preference = scored.preferences if name == "aligned" else {}
         evidence = registry.Evidence(
             metric=metric, candidate=_items(results.get(name), metric), bar=_items(results.get(bar), metric),
             bar_name=f"{plan[bar].variant.name} on the base weights", champion=champion_items,
             champion_version=current[0] if current else None, champion_note=note, general=suites,
             weights_changed=weights != "base",
-            crashed={k: e for k, e in scored.crashed.items() if k.split(" ")[0] in (name, bar, "champion", "base")})
+            crashed={k: e for k, e in scored.crashed.items()
+                     if k.split(" ")[0] in (name, bar, "champion", "base", *(("finetuned",) if preference else ()))},
+            aligned=registry.AlignedEvidence(
+                (preference["finetuned"]["items"] if "finetuned" in preference else None),
+                (preference["aligned"]["items"] if "aligned" in preference else None),
+                _items(results.get("finetuned"), metric), config.align.min_improvement,
+                config.align.max_task_drop) if name == "aligned" else None)
         candidates.append(registry.Candidate(
             name, recipe.describe(weights), folder, recipe, evidence,
             score=_mean(list((evidence.candidate or {}).values())) or 0.0,
-            metrics=results[name]["metrics"] if name in results else {}))
+            metrics=results[name]["metrics"] if name in results else {}, preferred=name == "aligned"))
     return candidates
 
 
@@ -216,13 +248,39 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
     note_power, warnings = power(config, len(_items(results.get("baseline"), metric) or {})
                                  or config.task.max_test_examples, rows.get("baseline", {}).get(metric, 0.5))
     markdown = _markdown(rows, scored.crashed, fixed, broke, plan, candidates, compared, champion_note, note_power,
-                         warnings, metric, results)
+                         warnings, metric, results) + _preference_section(scored)
     mlflow.log_text(markdown, "report/report.md")
     publish("evaluate", markdown)
     print("evaluate: " + ", ".join(f"{n} {r.get(metric, 0):.3f}" for n, r in rows.items())
           + "".join(f"\n  {n} {c.rule}: {c.describe()}" for n, found in compared.items() for c in found)
           + (f"; crashed: {list(scored.crashed)}" if scored.crashed else ""))
     return rows, fixed, broke
+
+
+def reply_length(result: dict | None) -> float | None:
+    """Mean characters of a system's generated replies on the test items (preference tuning is known to lengthen
+    answers: the report shows it before and after)."""
+    return _mean([len(str(s["response"])) for s in result["samples"]]) if result else None
+
+
+def _preference_section(scored: Scored) -> str:
+    """The held-out preference pairs: each weights' preference accuracy with its interval, and reply lengths."""
+    if not scored.preferences:
+        return ""
+    label = {"base": "base", "finetuned": "fine-tuned", "aligned": "aligned"}
+    lines = ["", "### Held-out preferences", "",
+             "How often each model finds the chosen answer of a held-out pair more likely than the rejected one "
+             "(chance: 0.5), and the mean length of its replies on the test items (characters).", "",
+             "| weights | preference accuracy ± se | 95 % interval | pairs | reply length |", "|---|---|---|---|---|"]
+    for name, r in scored.preferences.items():
+        low, high = wilson(r["accuracy"], r["n"])
+        length = reply_length(scored.results.get(name))
+        lines.append(f"| {label[name]} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | [{low:.3f}, {high:.3f}] | {r['n']} "
+                     f"| {'–' if length is None else f'{length:.0f}'} |")
+        mlflow.log_metrics({f"{name}_preference_accuracy": r["accuracy"]}
+                           | ({f"{name}_reply_chars": length} if length is not None else {}))
+    return "\n".join(lines) + "\n\nThe gate compares the aligned and the fine-tuned weights pair by pair (rule " \
+                              "`preferences vs fine-tuned` above).\n"
 
 
 def _system_variant(config: LifecycleConfig, folder: str, tasks_dir: str) -> Variant:
@@ -305,6 +363,8 @@ def _markdown(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict[str,
         label["finetuned+shots"] = f"fine-tuned + {plan['finetuned+shots'].variant.name}"
     if "champion" in plan:
         label["champion"] = f"champion ({plan['champion'].variant.name})"
+    if "aligned" in plan:
+        label["aligned"] = "aligned (preference-tuned)"
     ranked = metric == "accuracy"
     lines = ["## Evaluation on the test split", "",
              scoring.table({label.get(name, name): r for name, r in rows.items()}, ranked,

@@ -1,5 +1,5 @@
-"""One iteration of the lifecycle, top to bottom: data → select → lengths → baseline → finetune → evaluate →
-promote → deploy.
+"""One iteration of the lifecycle, top to bottom: data → select → lengths → baseline → finetune → align (when the
+config has `align`) → evaluate → promote → deploy.
 
 One MLflow parent run per iteration with a nested run per stage; one Prefect flow run with a subflow per stage.
 """
@@ -12,6 +12,7 @@ import mlflow
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+from flows.align import align_stage
 from flows.baseline import baseline_stage
 from flows.config import load_config
 from flows.data import lengths_stage, prepare
@@ -21,6 +22,7 @@ from flows.finetune import finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
 from tasks import tracking
+from tasks.alignment import Aligned
 from tasks.datasets import read_examples
 from tasks.packaging import Deployment
 from tasks.paths import run_folder
@@ -57,8 +59,10 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
             chosen = replace(chosen, result=None)
         baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
         tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
+        aligned: Aligned | None = align_stage(config, tuned.merged, splits, str(home / "finetune"), pid,
+                                              tasks_dir) if config.align else None
         report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,
-                                            champion=True)
+                                            champion=True, aligned=aligned)
         verdict: Verdict = promote_stage(config, tuned.run_id, report, splits, str(home), pid)
         service: Deployment = deploy_stage(config, str(home), pid,
                                            built={verdict.version: verdict.bento} if verdict.bento else None,
@@ -70,6 +74,7 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         "data": {"train": splits.train, "counts": splits.counts, "mixed_train": splits.mixed_train},
         "baseline": baselines.rows,
         "test": report.scores,
+        "preferences": report.preferences,
         "promotion": asdict(verdict),
         "service": asdict(service),
     }

@@ -39,8 +39,11 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
                    confidence=rules.confidence, candidates=",".join(c.system for c in candidates)) as run:
         verdicts = [(c, registry.gate(c.evidence, unserved)) for c in candidates]
         passing = [c for c, verdict in verdicts if verdict.passed]
-        # the best score wins; among equals the simpler system (candidates come simplest first)
-        chosen = max(passing or [c for c, _ in verdicts], key=lambda c: c.score)
+        # the best score wins; among equals the simpler system (candidates come simplest first). An aligned
+        # system that passes wins over the rest: its rules already showed it prefers what reviewers preferred
+        # without losing the task, which the task metric alone cannot see.
+        chosen = max(passing, key=lambda c: (c.preferred, c.score)) if passing else \
+            max((c for c, _ in verdicts), key=lambda c: c.score)
         systems_dir = Path(data.keys).parent.parent / "systems"
         recipe_dir = write_recipe(chosen.recipe, systems_dir / chosen.name, data.shot_pool)
         version = registry.register(name, chosen.weights_dir, run.info.run_id,

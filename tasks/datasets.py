@@ -184,6 +184,11 @@ def read_rows(source: str) -> tuple[list[tuple[str, dict | None, str | None]], l
 
 
 # -------------------------------------------------------------------------------------------- rendering
+def compile_template(text: str):
+    """A template as every stage renders it: sandboxed, undefined variables an error, whole lists never printed."""
+    return _JINJA.from_string(text)
+
+
 def template_variables(*templates: str) -> set[str]:
     found = set()
     for template in templates:
@@ -211,7 +216,7 @@ def _null_inside(value, where: str) -> str | None:
     return None
 
 
-def _check(record: dict, task: TaskConfig, variables: set[str]) -> tuple[dict, str | None]:
+def record_context(record: dict, task: TaskConfig, variables: set[str]) -> tuple[dict, str | None]:
     """The template context of a record, or the first fault in it. Fields may be text, numbers, lists and
     objects (templates index and loop over them); what must be text is what the templates render."""
     context = {}
@@ -318,7 +323,7 @@ def to_examples(task: TaskConfig, on_bad_rows: str = "error", seed: int = 13) ->
         if fault:
             reject(where, fault, None)
             continue
-        context, fault = _check(record, task, variables)
+        context, fault = record_context(record, task, variables)
         if fault:
             reject(where, fault, record)
             continue
@@ -466,7 +471,7 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
     if fed_back:
         random.Random(seed).shuffle(train)
     rejects_path = out / "rejects.jsonl"
-    _write_rejects(rejects_path, rejects)
+    write_rejects(rejects_path, rejects)
     fingerprints = {name: fingerprint(primary[name]) for name in SPLITS}
     (out / "keys.json").write_text(json.dumps({"fingerprints": fingerprints, "train": sorted(
         {e.key for parts in per_task.values() for e in parts["train"] if e.key} | fed_keys)}))
@@ -485,7 +490,7 @@ def prepare_data(tasks: list[TaskConfig], validation: float, test: float, seed: 
     )
 
 
-def _write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
+def write_rejects(path: Path, rejects: list[dict], mode: str = "w") -> None:
     with path.open(mode, encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
 
@@ -522,7 +527,7 @@ def fit_lengths(splits: Splits, tokenizer_dir: str, max_tokens: dict[str, int]) 
             if not kept:
                 raise DataError(f"{path}: every example is longer than max_tokens with {tokenizer_dir}'s tokenizer")
             write_examples(Path(path), kept)
-    _write_rejects(Path(splits.rejects), removed, mode="a")
+    write_rejects(Path(splits.rejects), removed, mode="a")
     primary = {"train": next(iter(splits.per_task.values()))["train"], "validation": splits.validation,
                "test": splits.test}
     now = {name: fingerprint(read_examples(path)) for name, path in primary.items()}

@@ -135,6 +135,17 @@ def _bootstrap(rule, x, y, *, threshold, direction, confidence, seed) -> Compari
                       float(high), confidence, threshold, direction, p)
 
 
+def wilson(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The two-sided Wilson score interval of a proportion `rate` over `n` items: one system's accuracy on its own
+    (the gate's rules compare two systems paired, with the exact bounds above)."""
+    if n < 1:
+        return 0.0, 1.0
+    z = stats.norm.ppf(1 - (1 - confidence) / 2)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # ---------------------------------------------------------------------------------------------- power
 def min_detectable(n: int, rate: float, confidence: float, power: float = POWER) -> float:
     """Smallest true gain in a 0/1 metric (exact match, accuracy) that `n` paired items detect at `confidence`

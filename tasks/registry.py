@@ -31,6 +31,19 @@ KEYS_ARTIFACT = "data/keys.json"  # in the version's run: its training split's e
 
 
 @dataclass(frozen=True)
+class AlignedEvidence:
+    """What an aligned (preference-tuned) system must also show against the weights it was aligned from: on the
+    held-out preference pairs (pair id -> 1 where the chosen answer was the more likely), that it prefers the
+    chosen answers more often by more than `margin`; on the task's test items, that it lost at most `max_drop`."""
+
+    tuned: dict[str, float] | None  # the fine-tuned weights on the held-out pairs
+    aligned: dict[str, float] | None
+    tuned_task: dict[str, float] | None  # the fine-tuned weights on the test items, the gate's metric
+    margin: float = 0.0
+    max_drop: float = 0.05
+
+
+@dataclass(frozen=True)
 class Evidence:
     """What the gate judges, per test item (item id -> score on the gate metric), so every rule compares two
     systems on the same items: the candidate, the bar (best prompt baseline) and the champion on the test split,
@@ -47,6 +60,7 @@ class Evidence:
     weights_changed: bool = True  # False: a prompt recipe on the base weights, which cannot forget
     crashed: dict[str, str] = field(default_factory=dict)
     smoke_failures: list[str] | None = None  # None: not run; [] passed
+    aligned: AlignedEvidence | None = None  # a preference-tuned candidate's own rules
 
 
 @dataclass
@@ -70,6 +84,7 @@ class Candidate:
     evidence: Evidence
     score: float  # mean per-item score on the gate's metric
     metrics: dict[str, float] = field(default_factory=dict)
+    preferred: bool = False  # when it passes, chosen over higher-scoring systems (an aligned system: the round's aim)
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,7 @@ class Evaluation:
     fixed: int = 0
     broke: int = 0
     builtin: dict = field(default_factory=dict)
+    preferences: dict[str, dict] = field(default_factory=dict)  # held-out preference accuracy by weights
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,17 @@ def comparisons(evidence: Evidence, rules: GateConfig) -> list[Comparison]:
     for suite, (base, tuned) in sorted(evidence.general.items()):
         found.append(compare(f"forgetting {suite}", base, tuned, threshold=rules.max_forgetting,
                              direction="below", confidence=rules.confidence))
+    aligned = evidence.aligned
+    if aligned and aligned.aligned is not None and aligned.tuned is not None:
+        found.append(compare(PREFERENCE_RULE, aligned.aligned, aligned.tuned, threshold=aligned.margin,
+                             direction="above", confidence=rules.confidence))
+    if aligned and aligned.tuned_task is not None and evidence.candidate is not None:
+        found.append(compare(TASK_DROP_RULE, aligned.tuned_task, evidence.candidate, threshold=aligned.max_drop,
+                             direction="below", confidence=rules.confidence))
     return found
+
+
+PREFERENCE_RULE, TASK_DROP_RULE = "preferences vs fine-tuned", "task drop vs fine-tuned"
 
 
 def gate(evidence: Evidence, rules: GateConfig) -> Decision:
@@ -142,6 +168,19 @@ def gate(evidence: Evidence, rules: GateConfig) -> Decision:
         (reasons.append if c.passed else fail)(
             f"{'forgetting within the limit' if c.passed else 'may forget more than allowed'} on general suite "
             f"{c.rule.removeprefix('forgetting ')} (drop in accuracy): {c.describe()}")
+    if evidence.aligned:
+        rules_found = {c.rule: c for c in found}
+        for rule, good, bad, what in (
+                (PREFERENCE_RULE, "prefers the chosen answers more often than", "not shown to prefer the chosen "
+                 "answers more often than", "held-out preference pairs"),
+                (TASK_DROP_RULE, "task score within align.max_task_drop of", "may lose more of the task than "
+                 "align.max_task_drop allows against", f"{evidence.metric} (drop)")):
+            c = rules_found.get(rule)
+            if c is None:
+                fail(f"missing evaluation: {rule}")
+            else:
+                (reasons.append if c.passed else fail)(f"{good if c.passed else bad} the fine-tuned weights on "
+                                                        f"{what}: {c.describe()}")
     if not evidence.weights_changed:
         reasons.append("the base weights, unchanged: nothing to forget")
     elif not evidence.general:

@@ -23,10 +23,13 @@ class TaskConfig(Strict):
     answer is one of `labels` (one entry); choice: one of a per-record list (`choices`, each rendered through
     `choice_answer`). For both, the candidates are ranked by the model's log-likelihood of each one as the
     assistant reply (lm-eval multiple_choice): accuracy is the primary metric, exact match of the generated reply
-    is still reported beside it."""
+    is still reported beside it. preference (only as `align.data`): judged answers to a prompt in one of three
+    `shape`s, read from the columns `chosen`/`rejected` (pairs), `answers` best-first with optional `scores`
+    (rankings) or `answer`/`desirable` (binary, for KTO), each answer written through the `answer` template
+    (variable `answer`); `fields` maps those names to other columns as it maps template variables."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    kind: Literal["generate", "classify", "choice"] = "generate"
+    kind: Literal["generate", "classify", "choice", "preference"] = "generate"
     choices: str | None = Field(None, description="choice: the record field holding the list of answers")
     choice_answer: str = Field("{{ choice }}", min_length=1,
                                description="choice: how candidate i is written as the reply; variables choice, "
@@ -44,6 +47,9 @@ class TaskConfig(Strict):
     max_validation_examples: int = Field(32, gt=0)
     max_test_examples: int = Field(48, gt=0)
     max_answer_tokens: int = Field(64, gt=0)
+    shape: Literal["pairs", "rankings", "binary"] = Field("pairs", description="preference: how a row judges answers")
+    max_pairs_per_prompt: int = Field(3, gt=0, description="preference rankings: ordered pairs kept per prompt, the "
+                                                           "best answer against each worse one first")
 
     @field_validator("prompt")
     @classmethod
@@ -71,7 +77,7 @@ class TaskConfig(Strict):
     @property
     def ranked(self) -> bool:
         """Scored by ranking candidate answers by likelihood (classify, choice) rather than by generation."""
-        return self.kind != "generate"
+        return self.kind in ("classify", "choice")
 
 
 class BudgetConfig(Strict):

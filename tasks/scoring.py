@@ -51,6 +51,15 @@ def score_likelihood(model_dir: str, tasks_dir: str, task_name: str, *, system_p
                                     limit=limit, batch_size=batch_size)
 
 
+@task(name="score-preferences", cache_key_fn=by_content, persist_result=True)
+def score_preferences(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, limit: int | None,
+                      batch_size: int) -> dict:
+    """Preference accuracy on held-out pairs: how often the chosen answer is the more likely, per pair."""
+    model, tokenizer = load(Path(model_dir))
+    return runner.preference_accuracy(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt,
+                                      limit=limit, batch_size=batch_size)
+
+
 @task(name="score-general", cache_key_fn=by_content, persist_result=True)
 def score_general(model_dir: str, tasks_dir: str, task_name: str, *, limit: int | None, batch_size: int) -> dict:
     """Accuracy on one general multiple-choice suite (the forgetting check), with every item's result."""

@@ -19,6 +19,7 @@ from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel
 from prefect import task
+from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -37,9 +38,10 @@ def conversational(examples: list[Example]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def run_key(base_dir: str, train_path: str, spec: FinetuneConfig) -> str:
-    """Names a run by its inputs: the same base, data, settings and library versions resume (or reuse) the same
-    folder; an upgraded TRL or transformers trains anew, as the score cache scores anew."""
+def run_key(base_dir: str, train_path: str, spec: BaseModel) -> str:
+    """Names a run by its inputs (`spec`: the finetune or align settings): the same base, data, settings and
+    library versions resume (or reuse) the same folder; an upgraded TRL or transformers trains anew, as the score
+    cache scores anew."""
     digest = hashlib.sha256()
     digest.update(Path(base_dir, META_FILE).read_bytes())
     digest.update(Path(base_dir).resolve().as_posix().encode())
