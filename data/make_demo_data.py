@@ -1,6 +1,8 @@
 """Writes the bundled demo data: product reviews with a structured answer (product, sentiment, rating, issue),
 support tickets for multi-task runs and for a classify task (the ticket's queue), and a multiple-choice set
-(which of four problems a review describes) for a choice task. (The general suite for the forgetting check has
+(which of four problems a review describes) for a choice task, and ranked answers to reviews for preference
+tuning (the right extraction first, then realistic wrong ones: another product, another sentiment, broken
+JSON). (The general suite for the forgetting check has
 its own generator: evals/data/make_general.py.)
 
 Run: python data/make_demo_data.py   (deterministic: the same seed writes byte-identical files)
@@ -20,6 +22,7 @@ SEED = 20261122
 N_REVIEWS = 1600
 N_TICKETS = 800
 N_QUIZ = 600
+N_PREFERENCES = 400
 HERE = Path(__file__).resolve().parent
 
 # product label -> ways a customer refers to it
@@ -168,6 +171,25 @@ def make_quiz(rng: random.Random, idx: int) -> dict:
             "answer": "ABCD"[choices.index(review["issue"])]}
 
 
+def _answer(product: str, sentiment: str, rating: int, issue: str) -> str:
+    """An answer written exactly as configs/demo.yaml's answer template writes it."""
+    return json.dumps({"product": product, "sentiment": sentiment, "rating": rating, "issue": issue})
+
+
+def make_preference(rng: random.Random, review: dict) -> dict:
+    """One review's answers ranked best-first: the right extraction; the right fields but another product (a
+    reader is misled less than by a wrong verdict); another sentiment; the right fields as broken JSON (a client
+    cannot parse it at all)."""
+    right = (review["product"], review["sentiment"], review["rating"], review["issue"])
+    other_product = rng.choice([p for p in sorted(PRODUCTS) if p != review["product"]])
+    other_sentiment = rng.choice([s for s in ("positive", "neutral", "negative") if s != review["sentiment"]])
+    broken = _answer(*right)
+    broken = rng.choice([broken[:-1], broken.replace('"', "'"), broken.replace(", ", " ", 2)])
+    return {"id": f"pref-{review['id']}", "review": review["review"],
+            "answers": [_answer(*right), _answer(other_product, *right[1:]),
+                        _answer(right[0], other_sentiment, *right[2:]), broken]}
+
+
 def _write(out: Path, rows: list[dict]) -> None:
     with out.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -181,6 +203,10 @@ def main() -> None:
     _write(HERE / "tickets.jsonl", [make_ticket(rng, i) for i in range(N_TICKETS)])
     quiz = random.Random(SEED + 1)  # its own stream: the files above stay byte-identical
     _write(HERE / "review_quiz.jsonl", [make_quiz(quiz, i) for i in range(N_QUIZ)])
+    ranked = random.Random(SEED + 2)  # its own stream too
+    reviews = [json.loads(line) for line in (HERE / "reviews.jsonl").read_text(encoding="utf-8").splitlines()]
+    _write(HERE / "review_preferences.jsonl",
+           [make_preference(ranked, r) for r in ranked.sample(reviews, N_PREFERENCES)])
 
 
 if __name__ == "__main__":

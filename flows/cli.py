@@ -184,6 +184,26 @@ def deploy(version: str = typer.Argument(None, help="registered version; default
 
 
 @app.command()
+def align(version: str = typer.Argument(None, help="registered version; default: the champion"),
+          config: Path = typer.Option(Path("configs/preference.yaml"), help="lifecycle config with an `align` section"),
+          preferences: Path = typer.Option(None, help="preference file in align.data's shape; default: align.data")
+          ) -> None:
+    """Preference-tune VERSION alone (DPO or KTO, as the config's `align` says); the result is registered as a
+    pending version beside its preference accuracy against VERSION. The champion does not move."""
+    cfg = _config(config)
+    if cfg.align is None:
+        _fail(f"{config}: no `align` section: nothing says how to tune on preferences")
+    _connect(prefect=True)
+    from flows.align import align_model  # after the environment points at the stack
+
+    try:
+        result = align_model(str(config.resolve()), version, str(preferences.resolve()) if preferences else None)
+    except Exception as exc:  # MLflow's message names a missing version; a DataError the row at fault
+        _fail(f"align of {cfg.registered_model} {version or 'champion'}: {exc}", exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
 def gc(config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model"),
        keep: int = typer.Option(None, help="newest versions whose served copies stay; default: deploy.keep, else 3")
        ) -> None:
@@ -212,13 +232,25 @@ def _feedback_db() -> Path:
 
 @feedback_app.command("export")
 def feedback_export(out: Path, config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model"),
-                    approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this")
+                    approve_at: int = typer.Option(None, help="also keep uncorrected replies rated at least this"),
+                    pairs: bool = typer.Option(False, "--pairs", help="preference data instead: corrections as pairs "
+                                               "(OUT), ratings as judged answers (OUT's stem + .binary.jsonl)"),
+                    reject_at: int = typer.Option(None, help="--pairs: replies rated at most this are undesirable")
                     ) -> None:
-    """Write the config's model's approved feedback as a JSONL dataset (id, system, user, assistant, task)."""
-    from tasks.feedback import export
+    """Write the config's model's approved feedback as a JSONL dataset: chat examples (id, system, user,
+    assistant, task), or with --pairs preference rows an `align.data` task reads."""
+    from tasks.feedback import export, export_pairs
 
     cfg = _config(config)
     try:
+        if pairs:
+            found, binary = export_pairs(_feedback_db(), out, cfg.registered_model,
+                                         cfg.feedback.approve_at if approve_at is None else approve_at,
+                                         cfg.feedback.reject_at if reject_at is None else reject_at)
+            typer.echo(f"{out}: {len(found.pairs)} pairs (approved corrections); {binary}: {len(found.binary)} "
+                       f"judged answers (approved ratings) of {cfg.registered_model} ({found.pending} pending "
+                       "review, not exported)")
+            return
         found = export(_feedback_db(), out, cfg.registered_model, cfg.task.system_prompt, approve_at)
     except FileNotFoundError as exc:
         _fail(str(exc))

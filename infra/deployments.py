@@ -17,6 +17,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 
+from flows.align import align_model
 from flows.config import LifecycleConfig, load_config
 from flows.deploy import deploy_version
 from flows.evaluate import evaluate_version
@@ -51,6 +52,10 @@ def deployments(config_path: str) -> list:
         finetune_model.to_deployment(name, **on_config,
                                      description="Fine-tune one model on the config's data; registers a pending "
                                                  "version, champion unchanged."),
+        *([align_model.to_deployment(name, **on_config,
+                                     description="Preference-tune a registered version (default: champion) on "
+                                                 "a preference file; registers a pending version.")]
+          if config.align else []),
         evaluate_version.to_deployment(name, **on_config,
                                        description="Score a registered version (default: champion) on the test split."),
         deploy_version.to_deployment(name, **on_config,

@@ -366,7 +366,7 @@ def chat_messages(example: Example, with_answer: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- splits
-def split(examples: list[Example], validation: float, test: float, seed: int) -> dict[str, list[Example]]:
+def split(examples: list[Example], validation: float, test: float, seed: int | str) -> dict[str, list[Example]]:
     """Hash buckets: an example's split is a pure function of its key and `seed`, so adding or removing
     records never moves another example between splits (a champion's test items stay unseen by it)."""
     parts: dict[str, list[tuple[str, Example]]] = {name: [] for name in SPLITS}

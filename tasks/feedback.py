@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.feedback_store import APPROVED, PENDING, REJECTED, Store
-from tasks.datasets import Example, write_examples
+from tasks.datasets import Example, normalise, write_examples
 from tasks.evidence import mcnemar_exact
 
 
@@ -275,6 +275,56 @@ def export(db_path: str | Path, out: str | Path, model: str, system_prompt: str,
     found = harvest(db_path, model, system_prompt, 0, approve_at, task)
     write_examples(Path(out), found.examples)
     return found
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Production feedback as preference data: pairs from approved corrections (the correction chosen over the
+    answer served) and judged answers from approved ratings (desirable at approve_at or above, undesirable at
+    reject_at or below), each as the raw record an `align.data` task reads (prompt template "{{ prompt }}",
+    answer template "{{ answer }}")."""
+    pairs: list[dict]
+    binary: list[dict]
+    pending: int
+
+
+def judged(db_path: str | Path, model: str, approve_at: int | None = None, reject_at: int | None = None,
+           require_review: bool = True) -> Judged:
+    """The preference signal in the feedback of registered model `model`: approved feedback only (with
+    `require_review` off, pending too; rejected never). The newest usable feedback on a response wins. A
+    correction equal to the served answer (after normalisation) states no preference and is left out."""
+    with _open(db_path) as db:
+        rows = db.execute(_SELECT + " WHERE r.registered_model = ? AND f.status IN (?, ?) ORDER BY f.id",
+                          (model, APPROVED, APPROVED if require_review else PENDING)).fetchall()
+        pending = db.execute("SELECT COUNT(*) FROM feedback f JOIN responses r ON r.id = f.response_id "
+                             "WHERE r.registered_model = ? AND f.status = ?", (model, PENDING)).fetchone()[0]
+    pairs: dict[int, dict] = {}
+    binary: dict[int, dict] = {}
+    for row in rows:  # id order: newer feedback on the same response replaces the older
+        fid, rating, messages, answer, correction, response = row[0], row[3], row[6], row[7], row[8], row[15]
+        prompt = _question(messages)
+        if correction and normalise(correction) != normalise(answer):
+            pairs[response] = {"id": f"feedback-{fid}", "prompt": prompt, "chosen": correction, "rejected": answer}
+            binary.pop(response, None)
+        elif not correction and approve_at is not None and rating >= approve_at:
+            binary[response] = {"id": f"feedback-{fid}", "prompt": prompt, "answer": answer, "desirable": True}
+        elif not correction and reject_at is not None and rating <= reject_at:
+            binary[response] = {"id": f"feedback-{fid}", "prompt": prompt, "answer": answer, "desirable": False}
+    return Judged(list(pairs.values()), [r for k, r in binary.items() if k not in pairs],
+                  0 if not require_review else pending)
+
+
+def export_pairs(db_path: str | Path, out: str | Path, model: str, approve_at: int | None = None,
+                 reject_at: int | None = None) -> tuple[Judged, Path]:
+    """Write a model's approved preference signal: pairs to `out`, judged single answers (for KTO) beside it
+    as `<stem>.binary.jsonl`. Returns what was found and the second file."""
+    found = judged(db_path, model, approve_at, reject_at)
+    out = Path(out)
+    binary = out.with_name(f"{out.stem}.binary.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, rows in ((out, found.pairs), (binary, found.binary)):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return found, binary
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,10 @@ def prepare_preferences(task: TaskConfig, out_dir: str | Path, *, validation: fl
             kept.append(row)
     if not kept:
         raise DataError(f"{task.data}: every row is longer than align.max_seq_length ({max_tokens} tokens)")
-    parts = split(kept, validation, test, seed)  # by the prompt's key: one prompt's pairs stay in one split
+    # By the prompt's key, so one prompt's pairs stay in one split, drawn apart from the fine-tuning task's buckets:
+    # with the same seed the same key lands in the same bucket, and every prompt left after the held-out check
+    # (the fine-tuning task's training prompts) would land in train.
+    parts = split(kept, validation, test, f"{seed}/preferences")
     out = Path(out_dir)
     files = {name: write_preferences(out / f"{name}.jsonl", parts[name]) for name in SPLITS}
     held = held_out_pairs(parts["test"])[:max_test_pairs]

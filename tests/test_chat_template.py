@@ -66,6 +66,37 @@ def test_train_eval_and_serve_render_identically(template, request, tmp_path):
     assert served.startswith(opening) and served.endswith(reply)
 
 
+@pytest.mark.parametrize("template", ["smollm2", "gemma"])
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_rows_render_as_fine_tuning_and_serving_do(template, method, request, tmp_path):
+    """TRL's DPO and KTO rows, token for token, are the fine-tuning row of the same conversation: the prompt the
+    service renders, then the answer and the template's end of turn (no BOS or EOS doubled or dropped)."""
+    from tasks.alignment import preference_trainer
+    from tasks.alignment_config import AlignConfig
+    from tasks.preferences import Preference, write_preferences
+    from tasks.schema import TaskConfig
+
+    folder = request.getfixturevalue("tiny_model" if template == "smollm2" else "tiny_gemma")
+    model, tok = load(Path(folder))
+    pair = Preference("x", SYSTEM, EXAMPLE.user, REPLIES[0], REPLIES[1], key="k")
+    data = TaskConfig(name="p", kind="preference", data="unused.jsonl", prompt="{{ x }}", answer="{{ answer }}")
+    spec = AlignConfig(data=data, method=method, max_steps=1, batch_size=2, save_steps=None)
+    row = preference_trainer(model, tok, spec, write_preferences(tmp_path / "p.jsonl", [pair]), tmp_path / "ck",
+                             "cpu").train_dataset[0]
+    answer_ids = row["chosen_ids"] if method == "dpo" else row["completion_ids"]
+
+    args = SFTConfig(output_dir=str(tmp_path / "t"), use_cpu=True, bf16=False, report_to=[], max_length=256,
+                     completion_only_loss=True)
+    sft = SFTTrainer(model=model, args=args, train_dataset=conversational([EXAMPLE]),
+                     processing_class=tok).train_dataset[0]
+    assert row["prompt_ids"] + answer_ids == sft["input_ids"]
+    assert tok.decode(row["prompt_ids"]) == served_prompt(tok, tmp_path / "zero", Recipe(SYSTEM), EXAMPLE.user)
+    end = answer_ids[len(tok(REPLIES[0], add_special_tokens=False).input_ids):]  # the end of turn after it
+    assert end and (tok.eos_token_id in end or tok.convert_tokens_to_ids("<end_of_turn>") in end)
+    if method == "dpo":  # the rejected answer ends its turn the same way
+        assert row["rejected_ids"][-len(end):] == end
+
+
 def served_prompt(tok, folder: Path, recipe: Recipe, question: str, pool: str | None = None) -> str:
     """The prompt the Bento's `Chat` service builds for a request carrying only `question`, from the recipe's
     files as the Bento holds them (the encoder beside them for retrieval)."""

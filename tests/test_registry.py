@@ -67,6 +67,63 @@ def test_gate_rejects_with_reason(changes, reason):
     assert any(r.startswith(reason) for r in decision.reasons), decision.reasons
 
 
+ALIGNED = replace(GOOD, aligned=registry.AlignedEvidence(tuned=right(60), aligned=right(80), tuned_task=right(60)))
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({}, None),
+    ({"aligned": right(60)}, "not shown to prefer the chosen answers more often than the fine-tuned weights on "
+                             "held-out preference pairs: n=100, difference +0.000"),
+    ({"tuned_task": right(75)}, "may lose more of the task than align.max_task_drop allows"),
+    ({"aligned": None}, "missing evaluation: preferences vs fine-tuned"),
+])
+def test_an_aligned_system_must_beat_the_fine_tuned_weights_on_held_out_preferences(changes, reason):
+    evidence = replace(ALIGNED, aligned=replace(ALIGNED.aligned, **changes))
+    decision = registry.gate(evidence, RULES)
+    if reason is None:
+        assert decision.passed, decision.reasons
+        assert any(r.startswith("prefers the chosen answers more often than the fine-tuned weights") and
+                   "difference +0.200" in r for r in decision.reasons)
+        assert any(r.startswith("task score within align.max_task_drop") for r in decision.reasons)
+    else:
+        assert not decision.passed
+        assert any(r.startswith(reason) for r in decision.reasons), decision.reasons
+
+
+@pytest.mark.parametrize("aligned_wins", [True, False])
+def test_promote_takes_the_aligned_system_only_when_it_passes(aligned_wins, tiny_model, home, prefect_api,
+                                                              mlflow_sqlite, tmp_path):
+    """The fine-tuned weights score higher on the task; the aligned ones pass every rule only where they beat
+    the fine-tuned weights on held-out preferences, and are then the version registered and promoted."""
+    from flows.config import load_config
+    from flows.promote import promote_stage
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model = f"aligned-{aligned_wins}"
+    config.gate = RULES.model_copy(update={"smoke_prompts": 0})
+    aligned = registry.AlignedEvidence(right(60), right(80 if aligned_wins else 60), right(62))
+    candidates = [Candidate("finetuned", "fine-tuned", tiny_model, Recipe(), replace(GOOD, candidate=right(62)),
+                            score=0.62),
+                  Candidate("aligned", "fine-tuned + DPO", tiny_model, Recipe(), replace(GOOD, aligned=aligned),
+                            score=0.60, preferred=True)]
+    keys = tmp_path / "data" / "keys.json"
+    keys.parent.mkdir()
+    keys.write_text('{"fingerprints": {"train": "a", "validation": "b", "test": "c"}, "train": []}')
+    mlflow.create_experiment("promote", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("promote")
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
+        pass
+    unused = str(tmp_path / "no-split-needed.jsonl")
+    data = Splits(unused, unused, unused, rejects="", keys=str(keys), fingerprints={}, per_task={}, counts={},
+                  mixed_train={})
+    verdict = promote_stage(config, finetune.info.run_id, Evaluation(candidates), data, str(home),
+                            parent.info.run_id)
+    assert verdict.passed
+    assert verdict.system == ("fine-tuned + DPO" if aligned_wins else "fine-tuned")
+    assert registry.champion(config.registered_model)[0] == verdict.version
+
+
 def test_a_continuous_gate_metric_is_judged_by_a_paired_bootstrap():
     soft = {str(i): 0.5 + 0.004 * i for i in range(N)}
     lifted = {k: v + 0.2 for k, v in soft.items()}

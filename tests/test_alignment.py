@@ -1,0 +1,128 @@
+"""Preference tuning (tasks/alignment.py) on the tiny model through TRL's own DPOTrainer and KTOTrainer: held-out
+preference accuracy rises on a learnable preference, shown by the gate's own paired rule; a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evals.runner import write_preference_task
+from tasks import registry
+from tasks.alignment import align
+from tasks.alignment_config import AlignConfig
+from tasks.datasets import token_counter
+from tasks.evidence import wilson
+from tasks.models import META_FILE, load
+from tasks.preferences import prepare_preferences
+from tasks.schema import GateConfig, TaskConfig
+from tasks.scoring import score_preferences
+from tasks.training import last_complete_checkpoint
+from tests.conftest import NOUNS, ROOT
+
+
+@pytest.fixture(scope="module")
+def preferences(tmp_path_factory, tiny_model):
+    """Short reports, each answered in the right form ("label: yes") and a scrambled one ("yes: label"): the same
+    tokens, so only the order is preferred, a preference the random tiny model does not hold and can learn."""
+    out = tmp_path_factory.mktemp("preferences")
+    rng = random.Random(0)
+    rows = []
+    for i in range(300):
+        label = rng.choice(["yes", "no"])
+        rows.append({"id": f"r{i}", "text": f"The {rng.choice(NOUNS)} is {'great' if label == 'yes' else 'broken'} "
+                                            f"({i})", "chosen": f"label: {label}", "rejected": f"{label}: label"})
+    (out / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = TaskConfig(name="prefs", kind="preference", data=str(out / "prefs.jsonl"), prompt="{{ text }}",
+                      answer="{{ answer }}")
+    splits = prepare_preferences(data, out / "data", validation=0.1, test=0.2, seed=13, on_bad_rows="error",
+                                 held_out={}, count=token_counter(tiny_model), max_tokens=64, max_test_pairs=96)
+    task = write_preference_task("prefs", splits.test_choices, out / "tasks")
+    return data, splits, str(out / "tasks"), task
+
+
+def spec(data: TaskConfig, **settings) -> AlignConfig:
+    return AlignConfig(data=data, **{"learning_rate": 1e-2, "max_steps": 30, "batch_size": 8, "max_seq_length": 64,
+                                     "save_steps": None, "lr_scheduler": "constant", "warmup_ratio": 0.0, **settings})
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_held_out_preference_accuracy_rises_under_the_shipped_gate_rule(method, preferences, tiny_model, tmp_path):
+    data, splits, tasks_dir, task = preferences
+    result = align.fn(tiny_model, splits.train, str(tmp_path / "run"), spec(data, method=method))
+    assert result["steps"] == 30 and result["method"] == method
+    assert {"rewards/chosen", "rewards/margins"} <= set(result["final"])  # TRL's reward curves were logged
+    merged = Path(result["merged"])
+    meta = json.loads((merged / META_FILE).read_text())
+    assert meta["source"] == f"{method}:tiny:0" and meta["base"] == tiny_model
+    aligned, _ = load(merged)
+    assert not any("lora" in name for name, _ in aligned.named_parameters())  # merged, not an adapter
+
+    before, after = (score_preferences.fn(folder, tasks_dir, task, system_prompt="", limit=None, batch_size=16)
+                     for folder in (tiny_model, str(merged)))
+    assert before["n"] == after["n"] == splits.counts["test_pairs"] >= 40
+    assert wilson(after["accuracy"], after["n"])[0] > 0.5  # above chance, with its interval
+    evidence = registry.Evidence("exact_match", candidate=None, bar=None,
+                                 aligned=registry.AlignedEvidence(before["items"], after["items"], None))
+    [rule] = registry.comparisons(evidence, GateConfig())  # the shipped confidence and align.min_improvement 0
+    assert rule.rule == registry.PREFERENCE_RULE and rule.passed, rule.describe()
+
+
+def test_the_reference_is_the_start_weights_without_the_adapter(preferences, tiny_model, tmp_path):
+    """No second copy of the weights: TRL's trainer holds no ref_model, and its reference (the adapter disabled)
+    computes exactly what the weights aligning started from compute."""
+    from tasks.alignment import preference_trainer
+
+    data, splits, _, _ = preferences
+    model, tok = load(Path(tiny_model))
+    trainer = preference_trainer(model, tok, spec(data), splits.train, tmp_path / "ck", "cpu")
+    assert trainer.ref_model is None
+    with torch.no_grad():
+        for module in trainer.model.modules():  # move the adapter away from its no-op start
+            if hasattr(module, "lora_B"):
+                for weights in module.lora_B.values():
+                    weights.weight.normal_()
+        ids = torch.tensor([tok("The lamp is great").input_ids])
+        start = load(Path(tiny_model))[0](ids).logits
+        with trainer.model.disable_adapter():
+            reference = trainer.model(ids).logits
+        policy = trainer.model(ids).logits
+    assert torch.allclose(reference, start, atol=1e-5) and not torch.allclose(policy, start, atol=1e-3)
+
+
+def test_a_killed_alignment_resumes_from_its_last_checkpoint(preferences, tiny_model, tmp_path):
+    data, splits, _, _ = preferences
+    out = tmp_path / "run"
+    script = tmp_path / "align.py"
+    script.write_text(
+        "from tasks.alignment import align\n"
+        "from tasks.alignment_config import AlignConfig\n"
+        f"align.fn({tiny_model!r}, {splits.train!r}, {str(out)!r}, AlignConfig.model_validate_json("
+        f"{spec(data, max_steps=400, batch_size=2, save_steps=1).model_dump_json()!r}))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "alignment ended before it could be killed"
+            last = last_complete_checkpoint(out / "checkpoints")
+            if last and int(last.rsplit("-", 1)[1]) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL, possibly in the middle of writing the next checkpoint
+        proc.wait()
+    saved = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    assert 3 <= saved < 400
+    settings = spec(data, max_steps=saved + 2, batch_size=2, save_steps=1)
+    result = align.fn(tiny_model, splits.train, str(out), settings)
+    assert result["resumed_from"] == f"checkpoint-{saved}" and result["steps"] == saved + 2
+    assert not (out / "checkpoints").exists()
+    again = align.fn(tiny_model, splits.train, str(out), settings)  # finished with these inputs: reused
+    assert again["cached"] and again["merged"] == result["merged"]
