@@ -126,6 +126,27 @@ def check(config: Path) -> None:
     typer.echo(f"training: {plan}")
     for warning in warnings:
         typer.echo(f"warning: {warning}")
+    if cfg.align and not cfg.align.data.data.startswith("hf:"):
+        _check_preferences(cfg, parts[0])
+
+
+def _check_preferences(cfg, primary: dict) -> None:
+    """The preference data read as the align stage reads it (all but the token lengths, which need the chosen
+    model): its rows, pairs and rejects, the first fault named."""
+    from tasks.datasets import DataError, normalise
+    from tasks.preferences import read_preferences
+
+    held = {e.key: name for name in ("validation", "test") for e in primary[name]} | \
+        {normalise(e.user): name for name in ("validation", "test") for e in primary[name]}
+    try:
+        rows, rejects = read_preferences(cfg.align.data, cfg.data.on_bad_rows, held, cfg.data.seed)
+    except DataError as exc:
+        typer.echo(f"error: align.data: {exc}", err=True)
+        raise typer.Exit(2) from None
+    paired = sum(r.paired for r in rows)
+    typer.echo(f"align: {cfg.align.method} on {paired} pairs and {len(rows) - paired} judged answers from "
+               f"{cfg.align.data.data}; {len(rejects)} rows rejected"
+               + (f" (first: {rejects[0]['where']}: {rejects[0]['reason']})" if rejects else ""))
 
 
 @app.command()

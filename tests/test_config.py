@@ -14,6 +14,8 @@ from flows.config import ConfigError, load_config
 from tests.conftest import ROOT
 
 DEMO = ROOT / "configs" / "demo.yaml"
+PREFS = {"name": "prefs", "kind": "preference", "data": str(ROOT / "data" / "review_preferences.jsonl"),
+         "shape": "rankings", "prompt": "Review: {{ review }}", "answer": "{{ answer }}"}
 
 
 def write(tmp_path: Path, mutate) -> Path:
@@ -62,6 +64,13 @@ def test_demo_config_is_valid_and_resolves_data_against_its_folder():
         (lambda c: c["task"].update(choices="options"), "task: Value error, choices is for kind choice"),
         (lambda c: c["gate"].update(metric="accuracy"), "Value error, gate.metric accuracy does not score a "
                                                         "generate task"),
+        (lambda c: c["task"].update(kind="preference"), "Value error, task: kind preference is the data of `align`"),
+        (lambda c: c.update(align={"data": c["task"]}), "align.data must be a task of kind preference, not generate"),
+        (lambda c: c.update(align={"data": {**PREFS, "shape": "binary"}}), "method dpo trains on pairs; answers "
+                                                                           "judged one at a time (shape binary)"),
+        (lambda c: c.update(align={"data": PREFS, "method": "kto", "batch_size": 1}), "method kto needs batch_size 2"),
+        (lambda c: c.update(align={"data": PREFS, "loss_type": "kto"}), "loss_type 'kto' is not a dpo loss of TRL"),
+        (lambda c: c.update(align={"data": {**PREFS, "data": "nope.jsonl"}}), "align.data.data: file not found"),
     ],
 )
 def test_bad_field_is_named_with_the_file(tmp_path, mutate, expected):
@@ -83,7 +92,7 @@ def test_a_classifier_answering_more_than_its_label_is_served_as_free_text_only_
 def test_each_bundled_config_is_valid_and_the_gate_metric_follows_the_task_kind():
     metrics = {path.name: load_config(path).gate.metric for path in sorted((ROOT / "configs").glob("*.yaml"))}
     assert metrics == {"choice.yaml": "accuracy", "classify.yaml": "accuracy", "demo.yaml": "exact_match",
-                       "multitask.yaml": "exact_match", "search.yaml": "exact_match"}
+                       "multitask.yaml": "exact_match", "preference.yaml": "exact_match", "search.yaml": "exact_match"}
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
@@ -117,6 +126,17 @@ def test_cli_check_states_the_power_of_the_test_split_and_warns_naming_the_numbe
     assert lines[3] == "training: fine-tuning runs 30 steps of 4 examples: 0.09 epochs of the 1279 training examples"
     assert lines[4] == ("warning: finetune.max_steps 30 covers 9% of an epoch (320 steps at 4 examples a step); "
                         "set it to null to train for finetune.epochs (1)")
+
+
+def test_cli_check_reads_the_preference_data_naming_its_rejects():
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(ROOT / "configs" / "preference.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # 400 ranked reviews, 3 pairs each, less those on the fine-tuning task's held-out reviews (and duplicates)
+    line = done.stdout.splitlines()[-1]
+    assert line.startswith("align: dpo on 981 pairs and 0 judged answers from ")
+    assert line.endswith("review_preferences.jsonl:4: its prompt is a validation prompt of the fine-tuning task: "
+                         "the gate tests on it)")
 
 
 def test_training_runs_by_epochs_by_default_and_warns_below_half_an_epoch():
