@@ -2,12 +2,20 @@
 same model, data and hyperparameters, in one run (ratios within one run: these machines are noisy).
 
 Run:  .venv/bin/python bench/train_throughput.py [--model tiny:0|gguf:smollm2-135m-instruct] [--steps 8]
+      .venv/bin/python bench/train_throughput.py --dpo [--rounds 3]   # preference tuning: the align stage's DPO
 
 "Plain TRL" is SFTTrainer with the hyperparameters set and each combination of the two device settings that
 decide its speed tried: bf16 autocast on or off, gradient checkpointing on or off (TRL's defaults are both on,
 even on a CPU, where bf16 is only fast with native bf16 instructions). The baseline is the fastest of the four;
 each is reported. tuneline chooses its settings from the device (tasks/training.py `device_settings`).
 Tokens are the non-padding tokens trained on (TRL's own running count), divided by the training wall time.
+
+With --dpo the same comparison is made for preference tuning: tuneline's DPO step (tasks/alignment.py, a LoRA
+adapter on the weights, the reference those weights with the adapter disabled) against plain TRL DPOTrainer with
+the same model, pairs (data/review_preferences.jsonl) and hyperparameters, its four device configurations tried;
+the configurations run interleaved for --rounds rounds, and each one's median tokens/s and peak memory (the
+process's resident high-water mark on a CPU, reset before each run; CUDA's allocator peak on a GPU) are
+reported.
 
 The same run measures the dense matrix-multiply peak of each dtype (a 2048² GEMM, best of 5) and reports
 training's share of the peak of the dtype it used, counting 6 FLOPs per parameter per token (forward and
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +39,21 @@ import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from tasks.datasets import prepare_data, read_examples
+from tasks.alignment import align, preference_dataset
+from tasks.alignment_config import AlignConfig
+from tasks.datasets import prepare_data, read_examples, token_counter
 from tasks.models import load, provision
+from tasks.preferences import prepare_preferences
 from tasks.schema import TaskConfig
-from tasks.training import conversational, device_settings, gemm_gflops, resolve_device, train
+from tasks.training import (
+    conversational,
+    device_settings,
+    gemm_gflops,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    train,
+)
 from tasks.training_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +79,79 @@ def plain_trl(model_dir: Path, train_path: str, out: Path, spec: FinetuneConfig,
     return max(float(log.get("num_tokens", 0)) for log in trainer.state.log_history) / seconds
 
 
+def plain_dpo(model_dir: Path, train_path: str, out: Path, spec: AlignConfig, bf16: bool, checkpointing: bool
+              ) -> tuple[float, float]:
+    """The DPO baseline script: DPOTrainer on the same pairs and hyperparameters with a LoRA adapter and no
+    ref_model (TRL then uses the adapter-disabled model, as tuneline does), the given device settings, TRL's
+    defaults for the rest. Returns tokens/s and peak memory (MB)."""
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = load(model_dir)
+    args = DPOConfig(output_dir=str(out), learning_rate=spec.learning_rate, max_steps=spec.max_steps, beta=spec.beta,
+                     per_device_train_batch_size=spec.batch_size, max_length=spec.max_seq_length, report_to=[],
+                     save_strategy="no", logging_steps=1, seed=spec.seed, bf16=bf16,
+                     activation_checkpointing=checkpointing, use_cpu=not torch.cuda.is_available())
+    trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(train_path, "dpo"),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    reset_peak_memory()
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return max(float(log.get("num_tokens", 0)) for log in trainer.state.log_history) / seconds, peak_memory_mb()
+
+
+def dpo_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -> None:
+    """tuneline's align stage against plain TRL DPOTrainer, interleaved in `rounds` rounds; medians printed."""
+    data = TaskConfig(name="prefs", kind="preference", shape="rankings",
+                      data=str(ROOT / "data" / "review_preferences.jsonl"), prompt="Review: {{ review }}",
+                      answer="{{ answer }}")
+    pairs = prepare_preferences(data, work / "prefs", validation=0.1, test=0.1, seed=13, on_bad_rows="skip",
+                                held_out={}, count=token_counter(str(model_dir)), max_tokens=256, max_test_pairs=8)
+    spec = AlignConfig(data=data, lora={"r": 8, "alpha": 16}, max_steps=steps, batch_size=batch, max_seq_length=256,
+                       warmup_ratio=0.0, save_steps=None)
+    align.fn(str(model_dir), pairs.train, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in range(rounds):
+        found = align.fn(str(model_dir), pairs.train, str(work / f"ours-{r}"), spec)
+        runs.setdefault("tuneline", []).append((found["tokens_per_second"], found["peak_memory_mb"]))
+        for bf16 in (True, False):
+            for ckpt in (True, False):
+                runs.setdefault(f"plain TRL | {'on' if bf16 else 'off'} | {'on' if ckpt else 'off'}", []).append(
+                    plain_dpo(model_dir, pairs.train, work / f"plain-{r}-{bf16}-{ckpt}", spec, bf16, ckpt))
+    median = {name: (statistics.median(t for t, _ in found), statistics.median(m for _, m in found))
+              for name, found in runs.items()}
+    chosen = device_settings(resolve_device("auto"))
+    ours = median.pop("tuneline")
+    fastest = max(median, key=lambda name: median[name][0])
+    print(f"DPO, {steps} steps of {batch} pairs, LoRA r8, medians of {rounds} interleaved rounds\n")
+    print("| trainer | bf16 | gradient checkpointing | tokens/s | peak memory MB | tuneline ÷ this (tokens/s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | {'on' if chosen['activation_checkpointing'] else 'off'} "
+          f"| {ours[0]:.1f} | {ours[1]:.0f} | 1.00 |")
+    for name, (rate, memory) in median.items():
+        print(f"| {name.replace('plain TRL', 'plain TRL (fastest plain)' if name == fastest else 'plain TRL')} | "
+              f"{rate:.1f} | {memory:.0f} | {ours[0] / rate:.2f}× |")
+    spread = [t / p for (t, _), (p, _) in zip(runs["tuneline"], runs[fastest], strict=True)]
+    print(f"\ntuneline DPO vs the fastest plain TRL configuration: median {ours[0] / median[fastest][0]:.2f}× "
+          f"(per round {', '.join(f'{x:.2f}' for x in spread)}); peak memory {ours[1]:.0f} vs "
+          f"{median[fastest][1]:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny:0")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dpo", action="store_true", help="preference tuning (DPO) instead of SFT")
+    parser.add_argument("--rounds", type=int, default=3, help="--dpo: interleaved rounds (medians reported)")
     args = parser.parse_args()
+    if args.dpo:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
+            dpo_rows(provision(args.model, store), Path(tmp), args.steps, args.batch_size, args.rounds)
+        return
 
     device = resolve_device("auto")
     peaks = {name: gemm_gflops(dtype, device, size=2048, repeats=5)

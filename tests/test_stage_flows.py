@@ -96,3 +96,34 @@ def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_
         assert packaging.routes(home, "alone-model")["challenger"] is None
     finally:
         packaging.stop_model(home, "alone-model")
+
+
+def test_align_model_registers_a_pending_aligned_version_from_a_preference_file(config, home, prefect_api,
+                                                                               mlflow_sqlite, tmp_path):
+    """The align-model deployment alone: a registered version preference-tuned on a file given with the run,
+    compared with it on held-out pairs, registered as pending; the champion does not move."""
+    import json
+
+    from flows.align import align_model
+    from flows.finetune import finetune_model
+
+    reviews = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()[:80]]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"id": r["id"], "review": r["review"], "chosen": r["sentiment"],
+                                         "rejected": "neutral" if r["sentiment"] != "neutral" else "positive"}) + "\n"
+                             for r in reviews))
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["align"] = {"data": {"name": "prefs", "kind": "preference", "data": str(ROOT / "data" / "reviews.jsonl"),
+                             "prompt": raw["task"]["prompt"], "answer": "{{ answer }}",
+                             "system_prompt": raw["task"]["system_prompt"]},
+                    "max_steps": 2, "batch_size": 2, "max_seq_length": 192, "max_test_pairs": 8, "save_steps": None}
+    Path(config).write_text(yaml.safe_dump(raw))
+    finetune_model(config, model="tiny:1", max_steps=2)
+    found = align_model(config, version="1", preferences=str(prefs))
+    assert found["version"] == "2" and found["from"] == "1"
+    assert set(found["preference_accuracy"]) == {"v1", "aligned"}
+    version = MlflowClient().get_model_version("alone-model", "2")
+    assert version.tags["tuneline.decision"] == "pending" and "champion" not in version.aliases
+    assert version.tags["tuneline.system"] == "v1 + DPO"
+    with pytest.raises(ValueError, match="no champion"):
+        align_model(config)  # nothing named and nothing promoted
