@@ -54,27 +54,27 @@ def align_stage(config: LifecycleConfig, tuned_dir: str, splits: Splits, runs_di
         mlflow.log_artifact(data.rejects, "preferences")
         task = write_preference_task(config.task.name, data.test_choices, tasks_dir)
         result = align(tuned_dir, data.train, str(Path(runs_dir) / run_key(tuned_dir, data.train, spec)), spec)
-        mlflow.log_metrics({k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
-                                                   "peak_memory_mb")})
-        mlflow.log_metrics({f"final_{k.replace('/', '_')}": v for k, v in result["final"].items()})
-        mlflow.set_tags({"tuneline.resumed_from": str(result["resumed_from"]),
-                         "tuneline.cached": str(result["cached"])})
-        mlflow.log_artifacts(result["adapter"], "adapter")
-        how = "reused a finished run" if result["cached"] else \
-            f"resumed from {result['resumed_from']}" if result["resumed_from"] else "trained"
-        final = ", ".join(f"{k.removeprefix('rewards/')} {v:+.3f}" for k, v in result["final"].items())
+        mlflow.log_metrics({k: getattr(result, k) for k in ("train_loss", "train_seconds", "tokens_per_second",
+                                                            "peak_memory_mb")})
+        mlflow.log_metrics({f"final_{k.replace('/', '_')}": v for k, v in result.rewards.items()})
+        mlflow.set_tags({"tuneline.resumed_from": str(result.resumed_from),
+                         "tuneline.cached": str(result.cached)})
+        mlflow.log_artifacts(result.adapter, "adapter")
+        how = "reused a finished run" if result.cached else \
+            f"resumed from {result.resumed_from}" if result.resumed_from else "trained"
+        final = ", ".join(f"{k.removeprefix('rewards/')} {v:+.3f}" for k, v in result.rewards.items())
         c = data.counts
         publish("align", f"## Preference tuning ({spec.method.upper()}, loss {spec.loss}, beta {spec.beta:g})\n\n"
                          f"Data: {c['train']} training, {c['validation']} validation and {c['test']} test rows "
                          f"({c['test_pairs']} held-out pairs scored), {c['rejected']} rejected (preferences/"
-                         f"rejects.jsonl, with reasons).\n\nRun: {how}, {result['steps']} steps, loss "
-                         f"{result['train_loss']:.3f}, {result['train_seconds']:.0f} s; last logged rewards: "
+                         f"rejects.jsonl, with reasons).\n\nRun: {how}, {result.steps} steps, loss "
+                         f"{result.train_loss:.3f}, {result.train_seconds:.0f} s; last logged rewards: "
                          f"{final or 'none'}.\n\nThe reference was the fine-tuned weights themselves (the adapter "
                          "disabled); the reward curves are in the MLflow run.")
-        print(f"align: {spec.method} {how}: {result['steps']} steps, loss {result['train_loss']:.3f}, "
-              f"{result['train_seconds']:.0f}s; preferences {c}")
-    return Aligned(result["merged"], run.info.run_id, spec.method, result["steps"], result["train_loss"],
-                   result["train_seconds"], result["tokens_per_second"], data, task)
+        print(f"align: {spec.method} {how}: {result.steps} steps, loss {result.train_loss:.3f}, "
+              f"{result.train_seconds:.0f}s; preferences {c}")
+    return Aligned(result.merged, run.info.run_id, spec.method, result.steps, result.train_loss,
+                   result.train_seconds, result.tokens_per_second, data, task)
 
 
 @flow(name="align-model", log_prints=True)

@@ -18,7 +18,7 @@ from tasks.paths import run_folder
 from tasks.scoring import score
 from tasks.search import Search, search
 from tasks.tracking import publish, stage_run
-from tasks.training import FineTuned, run_key, train
+from tasks.training import FineTuned, TrainResult, run_key, train
 
 
 def _objective_plot(found: Search) -> Figure:
@@ -53,7 +53,7 @@ def _search_table(found: Search) -> str:
 
 
 def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_dir: str, run_id: str,
-            tasks_dir: str | None) -> dict:
+            tasks_dir: str | None) -> TrainResult:
     """The search's trials on the training and validation splits (never the test split); its report in the
     finetune run and artifact; the best trial's training summary."""
     spec, task = config.finetune, config.task
@@ -89,7 +89,7 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
                       "under the finetune run; the objective per setting is search/objective.png.")
     print(f"search: {len(found.trials)} trials ({sum(t.state == 'PRUNED' for t in found.trials)} pruned); best "
           f"trial {best.number} {best.params}: {found.objective} {best.objective:.4f}")
-    return {**best.result, "cached": best.result.get("cached", False)}
+    return best.result
 
 
 @flow(name="finetune")
@@ -116,19 +116,19 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
                 out_dir = str(Path(runs_dir) / run_key(current, files["train"], spec))
                 result = train(current, files["train"], out_dir, spec, files["validation"])
             prefix = f"stage{step}_" if task else ""
-            mlflow.log_metrics({prefix + k: result[k] for k in ("train_loss", "train_seconds", "tokens_per_second",
-                                                               "peak_memory_mb")})
-            mlflow.set_tags({f"tuneline.{prefix}resumed_from": str(result["resumed_from"]),
-                             f"tuneline.{prefix}cached": str(result["cached"])})
-            if result["adapter"]:
-                mlflow.log_artifacts(result["adapter"], f"{prefix}adapter")
-            how = "reused a finished run" if result["cached"] else \
-                f"resumed from {result['resumed_from']}" if result["resumed_from"] else "trained"
-            print(f"finetune{' stage ' + str(step) + ' (' + task + ')' if task else ''}: {how}: {result['steps']} "
-                  f"steps, loss {result['train_loss']:.3f}, {result['train_seconds']:.0f}s")
-            rows.append(f"| {task or 'mixture'} | {how} | {result['steps']} | {result['train_loss']:.3f} "
-                        f"| {result['train_seconds']:.0f} | {result['tokens_per_second']:.0f} |")
-            current = result["merged"]
+            mlflow.log_metrics({prefix + k: getattr(result, k) for k in ("train_loss", "train_seconds",
+                                                                         "tokens_per_second", "peak_memory_mb")})
+            mlflow.set_tags({f"tuneline.{prefix}resumed_from": str(result.resumed_from),
+                             f"tuneline.{prefix}cached": str(result.cached)})
+            if result.adapter:
+                mlflow.log_artifacts(result.adapter, f"{prefix}adapter")
+            how = "reused a finished run" if result.cached else \
+                f"resumed from {result.resumed_from}" if result.resumed_from else "trained"
+            print(f"finetune{' stage ' + str(step) + ' (' + task + ')' if task else ''}: {how}: {result.steps} "
+                  f"steps, loss {result.train_loss:.3f}, {result.train_seconds:.0f}s")
+            rows.append(f"| {task or 'mixture'} | {how} | {result.steps} | {result.train_loss:.3f} "
+                        f"| {result.train_seconds:.0f} | {result.tokens_per_second:.0f} |")
+            current = result.merged
         plan, warnings = training_plan(config, sum(splits.mixed_train.values()))
         for warning in warnings:
             print(f"WARNING: {warning}")
@@ -136,8 +136,8 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
                             "seconds | tokens/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
                             + f"\n\nPlanned: {plan}." + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                             + "\n\nThe adapter and the loss curve are in the MLflow run.")
-    return FineTuned(result["merged"], run.info.run_id, result["steps"], result["train_loss"],
-                     result["train_seconds"], result["tokens_per_second"])
+    return FineTuned(result.merged, run.info.run_id, result.steps, result.train_loss,
+                     result.train_seconds, result.tokens_per_second)
 
 
 @flow(name="finetune-model", log_prints=True)

@@ -22,6 +22,7 @@ from tasks.alignment_config import AlignConfig
 from tasks.models import META_FILE, load, model_info
 from tasks.preferences import PreferenceSplits, load_preferences, messages
 from tasks.training import (
+    TrainResult,
     device_settings,
     last_complete_checkpoint,
     peak_memory_mb,
@@ -100,12 +101,13 @@ def preference_trainer(model, tokenizer, spec: AlignConfig, train_path: str, che
 
 
 @task(name="align", log_prints=False)  # dill prints bytecode while datasets hashes a function
-def align(base_dir: str, train_path: str, out_dir: str, spec: AlignConfig, callbacks: list | None = None) -> dict:
+def align(base_dir: str, train_path: str, out_dir: str, spec: AlignConfig, callbacks: list | None = None
+          ) -> TrainResult:
     """Preference tuning of `base_dir` (fine-tuned, merged weights) on the rows in `train_path`; writes the adapter
     and the merged model. A run killed mid-way resumes from its last whole checkpoint; a finished one is reused."""
     out, base = Path(out_dir), Path(base_dir)
-    if (out / "result.json").is_file():
-        return {**json.loads((out / "result.json").read_text()), "cached": True}
+    if done := TrainResult.load(out):
+        return done
     checkpoints = out / "checkpoints"
     device = resolve_device(spec.device)
     model, tokenizer = load(base, device=device)
@@ -129,18 +131,10 @@ def align(base_dir: str, train_path: str, out_dir: str, spec: AlignConfig, callb
     info.update(source=f"{spec.method}:{info['source']}", base=str(base))
     (merged_dir / META_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(checkpoints, ignore_errors=True)
-    summary = {
-        "adapter": str(adapter_dir),
-        "merged": str(merged_dir),
-        "method": spec.method,
-        "train_loss": float(result.training_loss),
-        "train_seconds": seconds,
-        "steps": int(result.global_step),
-        "resumed_from": Path(resume).name if resume else None,
-        "tokens": tokens,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
-        "peak_memory_mb": peak_memory_mb(),
-        "final": {k: float(v) for k, v in last.items() if k.startswith("rewards/")},
-    }
-    (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
-    return {**summary, "cached": False}
+    return TrainResult(  # saved last: marks the run complete
+        merged=str(merged_dir), adapter=str(adapter_dir), method=spec.method, steps=int(result.global_step),
+        train_loss=float(result.training_loss), train_seconds=seconds, tokens=tokens,
+        tokens_per_second=tokens / seconds if seconds else 0.0, peak_memory_mb=peak_memory_mb(),
+        resumed_from=Path(resume).name if resume else None,
+        examples_per_step=spec.batch_size * spec.gradient_accumulation_steps,
+        rewards={k: float(v) for k, v in last.items() if k.startswith("rewards/")}).save(out)

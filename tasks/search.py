@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,7 +22,7 @@ from prefect.futures import wait
 from transformers import TrainerCallback
 
 from tasks.caching import digest
-from tasks.training import run_key, train
+from tasks.training import TrainResult, run_key, train
 from tasks.training_config import FinetuneConfig, SearchConfig, SearchRange
 
 
@@ -34,7 +34,7 @@ class Trial:
     state: str  # COMPLETE | PRUNED | FAIL
     objective: float | None
     seconds: float | None
-    result: dict | None  # the training summary (merged weights, loss, steps); None unless complete
+    result: TrainResult | None  # the training summary (merged weights, loss, steps); None unless complete
     run_id: str | None  # its nested MLflow run
 
 
@@ -142,14 +142,14 @@ def run_trial(number: int, study_name: str, storage: str, params: dict, spec: Fi
             study.tell(number, state=optuna.trial.TrialState.FAIL)
             mlflow.set_tags({"tuneline.trial_state": "FAIL", "tuneline.error": f"{type(exc).__name__}: {exc}"[:500]})
             raise
-        objective = score(result["merged"]) if score else result["eval_loss"]
+        objective = score(result.merged) if score else result.eval_loss
         seconds = time.perf_counter() - started
-        trial.set_user_attr("result", result)  # a resumed search can hand on this trial's weights too
+        trial.set_user_attr("result", asdict(result))  # a resumed search can hand on this trial's weights too
         trial.set_user_attr("run_id", run.info.run_id)
         study.tell(number, objective)
-        mlflow.log_metrics({"objective": objective, "eval_loss": result["eval_loss"],
-                            "train_loss": result["train_loss"], "trial_seconds": seconds})
-        mlflow.set_tags({"tuneline.trial_state": "COMPLETE", "tuneline.cached": str(result["cached"])})
+        mlflow.log_metrics({"objective": objective, "eval_loss": result.eval_loss,
+                            "train_loss": result.train_loss, "trial_seconds": seconds})
+        mlflow.set_tags({"tuneline.trial_state": "COMPLETE", "tuneline.cached": str(result.cached)})
     return Trial(number, params, "COMPLETE", objective, seconds, result, run.info.run_id)
 
 
@@ -161,7 +161,8 @@ def _trials(study: optuna.Study, done: dict[int, Trial]) -> list[Trial]:
             found.append(done[t.number])
         elif t.state.is_finished():
             found.append(Trial(t.number, t.params, t.state.name, t.value,
-                               t.duration.total_seconds() if t.duration else None, t.user_attrs.get("result"),
+                               t.duration.total_seconds() if t.duration else None,
+                               TrainResult(**t.user_attrs["result"]) if "result" in t.user_attrs else None,
                                t.user_attrs.get("run_id")))
     return found
 

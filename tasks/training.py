@@ -10,7 +10,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -55,7 +55,7 @@ def measured_step_seconds(runs_dir: str | Path, base_dir: str, spec: FinetuneCon
     """Seconds per step of the latest run trained here from `base_dir` with the same method and examples per
     step (its result.json), or None: what the data card's estimate of the next run's time rests on."""
     found = []
-    for path in Path(runs_dir).rglob("result.json"):
+    for path in Path(runs_dir).rglob(TrainResult.RESULT_FILE):
         result = json.loads(path.read_text())
         meta = Path(result.get("merged", "")) / META_FILE
         if result.get("examples_per_step") != spec.batch_size * spec.gradient_accumulation_steps \
@@ -193,6 +193,41 @@ def _merged(trainer: SFTTrainer, spec: FinetuneConfig, base_dir: Path, adapter_d
 
 
 @dataclass(frozen=True)
+class TrainResult:
+    """One training run's summary, fine-tuning's or preference tuning's: written last into its folder as
+    result.json (its presence marks the run complete), read back when the same inputs run again (`cached`)."""
+    merged: str  # the dense weights (safetensors) to evaluate and register
+    adapter: str | None  # the LoRA adapter, None for full fine-tuning
+    method: str
+    steps: int
+    train_loss: float
+    train_seconds: float
+    tokens: float  # trained on in this process (a resumed run: since its checkpoint)
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from: str | None = None  # the checkpoint a killed run resumed from
+    examples_per_step: int = 0
+    best_eval_loss: float | None = None
+    eval_loss: float | None = None  # the validation loss of the trained weights (None unless asked)
+    base_weights: str = ""
+    rewards: dict[str, float] = field(default_factory=dict)  # preference tuning: TRL's last logged rewards
+    cached: bool = False
+
+    RESULT_FILE = "result.json"
+
+    def save(self, folder: Path) -> TrainResult:
+        (folder / self.RESULT_FILE).write_text(json.dumps({k: v for k, v in asdict(self).items() if k != "cached"},
+                                                          indent=2))
+        return self
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainResult | None:
+        """The finished run in `folder`, or None."""
+        path = folder / cls.RESULT_FILE
+        return cls(**json.loads(path.read_text()), cached=True) if path.is_file() else None
+
+
+@dataclass(frozen=True)
 class FineTuned:
     """What fine-tuning hands on: the merged weights (dense, safetensors) and the MLflow run that made them."""
     merged: str
@@ -254,7 +289,7 @@ def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_pat
 
 @task(name="train", log_prints=False)  # dill prints bytecode while datasets hashes a function
 def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_path: str | None = None,
-          callbacks: list | None = None, eval_every: int | None = None) -> dict:
+          callbacks: list | None = None, eval_every: int | None = None) -> TrainResult:
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model.
     With `eval_every` (a search trial) the validation loss is computed every so many steps, for `callbacks`,
     and once more at the end (`eval_loss`)."""
@@ -263,8 +298,8 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
     if eval_every and not val_path:
         raise ValueError("eval_every needs a validation file")
     out, base = Path(out_dir), Path(base_dir)
-    if (out / "result.json").is_file():  # finished before with these inputs: nothing to redo
-        return {**json.loads((out / "result.json").read_text()), "cached": True}
+    if done := TrainResult.load(out):  # finished before with these inputs: nothing to redo
+        return done
     checkpoints = out / "checkpoints"
     device = resolve_device(spec.device)
     model, tokenizer = _load_for(spec.method, base, device)
@@ -296,21 +331,11 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
     info.update(source=f"{spec.method}:{info['source']}", base=str(base))
     (merged_dir / META_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(checkpoints, ignore_errors=True)
-    summary = {
-        "adapter": str(adapter_dir) if lora else None,
-        "merged": str(merged_dir),
-        "train_loss": float(result.training_loss),
-        "train_seconds": seconds,
-        "steps": int(result.global_step),
-        "method": spec.method,
-        "examples_per_step": spec.batch_size * spec.gradient_accumulation_steps,
-        "resumed_from": Path(resume).name if resume else None,
-        "tokens": tokens,  # trained on in this process (a resumed run: since its checkpoint)
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
-        "peak_memory_mb": peak_memory_mb(),
-        "best_eval_loss": trainer.state.best_metric,
-        "eval_loss": final_eval,  # the validation loss of the trained weights (None unless asked)
-        "base_weights": "nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype),
-    }
-    (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: marks the run complete
-    return {**summary, "cached": False}
+    return TrainResult(  # saved last: marks the run complete
+        merged=str(merged_dir), adapter=str(adapter_dir) if lora else None, method=spec.method,
+        steps=int(result.global_step), train_loss=float(result.training_loss), train_seconds=seconds, tokens=tokens,
+        tokens_per_second=tokens / seconds if seconds else 0.0, peak_memory_mb=peak_memory_mb(),
+        resumed_from=Path(resume).name if resume else None,
+        examples_per_step=spec.batch_size * spec.gradient_accumulation_steps,
+        best_eval_loss=trainer.state.best_metric, eval_loss=final_eval,
+        base_weights="nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype)).save(out)

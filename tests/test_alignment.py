@@ -56,9 +56,9 @@ def spec(data: TaskConfig, **settings) -> AlignConfig:
 def test_held_out_preference_accuracy_rises_under_the_shipped_gate_rule(method, preferences, tiny_model, tmp_path):
     data, splits, tasks_dir, task = preferences
     result = align.fn(tiny_model, splits.train, str(tmp_path / "run"), spec(data, method=method))
-    assert result["steps"] == 30 and result["method"] == method
-    assert {"rewards/chosen", "rewards/margins"} <= set(result["final"])  # TRL's reward curves were logged
-    merged = Path(result["merged"])
+    assert result.steps == 30 and result.method == method
+    assert {"rewards/chosen", "rewards/margins"} <= set(result.rewards)  # TRL's reward curves were logged
+    merged = Path(result.merged)
     meta = json.loads((merged / META_FILE).read_text())
     assert meta["source"] == f"{method}:tiny:0" and meta["base"] == tiny_model
     aligned, _ = load(merged)
@@ -122,7 +122,7 @@ def test_a_killed_alignment_resumes_from_its_last_checkpoint(preferences, tiny_m
     assert 3 <= saved < 400
     settings = spec(data, max_steps=saved + 2, batch_size=2, save_steps=1)
     result = align.fn(tiny_model, splits.train, str(out), settings)
-    assert result["resumed_from"] == f"checkpoint-{saved}" and result["steps"] == saved + 2
+    assert result.resumed_from == f"checkpoint-{saved}" and result.steps == saved + 2
     assert not (out / "checkpoints").exists()
     again = align.fn(tiny_model, splits.train, str(out), settings)  # finished with these inputs: reused
-    assert again["cached"] and again["merged"] == result["merged"]
+    assert again.cached and again.merged == result.merged

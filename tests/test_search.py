@@ -69,7 +69,7 @@ def test_a_grid_of_four_trials_resumed_after_a_kill_logs_a_nested_run_each_and_h
         assert run.data.params["search_lora.r"] == str(t.params["lora.r"])
         assert run.data.metrics["objective"] == pytest.approx(t.objective)
         assert "eval_loss" in run.data.metrics and run.data.tags["tuneline.trial_state"] == "COMPLETE"
-    assert (Path(found.best.result["merged"]) / "model.safetensors").is_file()  # the best weights go on
+    assert (Path(found.best.result.merged) / "model.safetensors").is_file()  # the best weights go on
 
 
 def test_a_hopeless_trial_is_pruned_at_its_first_report(tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):

@@ -44,14 +44,14 @@ def test_method_trains_and_writes_a_changed_dense_model(method, tiny_model, trai
     spec = FinetuneConfig(method=method, lora=SMALL, learning_rate=1e-2, max_steps=2, batch_size=2,
                      max_seq_length=64, lr_scheduler="linear", warmup_ratio=0.5, weight_decay=0.01)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec)
-    assert result["steps"] == 2 and result["train_loss"] > 0
-    assert result["tokens_per_second"] > 0 and result["peak_memory_mb"] > 0
-    assert (result["adapter"] is None) == (method == "full")
-    merged = Path(result["merged"])
+    assert result.steps == 2 and result.train_loss > 0
+    assert result.tokens_per_second > 0 and result.peak_memory_mb > 0
+    assert (result.adapter is None) == (method == "full")
+    merged = Path(result.merged)
     assert (merged / "model.safetensors").is_file()
     assert json.loads((merged / META_FILE).read_text())["source"] == f"{method}:tiny:0"
     # the next run's time estimate rests on this run's step time, for the same method and examples per step only
-    assert measured_step_seconds(tmp_path, tiny_model, spec) == pytest.approx(result["train_seconds"] / 2)
+    assert measured_step_seconds(tmp_path, tiny_model, spec) == pytest.approx(result.train_seconds / 2)
     assert measured_step_seconds(tmp_path, tiny_model, spec.model_copy(update={"batch_size": 4})) is None
     tuned, _ = load(merged)
     base, _ = load(Path(tiny_model))
@@ -84,7 +84,7 @@ def test_packing_puts_several_examples_in_a_sequence_without_padding_and_trains(
     result = train.fn(tiny_model, train_file, str(tmp_path / "run"), FinetuneConfig(lora=SMALL, max_steps=2,
                                                                                batch_size=2, max_seq_length=128,
                                                                                packing=True))
-    assert result["steps"] == 2 and result["tokens_per_second"] > 0
+    assert result.steps == 2 and result.tokens_per_second > 0
 
 
 def test_peak_memory_is_the_trainings_own_not_the_processs_earlier_peak(tiny_model, train_file, tmp_path):
@@ -93,7 +93,7 @@ def test_peak_memory_is_the_trainings_own_not_the_processs_earlier_peak(tiny_mod
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     spec = FinetuneConfig(lora=SMALL, max_steps=1, batch_size=2, max_seq_length=64, save_steps=None)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec)
-    assert 0 < result["peak_memory_mb"] < lifetime - 512, (result["peak_memory_mb"], lifetime)
+    assert 0 < result.peak_memory_mb < lifetime - 512, (result.peak_memory_mb, lifetime)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -108,14 +108,14 @@ def test_registered_model_reloads_with_identical_outputs(method, tiny_model, tra
     result = train.fn(tiny_model, train_file, str(tmp_path / "run"),
                       FinetuneConfig(method=method, lora=SMALL, learning_rate=1e-2, max_steps=2, batch_size=2,
                                      max_seq_length=64))
-    assert result["base_weights"] == ("nf4 4-bit" if method == "qlora" else "torch.float32")
-    assert result["steps"] == 2 and result["train_loss"] > 0
+    assert result.base_weights == ("nf4 4-bit" if method == "qlora" else "torch.float32")
+    assert result.steps == 2 and result.train_loss > 0
     mlflow.create_experiment("rt", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("rt")
     with mlflow.start_run() as run:
-        version = registry.register.fn("round-trip", result["merged"], run.info.run_id, {"exact_match": 0.0},
+        version = registry.register.fn("round-trip", result.merged, run.info.run_id, {"exact_match": 0.0},
                                        "exact_match")
-    trained, tok = load(Path(result["merged"]))
+    trained, tok = load(Path(result.merged))
     reloaded, _ = load(registry.download("round-trip", version, tmp_path / "dl"))
     ids = tok(["The kettle leaks.", "Great shoes, would buy again"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -193,13 +193,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
 
     spec = FinetuneConfig(lora=SMALL, max_steps=saved + 2, batch_size=2, max_seq_length=64, save_steps=1)
     result = train.fn(tiny_model, train_file, str(out), spec)
-    assert result["resumed_from"] == f"checkpoint-{saved}"
-    assert result["steps"] == saved + 2
-    assert 0 < result["tokens"] <= 2 * 2 * 64  # this segment's 2 steps only: tokens/s is not inflated
+    assert result.resumed_from == f"checkpoint-{saved}"
+    assert result.steps == saved + 2
+    assert 0 < result.tokens <= 2 * 2 * 64  # this segment's 2 steps only: tokens/s is not inflated
     assert not (out / "checkpoints").exists()
 
     again = train.fn(tiny_model, train_file, str(out), spec)  # finished with these inputs: reused, not redone
-    assert again["cached"] and again["merged"] == result["merged"]
+    assert again.cached and again.merged == result.merged
 
 
 def test_early_stopping_ends_a_diverging_run_and_keeps_the_best(tiny_model, train_file, tmp_path):
@@ -207,7 +207,7 @@ def test_early_stopping_ends_a_diverging_run_and_keeps_the_best(tiny_model, trai
     spec = FinetuneConfig(lora=SMALL, learning_rate=5.0, max_steps=30, batch_size=2, max_seq_length=64,
                      save_steps=1, early_stopping_patience=1, lr_scheduler="constant", warmup_ratio=0.0)
     result = train.fn(tiny_model, train_file, str(tmp_path), spec, val)
-    assert result["steps"] < 30 and result["best_eval_loss"] is not None
+    assert result.steps < 30 and result.best_eval_loss is not None
     with pytest.raises(ValueError, match="early stopping needs a validation file"):
         train.fn(tiny_model, train_file, str(tmp_path / "x"),
                  FinetuneConfig(early_stopping_patience=1, save_steps=None), val)
