@@ -5,17 +5,18 @@ Run:  .venv/bin/python bench/train_throughput.py [--model tiny:0|gguf:smollm2-13
       .venv/bin/python bench/train_throughput.py --dpo [--rounds 3]   # preference tuning: the align stage's DPO
 
 "Plain TRL" is SFTTrainer with the hyperparameters set and each combination of the two device settings that
-decide its speed tried: bf16 autocast on or off, gradient checkpointing on or off (TRL's defaults are both on,
-even on a CPU, where bf16 is only fast with native bf16 instructions). The baseline is the fastest of the four;
-each is reported. tuneline chooses its settings from the device (tasks/training.py `device_settings`).
-Tokens are the non-padding tokens trained on (TRL's own running count), divided by the training wall time.
+decide its speed tried: bf16 autocast on or off (on a CPU only where it has bf16 instructions), gradient
+checkpointing on or off (TRL's defaults are both on, even on a CPU). The baseline is the fastest; each is
+reported. The configurations run interleaved, `--rounds` times (default 3): the medians are compared, and the
+per-round ratio to the fastest shows the spread. tuneline chooses its settings from the device
+(tasks/training.py `device_settings`). Tokens are the non-padding tokens trained on (TRL's own running count),
+divided by the training wall time.
 
 With --dpo the same comparison is made for preference tuning: tuneline's DPO step (tasks/alignment.py, a LoRA
 adapter on the weights, the reference those weights with the adapter disabled) against plain TRL DPOTrainer with
-the same model, pairs (data/review_preferences.jsonl) and hyperparameters, its four device configurations tried;
-the configurations run interleaved for --rounds rounds, and each one's median tokens/s and peak memory (the
-process's resident high-water mark on a CPU, reset before each run; CUDA's allocator peak on a GPU) are
-reported.
+the same model, pairs (data/review_preferences.jsonl) and hyperparameters, its device configurations tried. The
+peak memory is the process's resident high-water mark on a CPU (reset before each run), CUDA's allocator peak
+on a GPU.
 
 The same run measures the dense matrix-multiply peak of each dtype (a 2048² GEMM, best of 5) and reports
 training's share of the peak of the dtype it used, counting 6 FLOPs per parameter per token (forward and
@@ -61,9 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def plain_trl(model_dir: Path, train_path: str, out: Path, spec: FinetuneConfig, bf16: bool, checkpointing: bool
-              ) -> float:
+              ) -> tuple[float, float]:
     """The baseline script: SFTTrainer with the same hyperparameters, the given device settings, and TRL's own
-    defaults for the rest. Returns tokens/s."""
+    defaults for the rest. Returns tokens/s and peak memory (MB)."""
     model, tokenizer = load(model_dir)
     args = SFTConfig(output_dir=str(out), learning_rate=spec.learning_rate, max_steps=spec.max_steps,
                      per_device_train_batch_size=spec.batch_size, max_length=spec.max_seq_length,
@@ -74,10 +75,7 @@ def plain_trl(model_dir: Path, train_path: str, out: Path, spec: FinetuneConfig,
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    return max(float(log.get("num_tokens", 0)) for log in trainer.state.log_history) / seconds
+    return _timed(trainer)
 
 
 def plain_dpo(model_dir: Path, train_path: str, out: Path, spec: AlignConfig, bf16: bool, checkpointing: bool
@@ -96,6 +94,11 @@ def plain_dpo(model_dir: Path, train_path: str, out: Path, spec: AlignConfig, bf
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
+    return _timed(trainer)
+
+
+def _timed(trainer) -> tuple[float, float]:
+    """Train; tokens/s over the training wall time (TRL's own count of non-padding tokens) and peak memory."""
     reset_peak_memory()
     started = time.perf_counter()
     trainer.train()
@@ -103,8 +106,64 @@ def plain_dpo(model_dir: Path, train_path: str, out: Path, spec: AlignConfig, bf
     return max(float(log.get("num_tokens", 0)) for log in trainer.state.log_history) / seconds, peak_memory_mb()
 
 
-def dpo_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -> None:
-    """tuneline's align stage against plain TRL DPOTrainer, interleaved in `rounds` rounds; medians printed."""
+def interleaved(ours, plain, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """tuneline and every plain configuration, one after another, `rounds` times: on a noisy machine a slow spell
+    then weighs on every configuration of a round, not on one. bf16 autocast is tried only where the device has
+    bf16 instructions: emulated, it is an order of magnitude slower (the README's first measurement)."""
+    precisions = (True, False) if torch.cuda.is_available() or native_bf16() else (False,)
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in range(rounds):
+        runs.setdefault("tuneline", []).append(ours(r))
+        for bf16 in precisions:
+            for ckpt in (True, False):
+                runs.setdefault(f"{'on' if bf16 else 'off'} | {'on' if ckpt else 'off'}", []).append(
+                    plain(r, bf16, ckpt))
+    return runs
+
+
+def report(what: str, runs: dict[str, list[tuple[float, float]]]) -> float:
+    """Medians per configuration, tuneline's ratio to each, and the ratio to the fastest per round (its spread).
+    Returns tuneline's median tokens/s."""
+    median = {name: (statistics.median(t for t, _ in found), statistics.median(m for _, m in found))
+              for name, found in runs.items()}
+    chosen = device_settings(resolve_device("auto"))
+    ours = median.pop("tuneline")
+    fastest = max(median, key=lambda name: median[name][0])
+    print(f"{what}, medians of {len(runs['tuneline'])} interleaved rounds\n")
+    print("| trainer | bf16 | gradient checkpointing | tokens/s | peak memory MB | tuneline ÷ this |")
+    print("|---|---|---|---|---|---|")
+    print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | {'on' if chosen['activation_checkpointing'] else 'off'} "
+          f"| {ours[0]:.1f} | {ours[1]:.0f} | 1.00 |")
+    for name, (rate, memory) in median.items():
+        print(f"| plain TRL{' (fastest)' if name == fastest else ''} | {name} | {rate:.1f} | {memory:.0f} | "
+              f"{ours[0] / rate:.2f}× |")
+    spread = [t / p for (t, _), (p, _) in zip(runs["tuneline"], runs[fastest], strict=True)]
+    print(f"\ntuneline vs the fastest plain TRL configuration: median {ours[0] / median[fastest][0]:.2f}× (per round "
+          f"{', '.join(f'{x:.2f}' for x in spread)}); peak memory {ours[1]:.0f} vs {median[fastest][1]:.0f} MB")
+    return ours[0]
+
+
+def sft_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -> float:
+    task = TaskConfig(name="reviews", data=str(ROOT / "data" / "reviews.jsonl"),
+                      system_prompt="You extract structured data.", prompt="Review: {{ review }}\nReturn JSON.",
+                      answer='{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
+    train_path = prepare_data.fn([task], 0.1, 0.1, 13, str(work / "data"), "skip").train
+    spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=steps, batch_size=batch, max_seq_length=256,
+                          warmup_ratio=0.0)
+    # A short run first, discarded: the first training in a process pays one-off start-up costs (kernel
+    # selection, thread pools) that would otherwise weigh on whichever configuration ran first.
+    train.fn(str(model_dir), train_path, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
+
+    def ours(r: int) -> tuple[float, float]:
+        found = train.fn(str(model_dir), train_path, str(work / f"ours-{r}"), spec)
+        return found.tokens_per_second, found.peak_memory_mb
+
+    return report(f"SFT, {steps} steps of batch {batch}, LoRA r8, unpacked", interleaved(
+        ours, lambda r, bf16, ckpt: plain_trl(model_dir, train_path, work / f"plain-{r}-{bf16}-{ckpt}", spec, bf16,
+                                              ckpt), rounds))
+
+
+def dpo_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -> float:
     data = TaskConfig(name="prefs", kind="preference", shape="rankings",
                       data=str(ROOT / "data" / "review_preferences.jsonl"), prompt="Review: {{ review }}",
                       answer="{{ answer }}")
@@ -112,36 +171,15 @@ def dpo_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -
                                 held_out={}, count=token_counter(str(model_dir)), max_tokens=256, max_test_pairs=8)
     spec = AlignConfig(data=data, lora={"r": 8, "alpha": 16}, max_steps=steps, batch_size=batch, max_seq_length=256,
                        warmup_ratio=0.0, save_steps=None)
-    align.fn(str(model_dir), pairs.train, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
-    # bf16 autocast is tried only where the device has bf16 instructions: emulated, a DPO step of the 135M model
-    # takes minutes on a CPU without them (the SFT rows above show the size of that gap).
-    precisions = (True, False) if torch.cuda.is_available() or native_bf16() else (False,)
-    runs: dict[str, list[tuple[float, float]]] = {}
-    for r in range(rounds):
-        found = align.fn(str(model_dir), pairs.train, str(work / f"ours-{r}"), spec)
-        runs.setdefault("tuneline", []).append((found.tokens_per_second, found.peak_memory_mb))
-        for bf16 in precisions:
-            for ckpt in (True, False):
-                runs.setdefault(f"plain TRL | {'on' if bf16 else 'off'} | {'on' if ckpt else 'off'}", []).append(
-                    plain_dpo(model_dir, pairs.train, work / f"plain-{r}-{bf16}-{ckpt}", spec, bf16, ckpt))
-    median = {name: (statistics.median(t for t, _ in found), statistics.median(m for _, m in found))
-              for name, found in runs.items()}
-    chosen = device_settings(resolve_device("auto"))
-    ours = median.pop("tuneline")
-    fastest = max(median, key=lambda name: median[name][0])
-    print(f"DPO, {steps} steps of {batch} pairs, LoRA r8, medians of {rounds} interleaved rounds"
-          + ("" if len(precisions) == 2 else "; no bf16 instructions here: plain TRL in fp32 only") + "\n")
-    print("| trainer | bf16 | gradient checkpointing | tokens/s | peak memory MB | tuneline ÷ this (tokens/s) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | {'on' if chosen['activation_checkpointing'] else 'off'} "
-          f"| {ours[0]:.1f} | {ours[1]:.0f} | 1.00 |")
-    for name, (rate, memory) in median.items():
-        print(f"| {name.replace('plain TRL', 'plain TRL (fastest plain)' if name == fastest else 'plain TRL')} | "
-              f"{rate:.1f} | {memory:.0f} | {ours[0] / rate:.2f}× |")
-    spread = [t / p for (t, _), (p, _) in zip(runs["tuneline"], runs[fastest], strict=True)]
-    print(f"\ntuneline DPO vs the fastest plain TRL configuration: median {ours[0] / median[fastest][0]:.2f}× "
-          f"(per round {', '.join(f'{x:.2f}' for x in spread)}); peak memory {ours[1]:.0f} vs "
-          f"{median[fastest][1]:.0f} MB")
+    align.fn(str(model_dir), pairs.train, str(work / "dpo-warm-up"), spec.model_copy(update={"max_steps": 2}))
+
+    def ours(r: int) -> tuple[float, float]:
+        found = align.fn(str(model_dir), pairs.train, str(work / f"dpo-ours-{r}"), spec)
+        return found.tokens_per_second, found.peak_memory_mb
+
+    return report(f"DPO, {steps} steps of {batch} pairs, LoRA r8", interleaved(
+        ours, lambda r, bf16, ckpt: plain_dpo(model_dir, pairs.train, work / f"dpo-plain-{r}-{bf16}-{ckpt}", spec,
+                                              bf16, ckpt), rounds))
 
 
 def main() -> None:
@@ -149,54 +187,26 @@ def main() -> None:
     parser.add_argument("--model", default="tiny:0")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--dpo", action="store_true", help="preference tuning (DPO) instead of SFT")
-    parser.add_argument("--rounds", type=int, default=3, help="--dpo: interleaved rounds (medians reported)")
     args = parser.parse_args()
-    if args.dpo:
-        with tempfile.TemporaryDirectory() as tmp:
-            store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
-            dpo_rows(provision(args.model, store), Path(tmp), args.steps, args.batch_size, args.rounds)
-        return
 
     device = resolve_device("auto")
     peaks = {name: gemm_gflops(dtype, device, size=2048, repeats=5)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
+    model_dir = provision(args.model, store)
+    parameters = sum(p.numel() for p in load(model_dir)[0].parameters())
+    print(f"model {args.model} ({parameters / 1e6:.0f}M parameters); {os.cpu_count()} CPU cores"
+          + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+          + f"; GEMM peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s\n")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
-        model_dir = provision(args.model, store)
-        parameters = sum(p.numel() for p in load(model_dir)[0].parameters())
-        task = TaskConfig(name="reviews", data=str(ROOT / "data" / "reviews.jsonl"),
-                          system_prompt="You extract structured data.", prompt="Review: {{ review }}\nReturn JSON.",
-                          answer='{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
-        train_path = prepare_data.fn([task], 0.1, 0.1, 13, str(work / "data"), "skip").train
-        spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=args.steps, batch_size=args.batch_size,
-                              max_seq_length=256, warmup_ratio=0.0)
-        # A short run first, discarded: the first training in a process pays one-off start-up costs (kernel
-        # selection, thread pools) that would otherwise weigh on whichever configuration ran first.
-        train.fn(str(model_dir), train_path, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
-        ours = train.fn(str(model_dir), train_path, str(work / "ours"), spec).tokens_per_second
-        plain = {(bf16, ckpt): plain_trl(model_dir, train_path, work / f"plain-{bf16}-{ckpt}", spec, bf16, ckpt)
-                 for bf16 in (True, False) for ckpt in (True, False)}
-
-    chosen = device_settings(device)
-    dtype = "bf16" if chosen["bf16"] else "fp32"
-    fastest = max(plain, key=plain.get)
-    print(f"model {args.model} ({parameters / 1e6:.0f}M parameters), LoRA r8, {args.steps} steps of batch "
-          f"{args.batch_size}, unpacked; {os.cpu_count()} CPU cores"
-          + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
-    print(f"GEMM peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s\n")
-    print("| trainer | bf16 | gradient checkpointing | tokens/s | tuneline ÷ this |")
-    print("|---|---|---|---|---|")
-    print(f"| tuneline | {'on' if chosen['bf16'] else 'off'} | "
-          f"{'on' if chosen['activation_checkpointing'] else 'off'} | {ours:.1f} | 1.00 |")
-    for (bf16, ckpt), rate in plain.items():
-        mark = " (fastest plain)" if (bf16, ckpt) == fastest else ""
-        print(f"| plain TRL{mark} | {'on' if bf16 else 'off'} | {'on' if ckpt else 'off'} | {rate:.1f} | "
-              f"{ours / rate:.2f}× |")
-    share = 6 * parameters * ours / 1e9 / peaks[dtype]
-    print(f"\ntuneline vs the fastest plain TRL configuration: {ours / plain[fastest]:.2f}×; training reaches "
-          f"{share:.1%} of the {dtype} GEMM peak (6 FLOPs per parameter per token)")
+        rows = dpo_rows if args.dpo else sft_rows
+        ours = rows(model_dir, Path(tmp), args.steps, args.batch_size, args.rounds)
+    dtype = "bf16" if device_settings(device)["bf16"] else "fp32"
+    if not args.dpo:
+        print(f"training reaches {6 * parameters * ours / 1e9 / peaks[dtype]:.1%} of the {dtype} GEMM peak "
+              "(6 FLOPs per parameter per token)")
 
 
 if __name__ == "__main__":

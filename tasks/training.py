@@ -10,7 +10,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlflow
@@ -222,9 +222,13 @@ class TrainResult:
 
     @classmethod
     def load(cls, folder: Path) -> TrainResult | None:
-        """The finished run in `folder`, or None."""
+        """The finished run in `folder`, or None. Keys this version does not know (a summary written by another
+        version of tuneline) are left out."""
         path = folder / cls.RESULT_FILE
-        return cls(**json.loads(path.read_text()), cached=True) if path.is_file() else None
+        if not path.is_file():
+            return None
+        known = {f.name for f in fields(cls)} - {"cached"}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known}, cached=True)
 
 
 @dataclass(frozen=True)
