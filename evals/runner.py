@@ -69,6 +69,12 @@ def suite_task(path: str | Path) -> str:
     return f"{GENERAL}_{re.sub(r'[^a-z0-9]+', '_', Path(path).stem.lower()).strip('_')}"
 
 
+def general_suites(own: list[str]) -> tuple[str, ...]:
+    """The bundled general suite, then a config's own (evaluation.general): each scored and gated on forgetting
+    apart."""
+    return (str(GENERAL_DATA), *own)
+
+
 def write_tasks(task: str, splits: dict[str, str], out_dir: str | Path, max_answer_tokens: int,
                 reasoning_tokens: int = 192, general: tuple[str, ...] = (str(GENERAL_DATA),),
                 ranked: bool = False) -> Path:

@@ -109,8 +109,9 @@ def check(config: Path) -> None:
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return
-    from flows.data import power, training_plan  # the data layer only when the config is valid
     from tasks.datasets import DataError, split, to_examples
+    from tasks.evidence import gate_power  # the statistics only when the config is valid
+    from tasks.training_config import training_plan
 
     try:
         parts = [split(to_examples(t, "skip", cfg.data.seed).examples, cfg.data.validation, cfg.data.test,
@@ -118,11 +119,11 @@ def check(config: Path) -> None:
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    note, warnings = power(cfg, len(parts[0]["test"]))
+    note, warnings = gate_power(cfg.gate, cfg.task, len(parts[0]["test"]))
     typer.echo(f"power: {note}")
     for warning in warnings:
         typer.echo(f"warning: {warning}")
-    plan, warnings = training_plan(cfg, sum(len(p["train"]) for p in parts))
+    plan, warnings = training_plan(cfg.finetune, sum(len(p["train"]) for p in parts))
     typer.echo(f"training: {plan}")
     for warning in warnings:
         typer.echo(f"warning: {warning}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from prefect import flow
 
-from evals.runner import GENERAL_DATA, write_tasks
+from evals.runner import general_suites, write_tasks
 from flows.config import LifecycleConfig
-from tasks import evidence
-from tasks.datasets import Lengths, Splits, fit_lengths, label_replies, prepare_data, read_examples
+from tasks.datasets import Lengths, Splits, fit_lengths, prepare_data, read_examples
+from tasks.evidence import gate_power
 from tasks.tracking import publish, stage_run
 from tasks.training import measured_step_seconds
+from tasks.training_config import training_plan
 
 
 def _length_plot(lengths: dict[str, list[int]], limit: int):
@@ -31,37 +31,6 @@ def _length_plot(lengths: dict[str, list[int]], limit: int):
     ax.legend()
     fig.tight_layout()
     return fig
-
-
-def power(config: LifecycleConfig, test_items: int, rate: float = 0.5) -> tuple[str, list[str]]:
-    """What the scored test split can show at the gate's confidence (`rate`: the bar's exact match; before
-    the baselines are known, 0.5, the widest case)."""
-    n = min(test_items, config.task.max_test_examples)
-    return evidence.power_note(n, rate, config.gate.confidence, config.gate.min_improvement, config.gate.metric)
-
-
-def training_plan(config: LifecycleConfig, train_examples: int, step_seconds: float | None = None
-                  ) -> tuple[str, list[str]]:
-    """How much of the training split fine-tuning will see (and, given the measured `step_seconds` of the chosen
-    model here, how long it takes), and a warning naming the fraction when `max_steps` covers less than half
-    an epoch: such a run usually learns little."""
-    ft = config.finetune
-    per_step = ft.batch_size * ft.gradient_accumulation_steps
-    epoch = max(1, math.ceil(train_examples / per_step))
-    steps = ft.max_steps or math.ceil(epoch * ft.epochs)
-    note = (f"fine-tuning runs {steps} steps of {per_step} examples: {steps / epoch:.2f} epochs of the "
-            f"{train_examples} training examples" + (" (before packing)" if ft.packing else ""))
-    if step_seconds:
-        trials = ft.search.trials if ft.search else 1
-        note += (f", about {steps * step_seconds * trials / 60:.0f} min on this machine"
-                 + (f" for its {trials} trials" if ft.search else "")
-                 + f" ({step_seconds:.1f} s a step in the last run of this model here)")
-    warnings = []
-    if ft.max_steps and not ft.stages and ft.max_steps < epoch / 2:
-        warnings.append(f"finetune.max_steps {ft.max_steps} covers {ft.max_steps / epoch:.0%} of an epoch "
-                        f"({epoch} steps at {per_step} examples a step); set it to null to train for "
-                        f"finetune.epochs ({ft.epochs:g})")
-    return note, warnings
 
 
 def _balance(answers: dict[str, Counter]) -> str:
@@ -108,8 +77,8 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
             frame = pd.DataFrame([json.loads(e.to_json()) for e in examples])
             mlflow.log_input(mlflow.data.from_pandas(frame, source=result.files[split_name], name=split_name),
                              context=split_name)
-        note, warnings = power(config, result.counts[config.task.name]["test"])
-        plan, plan_warnings = training_plan(config, sum(result.mixed_train.values()))
+        note, warnings = gate_power(config.gate, config.task, result.counts[config.task.name]["test"])
+        plan, plan_warnings = training_plan(config.finetune, sum(result.mixed_train.values()))
         warnings += plan_warnings
         mlflow.set_tag("tuneline.power", note)
         mlflow.set_tag("tuneline.training_plan", plan)
@@ -142,7 +111,7 @@ def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, paren
         mlflow.log_figure(_length_plot(fitted.lengths, config.finetune.max_seq_length),
                           "data_card/token_lengths.png")
         step = measured_step_seconds(runs_dir, model_dir, config.finetune) if runs_dir else None
-        plan, _ = training_plan(config, sum(splits.mixed_train.values()), step)
+        plan, _ = training_plan(config.finetune, sum(splits.mixed_train.values()), step)
         mlflow.set_tag("tuneline.training_plan", plan)
         publish("lengths", f"## Lengths with the chosen model\n\n{fitted.removed} example(s) longer than max_tokens "
                            "with its tokenizer and chat template left every split (data card: rejects.jsonl); "
@@ -158,19 +127,5 @@ def prepare(config: LifecycleConfig, run_dir: Path, parent_run_id: str,
     splits = data_stage(config, str(run_dir / "data"), parent_run_id, corrections)
     tasks_dir = write_tasks(config.task.name, splits.files, run_dir / "eval_tasks",
                             config.task.max_answer_tokens, config.baseline.reasoning_tokens,
-                            general_suites(config), ranked=config.task.ranked)
+                            general_suites(config.evaluation.general), ranked=config.task.ranked)
     return splits, str(tasks_dir)
-
-
-def served_answers(config: LifecycleConfig) -> list[str] | None:
-    """What a classifier's service replies with unless a request asks otherwise (deploy.constrain): its labels
-    as the answer template writes them."""
-    task = config.task
-    if task.kind != "classify" or not config.deploy.constrain:
-        return None
-    return list(label_replies(task.answer, task.labels))  # the config refuses a template that reads more
-
-
-def general_suites(config: LifecycleConfig) -> tuple[str, ...]:
-    """The bundled general suite, then the config's own: each one scored and gated on forgetting apart."""
-    return (str(GENERAL_DATA), *config.evaluation.general)

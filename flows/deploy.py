@@ -12,7 +12,6 @@ from mlflow.exceptions import MlflowException
 from prefect import flow
 
 from flows.config import LifecycleConfig, load_config
-from flows.data import served_answers
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
 from tasks.packaging import Deployment
@@ -78,7 +77,8 @@ def _bento(config: LifecycleConfig, version: str, built: dict[str, str] | None) 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
         return packaging.build_bento(str(model_dir), name, version, config.task.system_prompt, config.deploy.limits,
-                                     system=registry.system(name, version), answers=served_answers(config))
+                                     system=registry.system(name, version),
+                                     answers=packaging.served_answers(config.task, config.deploy.constrain))
 
 
 def _start(config: LifecycleConfig, home: str, version: str, tag: str, question: str) -> tuple[dict, dict]:

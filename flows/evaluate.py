@@ -16,14 +16,14 @@ from matplotlib.figure import Figure
 from prefect import flow
 
 from evals import runner
-from evals.runner import write_listed_tasks
+from evals.runner import general_suites, write_listed_tasks
 from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig, load_config
-from flows.data import general_suites, lengths_stage, power, prepare
+from flows.data import lengths_stage, prepare
 from tasks import registry, scoring, tracking
 from tasks.alignment import Aligned
 from tasks.datasets import fingerprint, read_examples
-from tasks.evidence import table, wilson
+from tasks.evidence import gate_power, table, wilson
 from tasks.paths import run_folder
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
 from tasks.registry import Evaluation
@@ -158,7 +158,7 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
         log_eval(f"test {name}", scored.results[name], prompt=v.name, shots=v.shots, chat_template=v.chat,
                  split="test")
         if name in ("base", "finetuned", "aligned"):  # forgetting: the trained weights against the base's
-            for path in general_suites(config):
+            for path in general_suites(config.evaluation.general):
                 suite = runner.suite_task(path)
                 try:
                     scored.general.setdefault(name, {})[suite] = score_general(
@@ -245,7 +245,7 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
         if "confusion" in r:
             mlflow.log_figure(_confusion_plot(r["confusion"], name), f"report/confusion_{name}.png")
             mlflow.log_dict({"classes": r["classes"], "confusion": r["confusion"]}, f"report/classes_{name}.json")
-    note_power, warnings = power(config, len(_items(results.get("baseline"), metric) or {})
+    note_power, warnings = gate_power(config.gate, config.task, len(_items(results.get("baseline"), metric) or {})
                                  or config.task.max_test_examples, rows.get("baseline", {}).get(metric, 0.5))
     markdown = _markdown(rows, scored.crashed, fixed, broke, plan, candidates, compared, champion_note, note_power,
                          warnings, metric, results) + _preference_section(scored)
@@ -418,7 +418,7 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,
                                                    batch_size=config.evaluation.batch_size)["acc"]
-                                     for path in general_suites(config)])}
+                                     for path in general_suites(config.evaluation.general)])}
             log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
                      split="test")
             registry.record_scores(name, version, {**result["metrics"], "general_acc": general["acc"]},

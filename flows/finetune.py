@@ -10,7 +10,7 @@ from prefect import flow
 
 from evals.variants import ZERO_SHOT
 from flows.config import LifecycleConfig, load_config
-from flows.data import lengths_stage, prepare, training_plan
+from flows.data import lengths_stage, prepare
 from tasks import registry, tracking
 from tasks.datasets import Splits, read_examples, write_examples
 from tasks.models import provision_model
@@ -19,6 +19,7 @@ from tasks.scoring import score
 from tasks.search import Search, search
 from tasks.tracking import publish, stage_run
 from tasks.training import FineTuned, TrainResult, run_key, train
+from tasks.training_config import training_plan
 
 
 def _objective_plot(found: Search) -> Figure:
@@ -129,7 +130,7 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
             rows.append(f"| {task or 'mixture'} | {how} | {result.steps} | {result.train_loss:.3f} "
                         f"| {result.train_seconds:.0f} | {result.tokens_per_second:.0f} |")
             current = result.merged
-        plan, warnings = training_plan(config, sum(splits.mixed_train.values()))
+        plan, warnings = training_plan(config.finetune, sum(splits.mixed_train.values()))
         for warning in warnings:
             print(f"WARNING: {warning}")
         publish("finetune", f"## Fine-tuning ({config.finetune.method})\n\n| data | run | steps | final loss | "

@@ -14,7 +14,6 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import LifecycleConfig
-from flows.data import served_answers
 from tasks import packaging, registry
 from tasks.datasets import Splits, read_examples
 from tasks.evidence import table
@@ -53,7 +52,7 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         if config.gate.smoke_prompts and passing:
             bento = packaging.build_bento(chosen.weights_dir, name, version, config.task.system_prompt,
                                           config.deploy.limits, str(recipe_dir), chosen.system,
-                                          served_answers(config))
+                                          packaging.served_answers(config.task, config.deploy.constrain))
             prompts = [e.user for e in read_examples(data.test)[: config.gate.smoke_prompts]]
             evidence = replace(evidence, smoke_failures=packaging.smoke_compare(
                 chosen.weights_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens,

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from prefect import task
@@ -28,6 +27,7 @@ from tasks.training import (
     peak_memory_mb,
     reset_peak_memory,
     resolve_device,
+    run_arguments,
 )
 
 
@@ -71,29 +71,10 @@ def preference_trainer(model, tokenizer, spec: AlignConfig, train_path: str, che
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # the trainers import slowly: only when training
 
     config_class, trainer_class = (DPOConfig, DPOTrainer) if spec.method == "dpo" else (KTOConfig, KTOTrainer)
-    args = config_class(
-        output_dir=str(checkpoints),
-        beta=spec.beta,
-        loss_type=[spec.loss] if spec.method == "dpo" else spec.loss,  # DPO combines a list of losses
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=spec.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        max_length=spec.max_seq_length,
-        logging_steps=max(1, (spec.max_steps or 100) // 20),
-        save_strategy="steps" if spec.save_steps else "no",
-        save_steps=spec.save_steps or 500,
-        save_total_limit=2,
-        seed=spec.seed,
-        # rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies and the loss go into the active
-        # (align) run; with none, no stray run is made.
-        report_to=["mlflow"] if mlflow.active_run() else [],
-        dataloader_num_workers=0,
-        **device_settings(device),
-    )
+    # TRL logs rewards/chosen, rewards/rejected, rewards/margins and rewards/accuracies beside the loss
+    args = config_class(**run_arguments(spec, checkpoints), beta=spec.beta,
+                        loss_type=[spec.loss] if spec.method == "dpo" else spec.loss,  # DPO combines a list
+                        **device_settings(device))
     lora = PeftLoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                           target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     return trainer_class(model=model, args=args, train_dataset=preference_dataset(train_path, spec.method),

@@ -165,6 +165,13 @@ def best_lower_bound(n: int, rate: float, confidence: float) -> float:
     return wins / n * (2 * (1 - confidence) ** (1 / wins) - 1)
 
 
+def gate_power(gate, task, test_items: int, rate: float = 0.5) -> tuple[str, list[str]]:
+    """What the scored test split of `task` (its first max_test_examples of `test_items`) can show under `gate`
+    (`rate`: the bar's score; before the baselines are known, 0.5, the widest case)."""
+    n = min(test_items, task.max_test_examples)
+    return power_note(n, rate, gate.confidence, gate.min_improvement, gate.metric)
+
+
 def power_note(n: int, rate: float, confidence: float, min_improvement: float, metric: str = "exact_match"
                ) -> tuple[str, list[str]]:
     """What a test split of `n` items can show, and warnings naming the numbers when the gate cannot be met."""

@@ -14,12 +14,14 @@ import bentoml
 import httpx
 from prefect import task
 
+from tasks.datasets import label_replies
 from tasks.models import load
 from tasks.paths import feedback_db as default_feedback_db
 from tasks.paths import vllm_python
 from tasks.processes import HOST, listening, recorded_pid, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
+from tasks.schema import TaskConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
@@ -54,6 +56,14 @@ class Deployment:
 
 
 @task(name="build-bento")
+def served_answers(task: TaskConfig, constrain: bool) -> list[str] | None:
+    """What a classifier's service replies with unless a request asks otherwise (deploy.constrain): its labels
+    as the answer template writes them."""
+    if task.kind != "classify" or not constrain:
+        return None
+    return list(label_replies(task.answer, task.labels))  # the config refuses a template that reads more
+
+
 def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str,
                 limits: dict[str, int] | None = None, recipe_dir: str | None = None, system: str = "fine-tuned",
                 answers: list[str] | None = None) -> str:

@@ -242,6 +242,30 @@ class FineTuned:
     tokens_per_second: float
 
 
+def run_arguments(spec, checkpoints: Path) -> dict:
+    """The trainer arguments fine-tuning (FinetuneConfig) and preference tuning (AlignConfig) set alike: the
+    schedule, the batch, the length, checkpoints, the seed, and curves into the active MLflow run (with none,
+    no stray run is made)."""
+    return {
+        "output_dir": str(checkpoints),
+        "learning_rate": spec.learning_rate,
+        "lr_scheduler_type": spec.lr_scheduler,
+        "warmup_steps": spec.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
+        "max_steps": spec.max_steps or -1,
+        "num_train_epochs": spec.epochs,
+        "per_device_train_batch_size": spec.batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "max_length": spec.max_seq_length,
+        "logging_steps": max(1, (spec.max_steps or 100) // 20),
+        "save_strategy": "steps" if spec.save_steps else "no",
+        "save_steps": spec.save_steps or 500,
+        "save_total_limit": 2,
+        "seed": spec.seed,
+        "report_to": ["mlflow"] if mlflow.active_run() else [],
+        "dataloader_num_workers": 0,
+    }
+
+
 def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_path: str | None, checkpoints: Path,
                 device: str, callbacks: list | None = None, eval_every: int | None = None) -> SFTTrainer:
     """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings, packing, LoRA/DoRA
@@ -250,26 +274,10 @@ def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_pat
     early = bool(spec.early_stopping_patience)
     evaluating = early or bool(eval_every)
     args = SFTConfig(
-        output_dir=str(checkpoints),
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=spec.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        **run_arguments(spec, checkpoints),
         weight_decay=spec.weight_decay,
-        max_length=spec.max_seq_length,
-        logging_steps=max(1, (spec.max_steps or 100) // 20),
-        save_strategy="steps" if spec.save_steps else "no",
-        save_steps=spec.save_steps or 500,
-        save_total_limit=2,
-        seed=spec.seed,
-        # Loss and learning-rate curves go into the active (finetune) run; with none, no stray run is made.
-        report_to=["mlflow"] if mlflow.active_run() else [],
         completion_only_loss=True,
         packing=spec.packing,
-        dataloader_num_workers=0,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=spec.save_steps if early else eval_every,
         per_device_eval_batch_size=spec.batch_size,

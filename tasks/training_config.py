@@ -4,6 +4,7 @@ training.py so reading a config never imports torch."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -132,6 +133,29 @@ class FinetuneConfig(Strict):
         """The run of one sequential stage: its own steps and learning rate where it sets them."""
         return self.model_copy(update={"max_steps": stage.max_steps or self.max_steps,
                                        "learning_rate": stage.learning_rate or self.learning_rate, "stages": []})
+
+
+def training_plan(ft: FinetuneConfig, train_examples: int, step_seconds: float | None = None
+                  ) -> tuple[str, list[str]]:
+    """How much of the training split fine-tuning will see (and, given the measured `step_seconds` of the chosen
+    model here, how long it takes), and a warning naming the fraction when `max_steps` covers less than half
+    an epoch: such a run usually learns little."""
+    per_step = ft.batch_size * ft.gradient_accumulation_steps
+    epoch = max(1, math.ceil(train_examples / per_step))
+    steps = ft.max_steps or math.ceil(epoch * ft.epochs)
+    note = (f"fine-tuning runs {steps} steps of {per_step} examples: {steps / epoch:.2f} epochs of the "
+            f"{train_examples} training examples" + (" (before packing)" if ft.packing else ""))
+    if step_seconds:
+        trials = ft.search.trials if ft.search else 1
+        note += (f", about {steps * step_seconds * trials / 60:.0f} min on this machine"
+                 + (f" for its {trials} trials" if ft.search else "")
+                 + f" ({step_seconds:.1f} s a step in the last run of this model here)")
+    warnings = []
+    if ft.max_steps and not ft.stages and ft.max_steps < epoch / 2:
+        warnings.append(f"finetune.max_steps {ft.max_steps} covers {ft.max_steps / epoch:.0%} of an epoch "
+                        f"({epoch} steps at {per_step} examples a step); set it to null to train for "
+                        f"finetune.epochs ({ft.epochs:g})")
+    return note, warnings
 
 
 # What a search may vary: every scalar training setting (not the device, the stages or the search itself).

@@ -141,19 +141,19 @@ def test_cli_check_reads_the_preference_data_naming_its_rejects():
 
 def test_training_runs_by_epochs_by_default_and_warns_below_half_an_epoch():
     from flows.config import FinetuneConfig
-    from flows.data import training_plan
+    from tasks.training_config import training_plan
 
     assert FinetuneConfig().max_steps is None  # the default trains for `epochs`, whatever the data's size
-    config = load_config(DEMO)
-    config.finetune.max_steps, config.finetune.epochs, config.finetune.batch_size = None, 2, 8
-    assert training_plan(config, 100) == ("fine-tuning runs 26 steps of 8 examples: 2.00 epochs of the 100 training "
-                                          "examples", [])
-    config.finetune.max_steps = 7  # 7 of 13 steps an epoch: over half, no warning; 6 would be under
-    assert training_plan(config, 100)[1] == []
-    config.finetune.max_steps = 6
-    assert training_plan(config, 100)[1] == ["finetune.max_steps 6 covers 46% of an epoch (13 steps at 8 examples "
-                                             "a step); set it to null to train for finetune.epochs (2)"]
-    assert training_plan(config, 100, step_seconds=20.0)[0].endswith(
+    ft = load_config(DEMO).finetune  # the section is all the plan reads
+    ft.max_steps, ft.epochs, ft.batch_size = None, 2, 8
+    assert training_plan(ft, 100) == ("fine-tuning runs 26 steps of 8 examples: 2.00 epochs of the 100 training "
+                                      "examples", [])
+    ft.max_steps = 7  # 7 of 13 steps an epoch: over half, no warning; 6 would be under
+    assert training_plan(ft, 100)[1] == []
+    ft.max_steps = 6
+    assert training_plan(ft, 100)[1] == ["finetune.max_steps 6 covers 46% of an epoch (13 steps at 8 examples "
+                                         "a step); set it to null to train for finetune.epochs (2)"]
+    assert training_plan(ft, 100, step_seconds=20.0)[0].endswith(
         ", about 2 min on this machine (20.0 s a step in the last run of this model here)")
 
 

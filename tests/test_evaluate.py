@@ -107,7 +107,7 @@ def test_the_champion_is_compared_only_on_test_items_it_never_trained_on(mlflow_
 
 def test_a_configs_own_general_suite_is_scored_and_gated_on_forgetting_apart(tiny_model, tmp_path):
     from evals import runner
-    from flows.data import general_suites
+    from evals.runner import general_suites
     from tasks import registry
     from tasks.scoring import score_general
 
@@ -116,7 +116,7 @@ def test_a_configs_own_general_suite_is_scored_and_gated_on_forgetting_apart(tin
                                           "choices": [str(i), str(i + 7)], "answer": 0}) + "\n" for i in range(6)))
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.evaluation.general = [str(custom)]
-    suites = general_suites(config)
+    suites = general_suites(config.evaluation.general)
     assert suites == (str(runner.GENERAL_DATA), str(custom))
     splits = {s: str(DEMO_DATA) for s in ("train", "validation", "test")}
     tasks_dir = write_tasks("reviews", splits, tmp_path / "tasks", 4, general=suites)

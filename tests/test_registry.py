@@ -96,7 +96,6 @@ def test_promote_takes_the_aligned_system_only_when_it_passes(aligned_wins, tiny
     """The fine-tuned weights score higher on the task; the aligned ones pass every rule only where they beat
     the fine-tuned weights on held-out preferences, and are then the version registered and promoted."""
     from flows.config import load_config
-    from flows.promote import promote_stage
     from tests.conftest import ROOT
 
     config = load_config(ROOT / "configs" / "demo.yaml")
@@ -107,18 +106,7 @@ def test_promote_takes_the_aligned_system_only_when_it_passes(aligned_wins, tiny
                             score=0.62),
                   Candidate("aligned", "fine-tuned + DPO", tiny_model, Recipe(), replace(GOOD, aligned=aligned),
                             score=0.60, preferred=True)]
-    keys = tmp_path / "data" / "keys.json"
-    keys.parent.mkdir()
-    keys.write_text('{"fingerprints": {"train": "a", "validation": "b", "test": "c"}, "train": []}')
-    mlflow.create_experiment("promote", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment("promote")
-    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as finetune:
-        pass
-    unused = str(tmp_path / "no-split-needed.jsonl")
-    data = Splits(unused, unused, unused, rejects="", keys=str(keys), fingerprints={}, per_task={}, counts={},
-                  mixed_train={})
-    verdict = promote_stage(config, finetune.info.run_id, Evaluation(candidates), data, str(home),
-                            parent.info.run_id)
+    verdict = promote_alone(config, candidates, tmp_path, home)
     assert verdict.passed
     assert verdict.system == ("fine-tuned + DPO" if aligned_wins else "fine-tuned")
     assert registry.champion(config.registered_model)[0] == verdict.version
@@ -243,19 +231,10 @@ def test_gate_reports_the_smoke_test_as_not_run_when_other_rules_failed():
     assert decision.reasons[-1] == "smoke test not run: the rules above failed"
 
 
-def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, home, prefect_api, mlflow_sqlite,
-                                                                   tmp_path):
-    """Building and serving a Bento takes a minute: only a version that passed every other rule gets one."""
-    import bentoml
-
-    from flows.config import load_config
+def promote_alone(config, candidates: list[Candidate], tmp_path, home) -> registry.Verdict:
+    """The promote stage on scored candidates alone, with the split keys a version is registered with."""
     from flows.promote import promote_stage
-    from tests.conftest import ROOT
 
-    config = load_config(ROOT / "configs" / "demo.yaml")
-    config.registered_model = "never-built"
-    evidence = replace(GOOD, candidate=right(40), bar=right(50), smoke_failures=None)
-    candidate = Candidate("finetuned", "fine-tuned", tiny_model, Recipe(), evidence, score=0.4)
     keys = tmp_path / "data" / "keys.json"
     keys.parent.mkdir()
     keys.write_text('{"fingerprints": {"train": "a", "validation": "b", "test": "c"}, "train": []}')
@@ -266,8 +245,22 @@ def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, ho
     unused = str(tmp_path / "no-split-needed.jsonl")
     data = Splits(unused, unused, unused, rejects="", keys=str(keys), fingerprints={}, per_task={}, counts={},
                   mixed_train={})
-    verdict = promote_stage(config, finetune.info.run_id, Evaluation([candidate]), data, str(home),
-                            parent.info.run_id)
+    return promote_stage(config, finetune.info.run_id, Evaluation(candidates), data, str(home), parent.info.run_id)
+
+
+def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, home, prefect_api, mlflow_sqlite,
+                                                                   tmp_path):
+    """Building and serving a Bento takes a minute: only a version that passed every other rule gets one."""
+    import bentoml
+
+    from flows.config import load_config
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model = "never-built"
+    evidence = replace(GOOD, candidate=right(40), bar=right(50), smoke_failures=None)
+    candidate = Candidate("finetuned", "fine-tuned", tiny_model, Recipe(), evidence, score=0.4)
+    verdict = promote_alone(config, [candidate], tmp_path, home)
     assert not verdict.passed and verdict.bento is None
     assert "smoke test not run: the rules above failed" in verdict.reasons
     built = [m for m in bentoml.models.list() if m.info.labels.get("registered_model") == "never-built"]
