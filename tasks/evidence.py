@@ -193,6 +193,7 @@ def power_note(n: int, rate: float, confidence: float, min_improvement: float, m
 
 
 def items_for(gain: float, rate: float, confidence: float, power: float = POWER) -> int:
-    """Test items needed to detect `gain` (the inverse of `min_detectable`)."""
+    """Test items needed to detect `gain` (the inverse of `min_detectable`). At least the gain itself is
+    discordant: a bar at 0 or 1 still needs items (the independent-errors discordance alone would say none)."""
     z = stats.norm.ppf(confidence) + stats.norm.ppf(power)
-    return math.ceil(2 * rate * (1 - rate) * (z / gain) ** 2)
+    return math.ceil(max(2 * rate * (1 - rate), gain) * (z / gain) ** 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,8 @@ def test_power_names_the_detectable_gain_and_warns_when_the_gate_cannot_be_met()
     assert evidence.min_detectable(48, 0.5, 0.95) == pytest.approx(0.2537, abs=1e-3)
     assert evidence.min_detectable(400, 0.5, 0.95) < evidence.min_detectable(48, 0.5, 0.95) / 2.5
     assert evidence.items_for(evidence.min_detectable(200, 0.3, 0.95), 0.3, 0.95) == pytest.approx(200, abs=1)
+    # a bar at 0 (nothing right before fine-tuning): every win is discordant, and items are still needed
+    assert evidence.items_for(0.05, 0.0, 0.95) == math.ceil((1.6449 + 0.8416) ** 2 / 0.05)
     note, warnings = evidence.power_note(48, 0.5, 0.95, min_improvement=0.05)
     assert "48 test items detect a gain of 0.254" in note
     assert warnings and "below the smallest detectable gain 0.254" in warnings[0]
