@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import evaluate as hf_evaluate
@@ -62,6 +63,22 @@ def _evaluate(**kwargs) -> dict:
         return simple_evaluate(**kwargs)
     finally:
         lm_evaluator.add_env_info = original
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One model (with one prompt) scored on one task: the score and its standard error, every metric, and every
+    sample (doc id, prompt, reply, target, per-item metric values; ranked tasks add the prediction and each
+    allowed reply's probability). Ranked tasks also carry the majority answer's rate, and classify tasks the
+    per-class figures and the confusion matrix."""
+    score: float
+    stderr: float
+    n: int
+    metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+    majority: dict | None = None  # {"answer", "rate"}
+    classes: dict | None = None  # label -> precision, recall, f1, support
+    confusion: dict | None = None  # {"labels", "matrix"}
 
 
 def suite_task(path: str | Path) -> str:
@@ -220,8 +237,8 @@ def _metric(path: Path):
 
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
              chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu",
-             kind: str = "generate") -> dict:
-    """Score a loaded model on one generated task; returns score, stderr, n, text metrics and every sample.
+             kind: str = "generate") -> ScoreResult:
+    """Score a loaded model on one generated task: score, stderr, n, text metrics and every sample.
 
     `chat`: render with the model's chat template and the system prompt (shots as earlier turns), as training
     and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
@@ -255,17 +272,14 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         }
         for s in results["samples"][task]
     ]
-    out = {
-        "score": float(scores[key]),
-        "stderr": _stderr(scores.get(key.replace(",", "_stderr,", 1))),
-        "n": len(samples),
-        "metrics": {METRIC: float(scores[key]), **text_metrics(samples)},
-        "samples": samples,
-    }
-    if ranked:  # accuracy first (the score), exact match of the generated reply beside it
-        found = ranking(results, ranked, samples, per_class=kind == "classify")
-        out.update(found, metrics={**found["metrics"], **out["metrics"]})
-    return out
+    metrics = {METRIC: float(scores[key]), **text_metrics(samples)}
+    if not ranked:
+        return ScoreResult(float(scores[key]), _stderr(scores.get(key.replace(",", "_stderr,", 1))), len(samples),
+                           metrics, samples)
+    found = ranking(results, ranked, samples, per_class=kind == "classify")
+    # accuracy first (the score), exact match of the generated reply beside it
+    return ScoreResult(found["score"], found["stderr"], len(samples), {**found["metrics"], **metrics}, samples,
+                       found["majority"], found.get("classes"), found.get("confusion"))
 
 
 def ranking(results: dict, task: str, samples: list[dict], per_class: bool) -> dict:

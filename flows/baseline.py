@@ -45,7 +45,7 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
                                kind=task.kind)
             log_eval(f"baseline {v.name}", result, kind=v.kind, shots=v.shots, chat_template=v.chat,
                      split="validation")
-            rows[v.name] = {**result["metrics"], "score": result["metrics"][metric], "stderr": result["stderr"]}
+            rows[v.name] = {**result.metrics, "score": result.metrics[metric], "stderr": result.stderr}
         found = Baselines(tuple(plan), rows, best=max(plan, key=lambda v: rows[v.name]["score"]), fixed=fixed)
         mlflow.log_metrics({f"score_{name.replace(',', '').replace(' ', '_')}": r["score"]
                             for name, r in rows.items()})

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from prefect import flow
 
 from evals import runner
-from evals.runner import general_suites, write_listed_tasks
+from evals.runner import ScoreResult, general_suites, write_listed_tasks
 from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare
@@ -38,9 +38,9 @@ CLEAN_SHARE = 0.8
 
 def _wins_and_losses(before: dict, after: dict, metric: str) -> list[dict]:
     """Per test example: what fine-tuning fixed (wrong → right on the gate's metric) and what it broke."""
-    old = {s["doc_id"]: s for s in before["samples"]}
+    old = {s["doc_id"]: s for s in before.samples}
     changes = []
-    for new in after["samples"]:
+    for new in after.samples:
         prev = old.get(new["doc_id"])
         if prev is not None and prev[metric] != new[metric]:
             changes.append({"change": "fixed" if new[metric] > prev[metric] else "broke", "prompt": new["prompt"],
@@ -88,7 +88,7 @@ class System(NamedTuple):
 @dataclass
 class Scored:
     """What scoring found, by system name: test results, general-suite results, crashes (one line each)."""
-    results: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, ScoreResult] = field(default_factory=dict)
     general: dict[str, dict[str, dict]] = field(default_factory=dict)
     crashed: dict[str, str] = field(default_factory=dict)
     preferences: dict[str, dict] = field(default_factory=dict)  # held-out pairs: base, finetuned, aligned
@@ -215,7 +215,7 @@ def _candidates(config: LifecycleConfig, plan: dict[str, System], scored: Scored
         candidates.append(registry.Candidate(
             name, recipe.describe(weights), folder, recipe, evidence,
             score=_mean(list((evidence.candidate or {}).values())) or 0.0,
-            metrics=results[name]["metrics"] if name in results else {}, preferred=name == "aligned"))
+            metrics=results[name].metrics if name in results else {}, preferred=name == "aligned"))
     return candidates
 
 
@@ -224,7 +224,7 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
     """The stage's MLflow metrics, figures and markdown report; returns each system's row, and what
     fine-tuning alone fixed and broke against the bar."""
     metric, results = config.gate.metric, scored.results
-    rows = {name: {**r["metrics"], "stderr": r["stderr"],
+    rows = {name: {**r.metrics, "stderr": r.stderr,
                    "general_acc": _mean([g["acc"] for g in scored.general.get(name, {}).values()])}
             for name, r in results.items()}
     for name, row in rows.items():
@@ -242,9 +242,9 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
     mlflow.log_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes), "report/wins_losses.jsonl")
     mlflow.log_figure(_plot(rows, metric), "report/comparison.png")
     for name, r in results.items():
-        if "confusion" in r:
-            mlflow.log_figure(_confusion_plot(r["confusion"], name), f"report/confusion_{name}.png")
-            mlflow.log_dict({"classes": r["classes"], "confusion": r["confusion"]}, f"report/classes_{name}.json")
+        if r.confusion:
+            mlflow.log_figure(_confusion_plot(r.confusion, name), f"report/confusion_{name}.png")
+            mlflow.log_dict({"classes": r.classes, "confusion": r.confusion}, f"report/classes_{name}.json")
     note_power, warnings = gate_power(config.gate, config.task, len(_items(results.get("baseline"), metric) or {})
                                  or config.task.max_test_examples, rows.get("baseline", {}).get(metric, 0.5))
     markdown = _markdown(rows, scored.crashed, fixed, broke, plan, candidates, compared, champion_note, note_power,
@@ -257,10 +257,10 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
     return rows, fixed, broke
 
 
-def reply_length(result: dict | None) -> float | None:
+def reply_length(result: ScoreResult | None) -> float | None:
     """Mean characters of a system's generated replies on the test items (preference tuning is known to lengthen
     answers: the report shows it before and after)."""
-    return _mean([len(str(s["response"])) for s in result["samples"]]) if result else None
+    return _mean([len(str(s["response"])) for s in result.samples]) if result else None
 
 
 def _preference_section(scored: Scored) -> str:
@@ -301,9 +301,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _items(result: dict | None, metric: str) -> dict[str, float] | None:
+def _items(result: ScoreResult | None, metric: str) -> dict[str, float] | None:
     """Per test item (lm-eval's doc id: the same item in every task over the test split) -> its score."""
-    return None if result is None else {str(s["doc_id"]): float(s[metric]) for s in result["samples"]}
+    return None if result is None else {str(s["doc_id"]): float(s[metric]) for s in result.samples}
 
 
 def _champion_items(config: LifecycleConfig, results: dict, current: tuple | None) -> tuple[dict | None, str | None]:
@@ -312,7 +312,7 @@ def _champion_items(config: LifecycleConfig, results: dict, current: tuple | Non
     if not current or "champion" not in results:
         return None, None
     seen = registry.training_keys(config.registered_model, current[0])
-    samples = results["champion"]["samples"]
+    samples = results["champion"].samples
     if seen is None:
         return None, (f"champion v{current[0]} not comparable: its training split was not recorded "
                       "(promote by hand with promote-version to replace it)")
@@ -369,16 +369,16 @@ def _markdown(rows: dict, crashed: dict, fixed: int, broke: int, plan: dict[str,
     lines = ["## Evaluation on the test split", "",
              scoring.table({label.get(name, name): r for name, r in rows.items()}, ranked,
                            extra=(("general_acc", "general acc"),))]
-    majority = next((r["majority"] for r in results.values() if "majority" in r), None)
+    majority = next((r.majority for r in results.values() if r.majority), None)
     if majority:  # the same test items for every system
         lines += ["", f"Majority answer of the scored test items: **{majority['answer']}**, "
                       f"{majority['rate']:.3f} of them: what always giving that answer scores."]
     for name, r in results.items():
-        if "classes" in r and name in ("finetuned", "baseline"):
+        if r.classes and name in ("finetuned", "baseline"):
             lines += ["", f"Per class, {label.get(name, name)} (confusion matrix: report/confusion_{name}.png):", "",
                       "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
             lines += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-                      for c, m in r["classes"].items()]
+                      for c, m in r.classes.items()]
     lines += ["", f"Fine-tuning fixed **{fixed}** test examples of the bar's and broke **{broke}** "
                   "(report/wins_losses.jsonl in the MLflow run).", "",
               f"### Candidate systems, paired on {metric} (candidate minus the other; forgetting: base minus "
@@ -421,12 +421,12 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
                                      for path in general_suites(config.evaluation.general)])}
             log_eval(f"test v{version}", result, metrics={"general_acc": general["acc"]}, version=version,
                      split="test")
-            registry.record_scores(name, version, {**result["metrics"], "general_acc": general["acc"]},
+            registry.record_scores(name, version, {**result.metrics, "general_acc": general["acc"]},
                                    fingerprint(read_examples(splits.test)))
-            shown = {**result["metrics"], "general acc": general["acc"]}
+            shown = {**result.metrics, "general acc": general["acc"]}
             rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in shown.items())
             publish("evaluate-version",
                     f"## {name} v{version} on the test split\n\n| metric | value |\n|---|---|\n{rows}")
     print(f"evaluate-version: {name} v{version}: {config.gate.metric} {result['metrics'][config.gate.metric]:.3f}, "
           f"general {general['acc']:.3f}")
-    return {"version": version, **result["metrics"], "general_acc": general["acc"]}
+    return {"version": version, **result.metrics, "general_acc": general["acc"]}

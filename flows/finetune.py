@@ -67,7 +67,7 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
             found = score.fn(merged, tasks_dir, ZERO_SHOT.task(task.name, "validation"),
                              system_prompt=task.system_prompt, shots=0, limit=task.max_validation_examples,
                              batch_size=config.evaluation.batch_size, kind=task.kind)
-            return found["metrics"][config.gate.metric]
+            return found.metrics[config.gate.metric]
 
     # Each trial's validation loss is computed on the validation items selection scores (the first
     # max_validation_examples): on a CPU a pass over a whole validation split can cost more than the training.

@@ -37,7 +37,7 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             log_eval(f"candidate {source}", result, metrics={**cost, "answer_logprob": likely["mean_logprob"]},
                      source=source, instruct=info["instruct"], shots=0, split="validation")
             rows.append({"source": source, "model_dir": folder, "instruct": info["instruct"], **cost,
-                         "score": result["metrics"][config.gate.metric], "stderr": result["stderr"],
+                         "score": result.metrics[config.gate.metric], "stderr": result.stderr,
                          "likelihood": likely["mean_logprob"], "result": result})
         best, reason = choose(rows, models.budget)
         mlflow.log_params({"chosen": best["source"]})

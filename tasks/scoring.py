@@ -34,7 +34,7 @@ def table(rows: dict[str, dict], ranked: bool, first: str = "system", extra: tup
 
 @task(name="score-model", cache_key_fn=by_content, persist_result=True)
 def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
-          batch_size: int, chat: bool = True, kind: str = "generate") -> dict:
+          batch_size: int, chat: bool = True, kind: str = "generate") -> runner.ScoreResult:
     """lm-eval score of the model in `model_dir` on a generated task (chat template and system prompt unless
     `chat` is off); a classify or choice `kind` also ranks the allowed replies (accuracy is then the score)."""
     model, tokenizer = load(Path(model_dir))

@@ -10,11 +10,15 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prefect import task
 
 from tasks.caching import by_content
 from tasks.schema import BudgetConfig
+
+if TYPE_CHECKING:  # lm-eval loads slowly: selection's config side needs only the name
+    from evals.runner import ScoreResult
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class Selection:
     reason: str
     score: float  # validation score on the gate's metric
     likelihood: float  # mean log-probability per token of the reference answers
-    result: dict | None  # the zero-shot validation scoring (metrics and samples); None once its items changed
+    result: ScoreResult | None  # the zero-shot validation scoring (metrics and samples); None once its items changed
 
 
 class NoCandidateFits(ValueError):

@@ -74,11 +74,11 @@ def stage_run(stage: str, parent_run_id: str, **params):
         yield run
 
 
-def log_eval(name: str, result: dict, metrics: dict[str, float] | None = None, **params) -> None:
+def log_eval(name: str, result, metrics: dict[str, float] | None = None, **params) -> None:
     """One evaluation as its own nested run: score, stderr, n, params and every sample's prompt and reply."""
     with mlflow.start_run(run_name=name, nested=True):
         mlflow.log_params(params)
-        mlflow.log_metrics({"score": result["score"], "score_stderr": result["stderr"], "n": result["n"],
-                            **result.get("metrics", {}), **(metrics or {})})
-        mlflow.log_text("".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in result["samples"]),
+        mlflow.log_metrics({"score": result.score, "score_stderr": result.stderr, "n": result.n, **result.metrics,
+                            **(metrics or {})})
+        mlflow.log_text("".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in result.samples),
                         "samples.jsonl")

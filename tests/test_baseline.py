@@ -4,6 +4,7 @@ training examples; the baseline stage scores every prompt variant and records ea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -40,7 +41,7 @@ def test_k_shot_prompts_hold_the_same_k_shots_from_the_train_split_only(tiny_mod
                       chat=chat, limit=4, batch_size=4)
     train, held_out = users(splits["train"]), users(splits["validation"]) | users(splits["test"])
     question = {i: e.user for i, e in enumerate(read_examples(splits["validation"]))}
-    for sample in result["samples"]:
+    for sample in result.samples:
         prompt = sample["prompt"]
         assert [u for u in train if u in prompt] == [u for u in train if u in {s["user"] for s in fixed}]
         assert len(fixed) == 3 and pick_fixed(splits["train"], 3, seed=13) == fixed  # drawn once, by seed
@@ -68,7 +69,7 @@ def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, p
     write_listed_tasks("reviews", files, splits["tasks_dir"], 4, Variant("retrieved", 2))
     result = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation_retrieved", system_prompt="sys", shots=2,
                       limit=3, batch_size=3)
-    for sample in result["samples"]:
+    for sample in result.samples:
         shots = rows[sample["doc_id"]]["shots"]
         prompt = sample["prompt"]
         question = rows[sample["doc_id"]]["user"]
@@ -85,7 +86,7 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
     config.baseline.shots, config.baseline.retrieval_shots, config.baseline.chain_of_thought = [0, 2], 2, True
     zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
                     batch_size=3)
-    chosen = Selection("tiny:0", tiny_model, "the only candidate", zero["score"], 0.0, zero)
+    chosen = Selection("tiny:0", tiny_model, "the only candidate", zero.score, 0.0, zero)
     mlflow.create_experiment("baseline", artifact_location=(splits["out"] / "artifacts").as_uri())
     mlflow.set_experiment("baseline")
     with mlflow.start_run() as parent:
@@ -108,7 +109,6 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
                                                                                      mlflow_sqlite):
     """Selection's zero-shot scoring is reused only while it was measured on the items the baseline scores: the
     lifecycle drops it when the lengths check removed validation items (a bar over different item sets)."""
-    from dataclasses import replace
 
     from flows.baseline import baseline_stage
 
@@ -120,7 +120,7 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
     zero = score.fn(tiny_model, splits["tasks_dir"], "reviews_validation", system_prompt="sys", shots=0, limit=3,
                     batch_size=3)
     metric = config.gate.metric
-    wider = {**zero, "metrics": {**zero["metrics"], metric: 0.99}}  # as if measured on more items
+    wider = replace(zero, metrics={**zero.metrics, metric: 0.99})  # as if measured on more items
     chosen = Selection("tiny:0", tiny_model, "the only candidate", 0.99, 0.0, wider)
     mlflow.set_experiment("bar")
     with mlflow.start_run() as parent:
@@ -128,4 +128,4 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
         anew = baseline_stage(config, replace(chosen, result=None), splits["tasks_dir"], splits["data"],
                               parent.info.run_id)
     assert reused.rows["0-shot, chat"]["score"] == 0.99
-    assert anew.rows["0-shot, chat"]["score"] == zero["metrics"][metric]
+    assert anew.rows["0-shot, chat"]["score"] == zero.metrics[metric]

@@ -43,8 +43,8 @@ def test_score_is_reused_for_the_same_content_under_new_paths_and_redone_when_it
 
     computed, reused, redone = three_runs()
     assert (computed.name, reused.name, redone.name) == ("Completed", "Cached", "Completed")
-    assert reused.result()["samples"] == computed.result()["samples"]
-    assert [s["target"] for s in redone.result()["samples"]][-1] == "x"
+    assert reused.result().samples == computed.result().samples
+    assert [s["target"] for s in redone.result().samples][-1] == "x"
 
 
 def test_embeddings_are_reused_for_the_same_texts_and_redone_when_they_change(prefect_api):

@@ -56,7 +56,7 @@ def test_train_eval_and_serve_render_identically(template, request, tmp_path):
     splits = {name: write_examples(tmp_path / f"{name}.jsonl", [EXAMPLE]) for name in ("train", "validation", "test")}
     tasks_dir = runner.write_tasks("reviews", splits, tmp_path / "tasks", max_answer_tokens=2)
     evaluated = runner.evaluate(model, tok, tasks_dir, "reviews_test", system_prompt=SYSTEM, limit=1,
-                                batch_size=1)["samples"][0]["prompt"]
+                                batch_size=1).samples[0]["prompt"]
 
     # Serving: the service's own rendering of a request that carries only the user message.
     served = served_prompt(tok, tmp_path / "zero", Recipe(SYSTEM), EXAMPLE.user)
@@ -131,7 +131,7 @@ def test_recipes_with_shots_render_identically_in_evaluation_in_process_and_serv
     variant = Variant(shots, 2, chat)
     runner.write_listed_tasks("reviews", files, tasks_dir, 2, variant, ranked=True)
     [sample] = runner.evaluate(model, tok, tasks_dir, variant.task("reviews", "test"), system_prompt=SYSTEM, shots=2,
-                               chat=chat, limit=1, batch_size=1, kind="classify")["samples"]
+                               chat=chat, limit=1, batch_size=1, kind="classify").samples
     evaluated = sample["prompt"]
     assert sample["prediction"] in REPLIES  # the ranked twin takes the same listed shots
 

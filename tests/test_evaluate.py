@@ -161,7 +161,7 @@ def test_ranked_answers_are_the_argmax_of_summed_log_probs_and_the_classes_add_u
                              batch_size=5, kind="classify")
 
     hits = 0
-    for sample in result["samples"]:
+    for sample in result.samples:
         example = examples[sample["doc_id"]]
         context = tok.apply_chat_template([{"role": "system", "content": example.system},
                                            {"role": "user", "content": example.user}],
@@ -173,14 +173,14 @@ def test_ranked_answers_are_the_argmax_of_summed_log_probs_and_the_classes_add_u
         assert np.allclose(list(sample["probabilities"].values()), probs, atol=1e-4)
         assert sample["accuracy"] == float(sample["prediction"] == example.assistant)
         hits += sample["accuracy"]
-    assert result["score"] == result["metrics"]["accuracy"] == hits / len(examples)
-    assert {"accuracy_norm", "macro_f1", "exact_match", "field_f1"} <= result["metrics"].keys()
+    assert result.score == result.metrics["accuracy"] == hits / len(examples)
+    assert {"accuracy_norm", "macro_f1", "exact_match", "field_f1"} <= result.metrics.keys()
 
-    matrix = np.array(result["confusion"]["matrix"])
-    assert result["confusion"]["labels"] == sorted(LABELS) and matrix.sum() == len(examples)
-    assert [int(row.sum()) for row in matrix] == [result["classes"][c]["support"] for c in sorted(LABELS)] == [4, 4, 4]
+    matrix = np.array(result.confusion["matrix"])
+    assert result.confusion["labels"] == sorted(LABELS) and matrix.sum() == len(examples)
+    assert [int(row.sum()) for row in matrix] == [result.classes[c]["support"] for c in sorted(LABELS)] == [4, 4, 4]
     assert np.trace(matrix) == hits
-    assert result["majority"] == {"answer": "billing", "rate": 4 / 12}
+    assert result.majority == {"answer": "billing", "rate": 4 / 12}
 
 
 def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model, tmp_path):
@@ -203,6 +203,6 @@ def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model,
     assert variant.task("reviews", "test") == "reviews_test_champion"  # not the run's own retrieval task
     model, tok = load(Path(tiny_model))
     [sample] = runner.evaluate(model, tok, run / "eval_tasks", variant.task("reviews", "test"), system_prompt="sys",
-                               shots=2, limit=1, batch_size=1)["samples"]
+                               shots=2, limit=1, batch_size=1).samples
     assert sample["prompt"].index("kettle") < sample["prompt"].index("teapot")  # its nearest pool shot, listed
     assert "Love the shoes" not in sample["prompt"]

@@ -124,7 +124,7 @@ def test_a_validation_score_search_is_judged_by_lm_eval_on_the_validation_items(
     assert best["objective"] == max(t["objective"] for t in trials["trials"])
     rescored = score.fn(tuned.merged, tasks_dir, "reviews_validation", system_prompt=config.task.system_prompt,
                         shots=0, limit=8, batch_size=8)
-    assert rescored["metrics"]["exact_match"] == best["objective"]  # the gate's metric of the weights handed on
+    assert rescored.metrics["exact_match"] == best["objective"]  # the gate's metric of the weights handed on
     run = mlflow.get_run(best["run_id"]).data.metrics
     assert run["objective"] != run["eval_loss"]  # judged by the score, not the loss
 

@@ -65,7 +65,7 @@ def test_select_stage_picks_the_better_of_two_tiny_models(tiny_model, prefect_ap
     tasks_dir = write_tasks("reviews", splits.files, tmp_path / "t", 6)
     said = score.fn(tiny_model, str(tasks_dir), "reviews_validation", system_prompt="sys", shots=0, limit=4,
                     batch_size=4)
-    replies = {s["doc_id"]: s["response"] for s in said["samples"]}
+    replies = {s["doc_id"]: s["response"] for s in said.samples}
     write_examples(Path(splits.validation),
                    [type(e)(e.id, e.system, e.user, replies[i], e.task) for i, e in enumerate(validation)])
     model, tokenizer = load(Path(tiny_model))

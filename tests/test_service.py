@@ -367,7 +367,7 @@ def test_a_classifier_replies_with_its_most_likely_label_and_every_labels_probab
     files = {name: write_examples(tmp_path / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
     tasks_dir = runner.write_tasks("route", files, tmp_path / "tasks", max_answer_tokens=3, ranked=True)
     model, tok = load(Path(tiny_model))
-    evaluated = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt=SYSTEM, kind="classify")["samples"]
+    evaluated = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt=SYSTEM, kind="classify").samples
 
     bento = packaging.build_bento.fn(tiny_model, "router", "1", SYSTEM, {"max_prompt_tokens": 64, "max_tokens": 8},
                                      answers=list(labels))

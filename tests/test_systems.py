@@ -139,7 +139,7 @@ def assert_served_as_evaluated(url: str, weights: str, tasks_dir: Path, task: st
     at a blank line, which a client asks for with `stop`)."""
     model, tok = load(Path(weights))
     evaluated = runner.evaluate(model, tok, tasks_dir, task, system_prompt=SYSTEM, shots=2, chat=chat, limit=3,
-                                batch_size=1)["samples"]
+                                batch_size=1).samples
     assert len(evaluated) == len(TEST)
     for sample in evaluated:
         reply = packaging.chat.fn(url, TEST[sample["doc_id"]].user, 6, stop=["\n\n"])
