@@ -55,7 +55,6 @@ class Deployment:
     canary: float = 0.0
 
 
-@task(name="build-bento")
 def served_answers(task: TaskConfig, constrain: bool) -> list[str] | None:
     """What a classifier's service replies with unless a request asks otherwise (deploy.constrain): its labels
     as the answer template writes them."""
@@ -64,6 +63,7 @@ def served_answers(task: TaskConfig, constrain: bool) -> list[str] | None:
     return list(label_replies(task.answer, task.labels))  # the config refuses a template that reads more
 
 
+@task(name="build-bento")
 def build_bento(model_dir: str, registered_model: str, version: str, system_prompt: str,
                 limits: dict[str, int] | None = None, recipe_dir: str | None = None, system: str = "fine-tuned",
                 answers: list[str] | None = None) -> str:
