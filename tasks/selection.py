@@ -10,15 +10,12 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prefect import task
 
+from evals.runner import ScoreResult
 from tasks.caching import by_content
 from tasks.schema import BudgetConfig
-
-if TYPE_CHECKING:  # lm-eval loads slowly: selection's config side needs only the name
-    from evals.runner import ScoreResult
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def test_the_champion_is_compared_only_on_test_items_it_never_trained_on(mlflow_
         unknown = registry.register.fn("overlap-model", str(folder), run.info.run_id, {}, "exact_match")
 
     def scored(test_keys: list[str]) -> dict:
-        return {"champion": {"samples": [{"doc_id": i, "key": k, "exact_match": 1.0} for i, k in enumerate(test_keys)]}}
+        samples = [{"doc_id": i, "key": k, "exact_match": 1.0} for i, k in enumerate(test_keys)]
+        return {"champion": runner.ScoreResult(1.0, 0.0, len(samples), {"exact_match": 1.0}, samples)}
 
     # 2 of 20 test items were in its training split: it is compared on the other 18
     items, note = _champion_items(config, scored(["k0", "k1"] + [f"t{i}" for i in range(18)]), (trained, 0.5))
