@@ -427,6 +427,6 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in shown.items())
             publish("evaluate-version",
                     f"## {name} v{version} on the test split\n\n| metric | value |\n|---|---|\n{rows}")
-    print(f"evaluate-version: {name} v{version}: {config.gate.metric} {result['metrics'][config.gate.metric]:.3f}, "
+    print(f"evaluate-version: {name} v{version}: {config.gate.metric} {result.metrics[config.gate.metric]:.3f}, "
           f"general {general['acc']:.3f}")
     return {"version": version, **result.metrics, "general_acc": general["acc"]}
