@@ -154,29 +154,31 @@ def _write_task(out: Path, name: str, shared: Path, data_files: dict, split: str
 def general_accuracy(model, tokenizer, tasks_dir: str | Path, suite: str, *, limit: int | None = None,
                      batch_size: int = 8, device: str = "cpu") -> dict:
     """Accuracy on one general multiple-choice suite (the forgetting check), with every item's 0/1 result."""
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = _evaluate(model=lm, tasks=[suite], num_fewshot=0, limit=limit, bootstrap_iters=1000,
-                              task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                              log_samples=True, random_seed=0)
-    scores = results["results"][suite]
-    items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in results["samples"][suite]}
-    return {"acc": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")), "n": len(items),
-            "items": items}
+    acc, stderr, items = _choice_accuracy(model, tokenizer, tasks_dir, suite, limit, batch_size, device)
+    return {"acc": acc, "stderr": stderr, "n": len(items), "items": items}
 
 
 def preference_accuracy(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,
                         limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
     """How often the model finds a pair's chosen answer more likely than its rejected one (summed log-probability,
     chat template and system prompt as training renders them), with every pair's 0/1 result by id."""
+    acc, stderr, items = _choice_accuracy(model, tokenizer, tasks_dir, task, limit, batch_size, device,
+                                          chat=True, system_prompt=system_prompt)
+    return {"accuracy": acc, "stderr": stderr, "n": len(items), "items": items}
+
+
+def _choice_accuracy(model, tokenizer, tasks_dir: str | Path, task: str, limit: int | None, batch_size: int,
+                     device: str, chat: bool = False, system_prompt: str = "") -> tuple[float, float, dict]:
+    """A zero-shot multiple-choice task's accuracy, its standard error and every item's 0/1 result by its id
+    (the record's own `id`, else lm-eval's doc id); `chat`: the chat template and system prompt."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = _evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=1000,
                         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                        apply_chat_template=True, system_instruction=system_prompt or None,
-                        log_samples=True, random_seed=0)
+                        log_samples=True, random_seed=0,
+                        **({"apply_chat_template": True, "system_instruction": system_prompt or None} if chat else {}))
     scores = results["results"][task]
-    items = {str(s["doc"]["id"]): float(s["acc"]) for s in results["samples"][task]}
-    return {"accuracy": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")),
-            "n": len(items), "items": items}
+    items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in results["samples"][task]}
+    return float(scores["acc,none"]), _stderr(scores.get("acc_stderr,none")), items
 
 
 def answer_likelihood(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,

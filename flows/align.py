@@ -16,24 +16,13 @@ from flows.config import ConfigError, LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare
 from tasks import registry, tracking
 from tasks.alignment import Aligned, align
-from tasks.datasets import Splits, normalise, read_examples, token_counter
+from tasks.datasets import Splits, read_examples, token_counter
 from tasks.evidence import compare, table
 from tasks.paths import run_folder
-from tasks.preferences import prepare_preferences
+from tasks.preferences import held_out_prompts, prepare_preferences
 from tasks.scoring import score_preferences
 from tasks.tracking import publish, stage_run
 from tasks.training import run_key
-
-
-def held_out_prompts(splits: Splits) -> dict[str, str]:
-    """Every fine-tuning task's validation and test prompts (by key and by normalised text) → their split: a
-    preference on one of them would train on a question the gate tests."""
-    found = {}
-    for files in splits.per_task.values():
-        for name in ("validation", "test"):
-            for e in read_examples(files[name]):
-                found.update({e.key: name, normalise(e.user): name} if e.key else {normalise(e.user): name})
-    return found
 
 
 @flow(name="align")
@@ -47,7 +36,11 @@ def align_stage(config: LifecycleConfig, tuned_dir: str, splits: Splits, runs_di
                    base=tuned_dir, data=spec.data.data) as run:
         data = prepare_preferences(spec.data, Path(tasks_dir).parent / "preferences", validation=d.validation,
                                    test=d.test, seed=d.seed, on_bad_rows=d.on_bad_rows,
-                                   held_out=held_out_prompts(splits), count=token_counter(tuned_dir),
+                                   held_out=held_out_prompts(
+                                       {name: [e for files in splits.per_task.values()
+                                               for e in read_examples(files[name])]
+                                        for name in ("validation", "test")}),
+                                   count=token_counter(tuned_dir),
                                    max_tokens=spec.max_seq_length, max_test_pairs=spec.max_test_pairs)
         mlflow.log_metrics({f"preferences_{k}": v for k, v in data.counts.items()})
         mlflow.log_params({f"preferences_fingerprint_{k}": v for k, v in data.fingerprints.items()})

@@ -134,11 +134,10 @@ def check(config: Path) -> None:
 def _check_preferences(cfg, primary: dict) -> None:
     """The preference data read as the align stage reads it (all but the token lengths, which need the chosen
     model): its rows, pairs and rejects, the first fault named."""
-    from tasks.datasets import DataError, normalise
-    from tasks.preferences import read_preferences
+    from tasks.datasets import DataError
+    from tasks.preferences import held_out_prompts, read_preferences
 
-    held = {e.key: name for name in ("validation", "test") for e in primary[name]} | \
-        {normalise(e.user): name for name in ("validation", "test") for e in primary[name]}
+    held = held_out_prompts({name: primary[name] for name in ("validation", "test")})
     try:
         rows, rejects = read_preferences(cfg.align.data, cfg.data.on_bad_rows, held, cfg.data.seed)
     except DataError as exc:
@@ -414,7 +413,7 @@ def rollback(model: str = typer.Option(..., help="registered model name"),
 
     try:
         typer.echo(registry.rollback(model, reason))
-    except Exception as exc:
+    except Exception as exc:  # MLflow's message names the model; the traceback goes to the log
         _fail(str(exc), exc)
 
 

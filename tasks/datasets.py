@@ -298,6 +298,32 @@ def by_prompt(examples: Iterable[Example]) -> dict[str, str]:
     return {normalise(e.user): identity(e) for e in examples}
 
 
+def rejecter(on_bad_rows: str, rejects: list[dict], **extra) -> Callable[[str, str, dict | None], None]:
+    """How a bad row is treated: raised naming where it is (on_bad_rows=error), or kept in `rejects` with its
+    reason (skip)."""
+    def reject(where: str, reason: str, record: dict | None) -> None:
+        if on_bad_rows == "error":
+            raise DataError(f"{where}: {reason}")
+        rejects.append({"where": where, "reason": reason, "record": record, **extra})
+
+    return reject
+
+
+def readable_rows(rows: list[tuple[str, dict | None, str | None]], task: TaskConfig, variables: set[str],
+                  reject: Callable[[str, str, dict | None], None]) -> Iterable[tuple[str, dict, dict]]:
+    """(where, record, template context) of every row that could be read and has what the templates read; the
+    others go to `reject`."""
+    for where, record, fault in rows:
+        if fault:
+            reject(where, fault, None)
+            continue
+        context, fault = record_context(record, task, variables)
+        if fault:
+            reject(where, fault, record)
+            continue
+        yield where, record, context
+
+
 def to_examples(task: TaskConfig, on_bad_rows: str = "error", seed: int = 13) -> Outcome:
     """Render every record of `task.data`; faults raise (on_bad_rows=error) or become rejects (skip). `seed`
     (the config's data.seed) draws each record's prompt template when the task has several."""
@@ -313,20 +339,8 @@ def to_examples(task: TaskConfig, on_bad_rows: str = "error", seed: int = 13) ->
     compiled = {text: _JINJA.from_string(text) for text in (*task.prompts, task.answer, task.choice_answer)}
     rng = random.Random(seed)
     examples, rejects, seen = [], [], {}
-
-    def reject(where: str, reason: str, record: dict | None) -> None:
-        if on_bad_rows == "error":
-            raise DataError(f"{where}: {reason}")
-        rejects.append({"where": where, "reason": reason, "record": record})
-
-    for where, record, fault in rows:
-        if fault:
-            reject(where, fault, None)
-            continue
-        context, fault = record_context(record, task, variables)
-        if fault:
-            reject(where, fault, record)
-            continue
+    reject = rejecter(on_bad_rows, rejects)
+    for where, record, context in readable_rows(rows, task, variables, reject):
         prompt = task.prompts[0] if task.prompt_choice == "first" else rng.choice(task.prompts)
         try:
             user = compiled[prompt].render(**context).strip()

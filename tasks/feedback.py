@@ -241,17 +241,24 @@ def _reviews_from_mlflow(db: sqlite3.Connection, model: str) -> list[int]:
     return decided
 
 
+def _usable(db_path: str | Path, model: str, require_review: bool) -> tuple[list[tuple], int]:
+    """The feedback rows of registered model `model` a round may use, in id order (approved; with
+    `require_review` off, pending too; rejected never), and how many still wait for review."""
+    with _open(db_path) as db:
+        rows = db.execute(_SELECT + " WHERE r.registered_model = ? AND f.status IN (?, ?) ORDER BY f.id",
+                          (model, APPROVED, APPROVED if require_review else PENDING)).fetchall()
+        pending = db.execute("SELECT COUNT(*) FROM feedback f JOIN responses r ON r.id = f.response_id "
+                             "WHERE r.registered_model = ? AND f.status = ?", (model, PENDING)).fetchone()[0]
+    return rows, pending
+
+
 def harvest(db_path: str | Path, model: str, system_prompt: str, since_id: int = 0, approve_at: int | None = None,
             task: str = "feedback", require_review: bool = True) -> Harvest:
     """The training examples in the feedback of registered model `model`: approved feedback only (with
     `require_review` off, pending too; rejected never). A correction becomes the answer; without one, a reply
     rated at least `approve_at` is kept as it was served. The newest usable feedback on a response wins, across
     every round. The system prompt is the task's (`system_prompt`): a client-supplied one is never trained on."""
-    with _open(db_path) as db:
-        rows = db.execute(_SELECT + " WHERE r.registered_model = ? AND f.status IN (?, ?) ORDER BY f.id",
-                          (model, APPROVED, APPROVED if require_review else PENDING)).fetchall()
-        pending = db.execute("SELECT COUNT(*) FROM feedback f JOIN responses r ON r.id = f.response_id "
-                             "WHERE r.registered_model = ? AND f.status = ?", (model, PENDING)).fetchone()[0]
+    rows, pending = _usable(db_path, model, require_review)
     latest: dict[str, tuple] = {}
     skipped = 0
     for row in rows:  # id order: a newer usable item on the same response replaces the older one
@@ -293,11 +300,7 @@ def judged(db_path: str | Path, model: str, approve_at: int | None = None, rejec
     """The preference signal in the feedback of registered model `model`: approved feedback only (with
     `require_review` off, pending too; rejected never). The newest usable feedback on a response wins. A
     correction equal to the served answer (after normalisation) states no preference and is left out."""
-    with _open(db_path) as db:
-        rows = db.execute(_SELECT + " WHERE r.registered_model = ? AND f.status IN (?, ?) ORDER BY f.id",
-                          (model, APPROVED, APPROVED if require_review else PENDING)).fetchall()
-        pending = db.execute("SELECT COUNT(*) FROM feedback f JOIN responses r ON r.id = f.response_id "
-                             "WHERE r.registered_model = ? AND f.status = ?", (model, PENDING)).fetchone()[0]
+    rows, pending = _usable(db_path, model, require_review)
     pairs: dict[int, dict] = {}
     binary: dict[int, dict] = {}
     for row in rows:  # id order: newer feedback on the same response replaces the older

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from tasks.datasets import (
     fingerprint,
     normalise,
     read_rows,
-    record_context,
+    readable_rows,
+    rejecter,
     split,
     template_variables,
     write_examples,
@@ -135,20 +136,8 @@ def read_preferences(task: TaskConfig, on_bad_rows: str = "error", held_out: dic
     compiled = {text: compile_template(text) for text in (*task.prompts, task.answer)}
     rng = random.Random(seed)
     found, rejects, seen = [], [], {}
-
-    def reject(where: str, reason: str, record: dict | None) -> None:
-        if on_bad_rows == "error":
-            raise DataError(f"{where}: {reason}")
-        rejects.append({"where": where, "reason": reason, "record": record, "task": task.name})
-
-    for where, record, fault in rows:
-        if fault:
-            reject(where, fault, None)
-            continue
-        context, fault = record_context(record, task, variables)
-        if fault:
-            reject(where, fault, record)
-            continue
+    reject = rejecter(on_bad_rows, rejects, task=task.name)
+    for where, record, context in readable_rows(rows, task, variables, reject):
         prompt = task.prompts[0] if task.prompt_choice == "first" else rng.choice(task.prompts)
         try:
             user = compiled[prompt].render(**context).strip()
@@ -176,6 +165,16 @@ def read_preferences(task: TaskConfig, on_bad_rows: str = "error", held_out: dic
     if not found:
         raise DataError(f"{task.data}: every row was rejected ({len(rejects)}); first: {rejects[0]['reason']}")
     return found, rejects
+
+
+def held_out_prompts(held_out: dict[str, Iterable[Example]]) -> dict[str, str]:
+    """The fine-tuning tasks' held-out prompts (split name → its examples) by key and by normalised text → the
+    split: a preference on one of them would train on a question the gate tests."""
+    found = {}
+    for name, examples in held_out.items():
+        for e in examples:
+            found.update({e.key: name, normalise(e.user): name} if e.key else {normalise(e.user): name})
+    return found
 
 
 def longest_tokens(row: Preference, count: Callable[[list[dict]], int]) -> int:
@@ -234,14 +233,13 @@ def prepare_preferences(task: TaskConfig, out_dir: str | Path, *, validation: fl
     rows over `max_tokens` are rejected (never truncated) before anything is split or recorded, so the counts and
     fingerprints describe the data trained and tested on."""
     rows, rejects = read_preferences(task, on_bad_rows, held_out, seed)
+    reject = rejecter(on_bad_rows, rejects, task=task.name)
     kept = []
     for row in rows:
         n = longest_tokens(row, count)
         if n > max_tokens:
-            reason = f"over-long: {n} tokens > align.max_seq_length {max_tokens} with the model's chat template"
-            if on_bad_rows == "error":
-                raise DataError(f"{task.data} id {row.id}: {reason}")
-            rejects.append({"where": f"{task.data} id {row.id}", "reason": reason, "task": task.name})
+            reject(f"{task.data} id {row.id}", f"over-long: {n} tokens > align.max_seq_length {max_tokens} with "
+                                               "the model's chat template", None)
         else:
             kept.append(row)
     if not kept:

@@ -49,6 +49,31 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST))
 
 
+def killed_at_checkpoint(script: Path, checkpoints: Path, at: int = 3) -> int:
+    """Run `script` (a training process) and SIGKILL it once a checkpoint of step `at` or later is whole, possibly
+    in the middle of writing the next one; returns the last whole checkpoint's step."""
+    import subprocess
+    import sys
+    import time
+
+    from tasks.training import last_complete_checkpoint
+
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "training ended before it could be killed"
+            last = last_complete_checkpoint(checkpoints)
+            if last and int(last.rsplit("-", 1)[1]) >= at:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    return int(last_complete_checkpoint(checkpoints).rsplit("-", 1)[1])
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
     """One state folder for the whole session (BentoML fixes its home on first use)."""

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,7 @@ from tasks.models import META_FILE, load
 from tasks.preferences import prepare_preferences
 from tasks.schema import GateConfig, TaskConfig
 from tasks.scoring import score_preferences
-from tasks.training import last_complete_checkpoint
-from tests.conftest import NOUNS, ROOT
+from tests.conftest import NOUNS, killed_at_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +101,7 @@ def test_a_killed_alignment_resumes_from_its_last_checkpoint(preferences, tiny_m
         "from tasks.alignment_config import AlignConfig\n"
         f"align.fn({tiny_model!r}, {splits.train!r}, {str(out)!r}, AlignConfig.model_validate_json("
         f"{spec(data, max_steps=400, batch_size=2, save_steps=1).model_dump_json()!r}))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "alignment ended before it could be killed"
-            last = last_complete_checkpoint(out / "checkpoints")
-            if last and int(last.rsplit("-", 1)[1]) >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.kill()  # SIGKILL, possibly in the middle of writing the next checkpoint
-        proc.wait()
-    saved = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    saved = killed_at_checkpoint(script, out / "checkpoints")
     assert 3 <= saved < 400
     settings = spec(data, max_steps=saved + 2, batch_size=2, save_steps=1)
     result = align.fn(tiny_model, splits.train, str(out), settings)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,6 @@ from tasks.training import (
     cpu_bf16,
     device_settings,
     gemm_gflops,
-    last_complete_checkpoint,
     measured_step_seconds,
     native_bf16,
     prefer_bf16,
@@ -28,7 +24,7 @@ from tasks.training import (
     train,
 )
 from tasks.training_config import FinetuneConfig, LoraConfig
-from tests.conftest import ROOT, SENTIMENT
+from tests.conftest import ROOT, SENTIMENT, killed_at_checkpoint
 
 SMALL = LoraConfig(r=4, alpha=8)  # enough rank for the tiny model
 
@@ -175,20 +171,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, t
         f"train.fn({tiny_model!r}, {train_file!r}, {str(out)!r}, FinetuneConfig(lora={{'r': 4, 'alpha': 8}}, "
         "max_steps=400, batch_size=2, max_seq_length=64, save_steps=1))\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "training ended before it could be killed"
-            last = last_complete_checkpoint(out / "checkpoints")
-            if last and int(last.rsplit("-", 1)[1]) >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.kill()  # SIGKILL: no clean-up, possibly in the middle of writing the next checkpoint
-        proc.wait()
-    saved = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    saved = killed_at_checkpoint(script, out / "checkpoints")
     assert 3 <= saved < 400
 
     spec = FinetuneConfig(lora=SMALL, max_steps=saved + 2, batch_size=2, max_seq_length=64, save_steps=1)
