@@ -224,6 +224,23 @@ def align(version: str = typer.Argument(None, help="registered version; default:
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command("finetune-rank")
+def finetune_rank(run_folder: Path = typer.Argument(..., help="the fine-tuning run's folder, on a shared filesystem"),
+                  machine_rank: int = typer.Option(..., help="this machine's rank, 1 to num_machines - 1"),
+                  wait: float = typer.Option(600, help="seconds to wait for machine 0 to start the run"),
+                  network_interface: str = typer.Option(None, help="this machine's NIC, where not machine 0's name")
+                  ) -> None:
+    """Join a distributed fine-tuning run (`finetune.distributed` with num_machines > 1) from another machine:
+    its ranks train beside machine 0's, which runs the lifecycle and writes the weights."""
+    from tasks.distributed import join
+
+    try:
+        join(run_folder, machine_rank, wait, network_interface)
+    except (TimeoutError, RuntimeError, ValueError) as exc:  # no job yet, a failed rank (its log named), a bad rank
+        _fail(f"finetune-rank {machine_rank} in {run_folder}: {exc}")
+    typer.echo(f"finetune-rank: machine {machine_rank}'s ranks finished")
+
+
 @app.command()
 def gc(config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model"),
        keep: int = typer.Option(None, help="newest versions whose served copies stay; default: deploy.keep, else 3")

@@ -10,7 +10,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import mlflow
@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tasks.caching import library_versions
 from tasks.datasets import Example, chat_messages, read_examples
+from tasks.distributed import launch
 from tasks.models import META_FILE, load, model_info
 from tasks.training_config import FinetuneConfig
 
@@ -46,7 +47,10 @@ def run_key(base_dir: str, train_path: str, spec: BaseModel) -> str:
     digest.update(Path(base_dir, META_FILE).read_bytes())
     digest.update(Path(base_dir).resolve().as_posix().encode())
     digest.update(Path(train_path).read_bytes())
-    digest.update(spec.model_dump_json(exclude={"stages"}).encode())
+    # Where a distributed run's machines meet does not change what it trains: a moved machine 0 resumes.
+    where = {"machine_rank", "main_process_ip", "main_process_port", "network_interface"}
+    exclude = {"stages": True, "distributed": True if getattr(spec, "distributed", None) is None else where}
+    digest.update(spec.model_dump_json(exclude=exclude).encode())
     digest.update(json.dumps(library_versions(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -173,9 +177,10 @@ def _load_for(method: str, base_dir: Path, device: str):
     from peft import prepare_model_for_kbit_training
 
     quantization = qlora_quantization(device)
+    placement = {"": torch.cuda.current_device()} if device == "cuda" else "cpu"  # a distributed rank: its own GPU
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization,
                                                  dtype=quantization.bnb_4bit_compute_dtype, use_safetensors=True,
-                                                 device_map={"": 0} if device == "cuda" else "cpu",
+                                                 device_map=placement,
                                                  attn_implementation="sdpa")
     # activation checkpointing only where device_settings turns it on: a CPU has the memory to spare
     return (prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda"),
@@ -263,14 +268,17 @@ def run_arguments(spec, checkpoints: Path) -> dict:
         "seed": spec.seed,
         "report_to": ["mlflow"] if mlflow.active_run() else [],
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,  # a distributed run: every trained weight is used each step
     }
 
 
 def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_path: str | None, checkpoints: Path,
-                device: str, callbacks: list | None = None, eval_every: int | None = None) -> SFTTrainer:
-    """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings, packing, LoRA/DoRA
-    through peft unless the method is full fine-tuning, early stopping on the validation loss when asked.
-    `eval_every`: also compute the validation loss every so many steps (a search trial reports it)."""
+                device: str, callbacks: list | None = None, eval_every: int | None = None,
+                settings: dict | None = None) -> SFTTrainer:
+    """TRL's SFTTrainer for `spec`: completion-only loss, the device's precision settings (`settings`, else
+    this process's `device_settings`), packing, LoRA/DoRA through peft unless the method is full fine-tuning,
+    early stopping on the validation loss when asked. `eval_every`: also compute the validation loss every so
+    many steps (a search trial reports it)."""
     early = bool(spec.early_stopping_patience)
     evaluating = early or bool(eval_every)
     args = SFTConfig(
@@ -284,7 +292,7 @@ def sft_trainer(model, tokenizer, spec: FinetuneConfig, train_path: str, val_pat
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        **device_settings(device),
+        **(settings or device_settings(device)),
     )
     peft_config = None if spec.method == "full" else PeftLoraConfig(
         r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
@@ -304,24 +312,50 @@ def train(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, va
           callbacks: list | None = None, eval_every: int | None = None) -> TrainResult:
     """SFT of `base_dir` on the chat examples in `train_path`; writes the adapter (if any) and the merged model.
     With `eval_every` (a search trial) the validation loss is computed every so many steps, for `callbacks`,
-    and once more at the end (`eval_loss`)."""
+    and once more at the end (`eval_loss`). With `spec.distributed` the ranks train in processes of their own
+    (tasks/distributed.py), all with the precision chosen here."""
     if spec.early_stopping_patience and not (val_path and spec.save_steps):
         raise ValueError("early stopping needs a validation file and save_steps (the evaluation interval)")
     if eval_every and not val_path:
         raise ValueError("eval_every needs a validation file")
-    out, base = Path(out_dir), Path(base_dir)
+    out = Path(out_dir)
     if done := TrainResult.load(out):  # finished before with these inputs: nothing to redo
         return done
+    if not spec.distributed:
+        return fit(base_dir, train_path, out_dir, spec, val_path, callbacks, eval_every)
+    if callbacks or eval_every:
+        raise ValueError("a distributed run takes no callbacks (a search trial trains in one process)")
+    device = resolve_device(spec.device)
+    run = mlflow.active_run()
+    job = {"base_dir": base_dir, "train_path": train_path, "out_dir": out_dir, "val_path": val_path,
+           "spec": spec.model_dump(mode="json"), "device": device, "settings": device_settings(device),
+           "mlflow_tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": run.info.run_id if run else None}
+    launch(job, out / "launch", spec.distributed, device, job["settings"]["bf16"])
+    if not (result := TrainResult.load(out)):
+        raise RuntimeError(f"distributed fine-tuning ended without a result in {out} (see {out / 'launch'})")
+    return replace(result, cached=False)
+
+
+def fit(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_path: str | None = None,
+        callbacks: list | None = None, eval_every: int | None = None, settings: dict | None = None
+        ) -> TrainResult | None:
+    """Train in this process: a whole run, or one rank of a distributed one (`settings`: the precision its
+    launcher chose for every rank). The main process writes the adapter, the merged weights and result.json
+    (last: it marks the run complete); the other ranks return None."""
+    out, base = Path(out_dir), Path(base_dir)
     checkpoints = out / "checkpoints"
     device = resolve_device(spec.device)
     model, tokenizer = _load_for(spec.method, base, device)
-    trainer = sft_trainer(model, tokenizer, spec, train_path, val_path, checkpoints, device, callbacks, eval_every)
+    trainer = sft_trainer(model, tokenizer, spec, train_path, val_path, checkpoints, device, callbacks, eval_every,
+                          settings)
     lora = spec.method != "full"
     resume = last_complete_checkpoint(checkpoints)
     reset_peak_memory()
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None
     final_eval = None
     if eval_every:  # the last step's validation loss, unless the run evaluated at its last step already
         last = [log["eval_loss"] for log in trainer.state.log_history

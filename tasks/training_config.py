@@ -72,6 +72,29 @@ class SearchConfig(Strict):
         return self
 
 
+class DistributedConfig(Strict):
+    """Fine-tuning over several processes, on one machine or several, through `accelerate launch`. Each
+    machine runs the same number of processes; machine 0 runs the lifecycle, the others join with
+    `tuneline finetune-rank RUN_FOLDER --machine-rank K` on a shared filesystem."""
+
+    num_processes: int = Field(2, gt=0, description="processes on all machines together (one per GPU)")
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0, description="this machine's rank; 0 runs the lifecycle")
+    main_process_ip: str = Field("127.0.0.1", description="machine 0's address, reachable from the others")
+    main_process_port: int = Field(29500, gt=0, lt=65536)
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"  # on a CPU, ddp over gloo
+    network_interface: str | None = Field(None, description="the NIC the ranks talk over (GLOO/NCCL_SOCKET_IFNAME)")
+
+    @model_validator(mode="after")
+    def _even(self) -> DistributedConfig:
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes {self.num_processes} must be a multiple of num_machines "
+                             f"{self.num_machines} (each machine runs the same number)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        return self
+
+
 class FinetuneConfig(Strict):
     """One fine-tuning run's method and hyperparameters: the `finetune` section of a lifecycle YAML, and what
     tasks/training.py's `train` takes (a sequential stage is this config with the stage's overrides)."""
@@ -95,10 +118,17 @@ class FinetuneConfig(Strict):
     stages: list[FinetuneStage] = Field(default_factory=list,
                                         description="sequential fine-tuning; empty: one run on the task mixture")
     search: SearchConfig | None = Field(None, description="hyperparameter search; the best trial goes on")
+    distributed: DistributedConfig | None = Field(None, description="several processes or machines (accelerate)")
 
     @model_validator(mode="after")
     def _searchable(self) -> FinetuneConfig:
         """Every searched field exists and every value it may take is valid for it."""
+        if self.distributed and self.search:
+            raise ValueError("distributed: not with search (each trial trains in a process of its own; search "
+                             "first, then train the best settings distributed)")
+        if self.distributed and self.method == "qlora" and self.distributed.strategy != "ddp":
+            raise ValueError(f"distributed.strategy {self.distributed.strategy}: QLoRA's 4-bit base trains with "
+                             "ddp only here")
         if self.search is None:
             return self
         if self.stages:
