@@ -89,6 +89,17 @@ def up(config: list[Path] = typer.Option([Path("configs/demo.yaml")],
 
 
 @app.command()
+def worker(pool: str = typer.Argument(..., help="the work pool, e.g. the config's finetune.work_pool")) -> None:
+    """Start a process worker for POOL on this machine, beside the stack (`down` stops it): where the GPU stages
+    run when this machine has the GPUs. Elsewhere: `prefect worker start --pool POOL`."""
+    _connect(prefect=True)
+    try:
+        typer.echo(local.start_worker(pool, local.configure_env()))
+    except (RuntimeError, TimeoutError) as exc:  # the pool refused, or the worker never came online (log named)
+        _fail(str(exc))
+
+
+@app.command()
 def down() -> None:
     """Stop the servers and the Bento service that tuneline started (by PID); leave anything else alone."""
     for line in local.down():

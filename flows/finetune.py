@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 from matplotlib.figure import Figure
-from prefect import flow
+from prefect import flow, get_client
+from prefect.client.schemas.objects import WorkerStatus
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from evals.variants import ZERO_SHOT
 from flows.config import LifecycleConfig, load_config
@@ -95,10 +100,11 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
 
 @flow(name="finetune")
 def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str,
-                   tasks_dir: str | None = None) -> FineTuned:
+                   tasks_dir: str | None = None, handoff: str | None = None) -> FineTuned:
     """One run on the task mixture, sequential stages each starting from the previous stage's weights, or a
     hyperparameter search whose best trial goes on (`finetune.search`; `tasks_dir` scores a validation_score
-    objective with lm-eval, as selection does).
+    objective with lm-eval, as selection does). `handoff`: also write the result there as JSON (run on a work
+    pool, the stage hands its result back to the lifecycle through the shared state folder, as its weights).
 
     Each run trains in a folder named by its inputs, so a killed run resumes from its checkpoint when
     started again and a finished one is reused.
@@ -137,8 +143,40 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
                             "seconds | tokens/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
                             + f"\n\nPlanned: {plan}." + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                             + "\n\nThe adapter and the loss curve are in the MLflow run.")
-    return FineTuned(result.merged, run.info.run_id, result.steps, result.train_loss,
-                     result.train_seconds, result.tokens_per_second)
+    tuned = FineTuned(result.merged, run.info.run_id, result.steps, result.train_loss,
+                      result.train_seconds, result.tokens_per_second)
+    if handoff:
+        Path(handoff).parent.mkdir(parents=True, exist_ok=True)
+        Path(handoff).write_text(json.dumps(asdict(tuned)))
+    return tuned
+
+
+def finetune_on_pool(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str,
+                     tasks_dir: str | None = None) -> FineTuned:
+    """The finetune stage as a run of its deployment on `finetune.work_pool` (the GPU machines' workers), waited
+    for as a subflow of the lifecycle. Paths and MLflow run ids go both ways: the pool's machines share the state
+    folder (the model store, the splits, the runs), as every stage's files are shared."""
+    pool = config.finetune.work_pool
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise RuntimeError(f"finetune.work_pool {pool}: no such work pool; `tuneline up` creates it with the "
+                               "config's deployments") from None
+        workers = client.read_workers_for_work_pool(pool)
+    if not any(w.status == WorkerStatus.ONLINE for w in workers):  # else the run would wait for ever
+        raise RuntimeError(f"finetune.work_pool {pool}: no worker is online; start one where the GPUs are "
+                           f"(`prefect worker start --pool {pool}`, or `tuneline worker {pool}` on this machine)")
+    handoff = Path(runs_dir) / "handoff" / f"{parent_run_id}.json"
+    handoff.unlink(missing_ok=True)
+    print(f"finetune: on work pool {pool}")
+    run = run_deployment(f"finetune/{config.name}", timeout=None, parameters={
+        "config": config.model_dump(mode="json"), "base_dir": base_dir, "splits": asdict(splits),
+        "runs_dir": runs_dir, "parent_run_id": parent_run_id, "tasks_dir": tasks_dir, "handoff": str(handoff)})
+    if not run.state.is_completed() or not handoff.is_file():
+        raise RuntimeError(f"finetune on work pool {pool}: flow run {run.name} ended {run.state.name}"
+                           f"{': ' + run.state.message if run.state.message else ''}")
+    return FineTuned(**json.loads(handoff.read_text()))
 
 
 @flow(name="finetune-model", log_prints=True)

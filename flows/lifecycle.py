@@ -18,7 +18,7 @@ from flows.config import load_config
 from flows.data import lengths_stage, prepare
 from flows.deploy import deploy_stage
 from flows.evaluate import evaluate_stage
-from flows.finetune import finetune_stage
+from flows.finetune import finetune_on_pool, finetune_stage
 from flows.promote import promote_stage
 from flows.select import select_stage
 from tasks import tracking
@@ -58,7 +58,8 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         if "validation" in fitted.changed:  # selection scored items that are gone now: the bar is scored anew
             chosen = replace(chosen, result=None)
         baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
-        tuned: FineTuned = finetune_stage(config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
+        tuned: FineTuned = (finetune_on_pool if config.finetune.work_pool else finetune_stage)(
+            config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
         aligned: Aligned | None = align_stage(config, tuned.merged, splits, str(home / "finetune"), pid,
                                               tasks_dir) if config.align else None
         report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,

@@ -22,7 +22,7 @@ from flows.config import LifecycleConfig, load_config
 from flows.deploy import deploy_version
 from flows.evaluate import evaluate_version
 from flows.feedback import retrain_from_feedback
-from flows.finetune import finetune_model
+from flows.finetune import finetune_model, finetune_stage
 from flows.lifecycle import lifecycle
 from flows.promote import promote_version, rollback_champion
 
@@ -65,11 +65,31 @@ def deployments(config_path: str) -> list:
     ]
 
 
+def stage_deployments(config_path: str) -> list[tuple]:
+    """The stages a config sends to a work pool of their own (`finetune.work_pool`: the GPU machines), each with
+    its pool: the lifecycle starts them there (flows/finetune.finetune_on_pool) and waits."""
+    config = load_config(config_path)
+    if not config.finetune.work_pool:
+        return []
+    stage = finetune_stage.to_deployment(config.name, tags=[TAG, config.name, "stage"],
+                                         entrypoint_type=EntrypointType.MODULE_PATH,
+                                         description="The lifecycle's finetune stage on the GPU pool: started by "
+                                                     "the lifecycle with its data and model, not by hand.")
+    return [(stage, config.finetune.work_pool)]
+
+
+def _apply(found, pool: str) -> None:
+    found.apply(work_pool_name=pool)  # its path is this checkout: a process worker runs it from there
+    print(f"{found.flow_name}/{found.name} -> work pool {pool}")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--pool"]:
-        pool = sys.argv[2]
-        for found in (d for path in sys.argv[3:] for d in deployments(path)):
-            found.apply(work_pool_name=pool)  # its path is this checkout: a process worker runs it from here
-            print(f"{found.flow_name}/{found.name} -> work pool {pool}")
+    pooled = sys.argv[1:2] == ["--pool"]
+    configs = sys.argv[3:] if pooled else sys.argv[1:]
+    for found, pool in (pair for path in configs for pair in stage_deployments(path)):
+        _apply(found, pool)
+    if pooled:
+        for found in (d for path in configs for d in deployments(path)):
+            _apply(found, sys.argv[2])
     else:
-        serve(*[d for path in sys.argv[1:] for d in deployments(path)], limit=1, print_starting_message=True)
+        serve(*[d for path in configs for d in deployments(path)], limit=1, print_starting_message=True)

@@ -213,6 +213,8 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
     from infra.deployments import deployments  # imports every flow: only when a runner is wanted
 
     stop_started("runner", home)
+    for stage_pool in _stage_pools(configs):
+        _create_pool(stage_pool)
     expected = {(d.name, d.flow_name) for path in configs for d in deployments(path)}
     env = _client_process_env(home)
     started = time.time()
@@ -232,36 +234,57 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
         ", ".join(sorted(f"{flow}/{name}" for name, flow in expected))
 
 
+def _create_pool(pool: str) -> None:
+    """The process work pool `pool`, created unless it exists (of any type: a Kubernetes pool stays one)."""
+    created = httpx.post(f"{prefect_server().url}/api/work_pools/", json={"name": pool, "type": "process"},
+                         timeout=30)
+    if created.status_code not in (201, 409):  # 409: it exists already
+        raise RuntimeError(f"work pool {pool}: the Prefect server refused it ({created.status_code}: {created.text})")
+
+
+def start_worker(pool: str, home: Path, timeout_s: float = 180.0) -> str:
+    """A `prefect worker` for the process pool `pool` (created if missing), under the state folder (`down` stops
+    it), once it is online."""
+    _create_pool(pool)
+    name = f"worker-{pool}"
+    stop_started(name, home)
+    proc = spawn(name, [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type",
+                        "process", "--limit", "1"], _client_process_env(home), home, cwd=ROOT)
+
+    def online() -> bool:
+        try:
+            workers = httpx.post(f"{prefect_server().url}/api/work_pools/{pool}/workers/filter", json={},
+                                 timeout=5).json()
+        except httpx.HTTPError:
+            return False
+        return any(w.get("status") == "ONLINE" for w in workers)
+
+    wait_until(name, online, proc, home, timeout_s)
+    return f"{name}: started (pid {proc.pid})"
+
+
 def start_pool(pool: str, configs: list[str], home: Path, timeout_s: float = 180.0) -> str:
     """Register the configs' deployments on the process work pool `pool` (created if missing) and start a
     worker for it; the runner, if one ran, is stopped (its deployments now belong to the pool).
 
     Other workers on other machines (`prefect worker start --pool NAME`) then share the pool's runs."""
     stop_started("runner", home)
-    env = _client_process_env(home)
-    api = f"{prefect_server().url}/api"
-    created = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=30)
-    if created.status_code not in (201, 409):  # 409: it exists already
-        raise RuntimeError(f"work pool {pool}: the Prefect server refused it ({created.status_code}: {created.text})")
-    done = subprocess.run([sys.executable, "-m", "infra.deployments", "--pool", pool, *configs], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout_s)
+    _create_pool(pool)
+    for stage_pool in _stage_pools(configs):
+        _create_pool(stage_pool)
+    done = subprocess.run([sys.executable, "-m", "infra.deployments", "--pool", pool, *configs],
+                          env=_client_process_env(home), cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"registering the deployments on work pool {pool} failed: {done.stderr[-2000:]}")
-    name = f"worker-{pool}"
-    stop_started(name, home)
-    proc = spawn(name, [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type",
-                        "process", "--limit", "1"], env, home, cwd=ROOT)
+    count = done.stdout.count(f" -> work pool {pool}\n")
+    return f"{start_worker(pool, home, timeout_s)}; {count} deployments on work pool {pool}"
 
-    def online() -> bool:
-        try:
-            workers = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5).json()
-        except httpx.HTTPError:
-            return False
-        return any(w.get("status") == "ONLINE" for w in workers)
 
-    wait_until(name, online, proc, home, timeout_s)
-    count = done.stdout.count(" -> work pool ")
-    return f"{name}: started (pid {proc.pid}); {count} deployments on work pool {pool}"
+def _stage_pools(configs: list[str]) -> set[str]:
+    """The work pools the configs send stages to (`finetune.work_pool`)."""
+    from flows.config import load_config
+
+    return {pool for c in configs if (pool := load_config(c).finetune.work_pool)}
 
 
 def up(home: Path | None = None, configs: list[str] = (), pool: str | None = None) -> list[str]:
@@ -277,6 +300,8 @@ def up(home: Path | None = None, configs: list[str] = (), pool: str | None = Non
     if configs:
         paths = [str(Path(c).resolve()) for c in configs]
         lines.append(start_pool(pool, paths, home) if pool else start_runner(paths, home))
+        lines += [f"work pool {p}: the finetune stage's runs wait there for a worker (`tuneline worker {p}` here, or "
+                  f"`prefect worker start --pool {p}` where the GPUs are)" for p in sorted(_stage_pools(paths))]
     return lines
 
 

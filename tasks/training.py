@@ -47,9 +47,11 @@ def run_key(base_dir: str, train_path: str, spec: BaseModel) -> str:
     digest.update(Path(base_dir, META_FILE).read_bytes())
     digest.update(Path(base_dir).resolve().as_posix().encode())
     digest.update(Path(train_path).read_bytes())
-    # Where a distributed run's machines meet does not change what it trains: a moved machine 0 resumes.
+    # Where a run executes (its work pool, where a distributed run's machines meet) does not change what it
+    # trains: a moved machine 0 resumes.
     where = {"machine_rank", "main_process_ip", "main_process_port", "network_interface"}
-    exclude = {"stages": True, "distributed": True if getattr(spec, "distributed", None) is None else where}
+    exclude = {"stages": True, "work_pool": True,
+               "distributed": True if getattr(spec, "distributed", None) is None else where}
     digest.update(spec.model_dump_json(exclude=exclude).encode())
     digest.update(json.dumps(library_versions(), sort_keys=True).encode())
     return digest.hexdigest()[:16]

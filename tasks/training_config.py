@@ -119,6 +119,8 @@ class FinetuneConfig(Strict):
                                         description="sequential fine-tuning; empty: one run on the task mixture")
     search: SearchConfig | None = Field(None, description="hyperparameter search; the best trial goes on")
     distributed: DistributedConfig | None = Field(None, description="several processes or machines (accelerate)")
+    work_pool: str | None = Field(None, description="the Prefect work pool whose workers run this stage (the GPU "
+                                                    "machines); default: where the lifecycle runs")
 
     @model_validator(mode="after")
     def _searchable(self) -> FinetuneConfig:

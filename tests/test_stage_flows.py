@@ -127,3 +127,22 @@ def test_align_model_registers_a_pending_aligned_version_from_a_preference_file(
     assert version.tags["tuneline.system"] == "v1 + DPO"
     with pytest.raises(ValueError, match="no champion"):
         align_model(config)  # nothing named and nothing promoted
+
+
+def test_a_stage_sent_to_a_work_pool_without_a_worker_fails_at_once_naming_the_fix(config, prefect_api, tmp_path):
+    """The lifecycle would otherwise wait for ever on a run no worker takes."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.config import load_config
+    from flows.finetune import finetune_on_pool
+
+    cfg = load_config(config)
+    cfg.finetune.work_pool = "gpu-nobody"
+    with pytest.raises(RuntimeError, match="finetune.work_pool gpu-nobody: no such work pool; `tuneline up` creates"):
+        finetune_on_pool(cfg, "base", None, str(tmp_path), "run")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu-nobody", type="process"))
+    with pytest.raises(RuntimeError, match="no worker is online; start one where the GPUs are .*tuneline worker "
+                                           "gpu-nobody"):
+        finetune_on_pool(cfg, "base", None, str(tmp_path), "run")
