@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -58,6 +58,24 @@ def _search_table(found: Search) -> str:
             f"|---|{'---|' * len(names)}---|---|---|\n{rows}")
 
 
+@dataclass(frozen=True)
+class ValidationScore:
+    """A trial's validation score objective: the gate's metric of its weights on the validation items that
+    selection scores, with lm-eval. A dataclass, not a closure: it travels to the trial's own process."""
+    tasks_dir: str
+    task_name: str
+    system_prompt: str
+    limit: int | None
+    batch_size: int
+    kind: str
+    metric: str
+
+    def __call__(self, merged: str) -> float:
+        found = score.fn(merged, self.tasks_dir, self.task_name, system_prompt=self.system_prompt, shots=0,
+                         limit=self.limit, batch_size=self.batch_size, kind=self.kind)
+        return found.metrics[self.metric]
+
+
 def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_dir: str, run_id: str,
             tasks_dir: str | None) -> TrainResult:
     """The search's trials on the training and validation splits (never the test split); its report in the
@@ -67,12 +85,9 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
     if spec.search.objective == "validation_score":
         if tasks_dir is None:
             raise ValueError("finetune.search.objective validation_score needs the lm-eval tasks (run the lifecycle)")
-
-        def scorer(merged: str) -> float:
-            found = score.fn(merged, tasks_dir, ZERO_SHOT.task(task.name, "validation"),
-                             system_prompt=task.system_prompt, shots=0, limit=task.max_validation_examples,
-                             batch_size=config.evaluation.batch_size, kind=task.kind)
-            return found.metrics[config.gate.metric]
+        scorer = ValidationScore(tasks_dir, ZERO_SHOT.task(task.name, "validation"), task.system_prompt,
+                                 task.max_validation_examples, config.evaluation.batch_size, task.kind,
+                                 config.gate.metric)
 
     # Each trial's validation loss is computed on the validation items selection scores (the first
     # max_validation_examples): on a CPU a pass over a whole validation split can cost more than the training.

@@ -4,6 +4,7 @@ best one handed on, a killed search resumed, hopeless trials pruned, and the tes
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -70,6 +71,22 @@ def test_a_grid_of_four_trials_resumed_after_a_kill_logs_a_nested_run_each_and_h
         assert run.data.metrics["objective"] == pytest.approx(t.objective)
         assert "eval_loss" in run.data.metrics and run.data.tags["tuneline.trial_state"] == "COMPLETE"
     assert (Path(found.best.result.merged) / "model.safetensors").is_file()  # the best weights go on
+
+
+def test_trials_at_once_run_in_processes_of_their_own_and_match_trials_one_after_the_other(
+        tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
+    """Two trials in parallel are as reproducible as two in a row: each trains in its own process (threads of one
+    would share torch's global RNG, drawn from by both LoRA initialisations at once)."""
+    objectives, processes = {}, {}
+    for parallel in (1, 2):
+        with mlflow.start_run() as parent:
+            found = search(spec(trials=2, max_parallel=parallel, space={"learning_rate": [1e-2, 3e-2]}), tiny_model,
+                           splits.train, splits.validation, str(tmp_path / str(parallel)), parent.info.run_id)
+        objectives[parallel] = {t.params["learning_rate"]: t.objective for t in found.trials}
+        processes[parallel] = {r.data.tags["tuneline.trial_process"] for r in nested_runs(parent.info.run_id)}
+    assert objectives[2] == pytest.approx(objectives[1], rel=1e-6) and len(objectives[2]) == 2
+    assert all(len(found) == 2 for found in processes.values())  # a process per trial ...
+    assert not any(p.endswith(f":{os.getpid()}") for found in processes.values() for p in found)  # ... not this one
 
 
 def test_a_hopeless_trial_is_pruned_at_its_first_report(tiny_model, splits, prefect_api, mlflow_sqlite, tmp_path):
