@@ -21,10 +21,10 @@ from tasks.datasets import Splits, read_examples, write_examples
 from tasks.models import provision_model
 from tasks.paths import run_folder
 from tasks.scoring import score
-from tasks.search import Search, search
+from tasks.search import Search, search, trial_here
 from tasks.tracking import publish, stage_run
 from tasks.training import FineTuned, TrainResult, run_key, train
-from tasks.training_config import training_plan
+from tasks.training_config import FinetuneConfig, training_plan
 
 
 def _objective_plot(found: Search) -> Figure:
@@ -93,7 +93,8 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
     # max_validation_examples): on a CPU a pass over a whole validation split can cost more than the training.
     validation = Path(files["validation"]).with_name("validation_search.jsonl")
     write_examples(validation, read_examples(files["validation"])[: task.max_validation_examples])
-    found = search(spec, base_dir, files["train"], str(validation), runs_dir, run_id, scorer)
+    found = search(spec, base_dir, files["train"], str(validation), runs_dir, run_id, scorer,
+                   f"search-trial/{config.name}" if spec.search.work_pool else None)
     best = found.best
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
     mlflow.log_metrics({"best_objective": best.objective, "search_trials": len(found.trials),
@@ -111,6 +112,18 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
     print(f"search: {len(found.trials)} trials ({sum(t.state == 'PRUNED' for t in found.trials)} pruned); best "
           f"trial {best.number} {best.params}: {found.objective} {best.objective:.4f}")
     return best.result
+
+
+@flow(name="search-trial", log_prints=False)  # (as `train`)
+def search_trial(number: int, study_name: str, storage: str, params: dict, spec: FinetuneConfig, base_dir: str,
+                 train_path: str, val_path: str, runs_dir: str, parent_run_id: str, tracking_uri: str,
+                 score: dict | None, handoff: str) -> None:
+    """One search trial on a pool worker (`finetune.search.work_pool`), started by the search with its study and
+    settings; the trial goes back through `handoff` in the shared runs folder."""
+    trial = trial_here(number, study_name, storage, params, spec, base_dir, train_path, val_path, runs_dir,
+                       parent_run_id, tracking_uri, ValidationScore(**score) if score else None)
+    Path(handoff).parent.mkdir(parents=True, exist_ok=True)
+    Path(handoff).write_text(json.dumps(asdict(trial)))
 
 
 @flow(name="finetune")

@@ -22,7 +22,7 @@ from flows.config import LifecycleConfig, load_config
 from flows.deploy import deploy_version
 from flows.evaluate import evaluate_version
 from flows.feedback import retrain_from_feedback
-from flows.finetune import finetune_model, finetune_stage
+from flows.finetune import finetune_model, finetune_stage, search_trial
 from flows.lifecycle import lifecycle
 from flows.promote import promote_version, rollback_champion
 
@@ -66,16 +66,23 @@ def deployments(config_path: str) -> list:
 
 
 def stage_deployments(config_path: str) -> list[tuple]:
-    """The stages a config sends to a work pool of their own (`finetune.work_pool`: the GPU machines), each with
-    its pool: the lifecycle starts them there (flows/finetune.finetune_on_pool) and waits."""
+    """The runs a config sends to work pools of their own, each with its pool: the finetune stage
+    (`finetune.work_pool`: the GPU machines) and the search's trials (`finetune.search.work_pool`). The lifecycle
+    and the search start them there and wait."""
     config = load_config(config_path)
-    if not config.finetune.work_pool:
-        return []
-    stage = finetune_stage.to_deployment(config.name, tags=[TAG, config.name, "stage"],
-                                         entrypoint_type=EntrypointType.MODULE_PATH,
-                                         description="The lifecycle's finetune stage on the GPU pool: started by "
-                                                     "the lifecycle with its data and model, not by hand.")
-    return [(stage, config.finetune.work_pool)]
+    common = {"tags": [TAG, config.name, "stage"], "entrypoint_type": EntrypointType.MODULE_PATH}
+    found = []
+    if config.finetune.work_pool:
+        found.append((finetune_stage.to_deployment(
+            config.name, **common, description="The lifecycle's finetune stage on the GPU pool: started by the "
+                                               "lifecycle with its data and model, not by hand."),
+            config.finetune.work_pool))
+    if config.finetune.search and config.finetune.search.work_pool:
+        found.append((search_trial.to_deployment(
+            config.name, **common, description="One trial of the finetune stage's search: started by the search, "
+                                               "not by hand."),
+            config.finetune.search.work_pool))
+    return found
 
 
 def _apply(found, pool: str) -> None:

@@ -280,11 +280,17 @@ def start_pool(pool: str, configs: list[str], home: Path, timeout_s: float = 180
     return f"{start_worker(pool, home, timeout_s)}; {count} deployments on work pool {pool}"
 
 
-def _stage_pools(configs: list[str]) -> set[str]:
-    """The work pools the configs send stages to (`finetune.work_pool`)."""
+def _stage_pools(configs: list[str]) -> dict[str, str]:
+    """The work pools the configs send runs to, each with what it runs there."""
     from flows.config import load_config
 
-    return {pool for c in configs if (pool := load_config(c).finetune.work_pool)}
+    pools: dict[str, list[str]] = {}
+    for finetune in (load_config(c).finetune for c in configs):
+        if finetune.work_pool:
+            pools.setdefault(finetune.work_pool, []).append("the finetune stage's runs")
+        if finetune.search and finetune.search.work_pool:
+            pools.setdefault(finetune.search.work_pool, []).append("the search's trials")
+    return {pool: " and ".join(sorted(set(what))) for pool, what in pools.items()}
 
 
 def up(home: Path | None = None, configs: list[str] = (), pool: str | None = None) -> list[str]:
@@ -300,8 +306,9 @@ def up(home: Path | None = None, configs: list[str] = (), pool: str | None = Non
     if configs:
         paths = [str(Path(c).resolve()) for c in configs]
         lines.append(start_pool(pool, paths, home) if pool else start_runner(paths, home))
-        lines += [f"work pool {p}: the finetune stage's runs wait there for a worker (`tuneline worker {p}` here, or "
-                  f"`prefect worker start --pool {p}` where the GPUs are)" for p in sorted(_stage_pools(paths))]
+        lines += [f"work pool {p}: {what} wait there for a worker (`tuneline worker {p}` here, or "
+                  f"`prefect worker start --pool {p}` where the GPUs are)"
+                  for p, what in sorted(_stage_pools(paths).items())]
     return lines
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import socket
@@ -23,6 +24,7 @@ import mlflow
 import optuna
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 from prefect.futures import wait
 from transformers import TrainerCallback
 
@@ -118,11 +120,12 @@ def open_study(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: s
     return study, storage
 
 
-def _trial(number: int, study_name: str, storage: str, params: dict, spec: FinetuneConfig, base_dir: str,
-           train_path: str, val_path: str, runs_dir: str, parent_run_id: str, tracking_uri: str, score=None) -> Trial:
-    """Train with one trial's settings and record its objective; a nested MLflow run holds its curves. Runs in a
-    process of its own (`run_trial`). `score(merged_dir) -> float`: the validation score objective (a picklable
-    callable); None: the final validation loss."""
+def trial_here(number: int, study_name: str, storage: str, params: dict, spec: FinetuneConfig, base_dir: str,
+               train_path: str, val_path: str, runs_dir: str, parent_run_id: str, tracking_uri: str, score=None
+               ) -> Trial:
+    """Train with one trial's settings and record its objective; a nested MLflow run holds its curves. Runs
+    in a process of its own: `run_trial`'s, or a pool worker's flow run (flows/finetune.search_trial).
+    `score(merged_dir) -> float`: the validation score objective (picklable); None: the final validation loss."""
     mlflow.set_tracking_uri(tracking_uri)
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=_pruner(spec.search))
     trial = optuna.Trial(study, next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number))
@@ -176,8 +179,28 @@ def run_trial(number: int, study_name: str, storage: str, params: dict, spec: Fi
               train_path: str, val_path: str, runs_dir: str, parent_run_id: str, score=None) -> Trial:
     """One trial in a process of its own (`_trial`), waited for; its error, or the process's death, fails it."""
     with ProcessPoolExecutor(1, mp_context=_trial_processes(), max_tasks_per_child=1) as processes:
-        return processes.submit(_trial, number, study_name, storage, params, spec, base_dir, train_path, val_path,
+        return processes.submit(trial_here, number, study_name, storage, params, spec, base_dir, train_path, val_path,
                                 runs_dir, parent_run_id, mlflow.get_tracking_uri(), score).result()
+
+
+@task(name="trial", task_run_name="trial {number} on the pool", cache_policy=NO_CACHE)
+def run_trial_on_pool(deployment: str, number: int, study_name: str, storage: str, params: dict, spec: FinetuneConfig,
+                      base_dir: str, train_path: str, val_path: str, runs_dir: str, parent_run_id: str,
+                      score=None) -> Trial:
+    """One trial as a flow run of `deployment` on `search.work_pool` (a process of its own on one of its workers),
+    waited for; the trial comes back through the shared runs folder, as its weights do."""
+    handoff = Path(runs_dir) / "search" / "handoff" / f"{study_name}-{number}.json"
+    handoff.unlink(missing_ok=True)
+    run = run_deployment(deployment, timeout=None, parameters={
+        "number": number, "study_name": study_name, "storage": storage, "params": params,
+        "spec": spec.model_dump(mode="json"), "base_dir": base_dir, "train_path": train_path, "val_path": val_path,
+        "runs_dir": runs_dir, "parent_run_id": parent_run_id, "tracking_uri": mlflow.get_tracking_uri(),
+        "score": asdict(score) if score else None, "handoff": str(handoff)})
+    if not run.state.is_completed() or not handoff.is_file():
+        raise RuntimeError(f"flow run {run.name} on work pool {spec.search.work_pool} ended {run.state.name}"
+                           f"{': ' + run.state.message if run.state.message else ''}")
+    found = json.loads(handoff.read_text())
+    return Trial(**found | {"result": TrainResult(**found["result"]) if found["result"] else None})
 
 
 def _trials(study: optuna.Study, done: dict[int, Trial]) -> list[Trial]:
@@ -196,9 +219,10 @@ def _trials(study: optuna.Study, done: dict[int, Trial]) -> list[Trial]:
 
 @flow(name="search", validate_parameters=False)  # `score` is a function: nothing for pydantic to check
 def search(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: str, runs_dir: str,
-           parent_run_id: str, score=None) -> Search:
+           parent_run_id: str, score=None, trial_deployment: str | None = None) -> Search:
     """Run the study until `trials` trials have finished (complete or pruned), `max_parallel` at a time: a
-    subflow of the finetune stage whose task runs are the trials."""
+    subflow of the finetune stage whose task runs are the trials, each in a process of its own here or, with
+    `trial_deployment` (`search.work_pool`), a flow run of that deployment on the pool's workers."""
     cfg = spec.search
     study, storage = open_study(spec, base_dir, train_path, val_path, Path(runs_dir) / "search")
     done: dict[int, Trial] = {}
@@ -213,8 +237,12 @@ def search(spec: FinetuneConfig, base_dir: str, train_path: str, val_path: str, 
         if cfg.sampler == "grid" and not queued and study.sampler.is_exhausted(study):
             break  # every grid point tried
         wave = [study.ask() for _ in range(min(cfg.max_parallel, cfg.trials - finished()))]
-        futures = [run_trial.submit(t.number, study.study_name, storage, suggest(t, cfg.space), spec, base_dir,
-                                    train_path, val_path, runs_dir, parent_run_id, score) for t in wave]
+        futures = []
+        for t in wave:
+            args = (t.number, study.study_name, storage, suggest(t, cfg.space), spec, base_dir, train_path, val_path,
+                    runs_dir, parent_run_id, score)
+            futures.append(run_trial_on_pool.submit(trial_deployment, *args) if trial_deployment
+                           else run_trial.submit(*args))
         wait(futures)
         for asked, future in zip(wave, futures, strict=True):
             outcome = future.result(raise_on_failure=False)  # a failed trial is recorded; the others go on

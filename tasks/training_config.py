@@ -57,6 +57,8 @@ class SearchConfig(Strict):
     space: dict[str, SearchRange | list[float | int | str | bool]] = Field(
         min_length=1, description="finetune field (lora.r for a LoRA field) -> values to try, or {low, high, log}")
     max_parallel: int = Field(1, gt=0, description="trials training at once")
+    work_pool: str | None = Field(None, description="the work pool whose workers run the trials as flow runs; "
+                                                    "default: processes on this machine")
     max_failures: int = Field(3, gt=0, description="failed trials after which the search stops, naming the first")
     prune: bool = True
     report_every: int = Field(5, gt=0, description="steps between validation-loss reports (for pruning)")
