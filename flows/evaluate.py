@@ -124,10 +124,12 @@ def _plan(config: LifecycleConfig, base_dir: str, tuned_dir: str, baseline: Base
     is one."""
     servable = [v for v in baseline.variants if v.servable]  # in order: simplest first
     plan = {"base": System(base_dir, ZERO_SHOT), "baseline": System(base_dir, baseline.best),
-            "prompt": System(base_dir, baseline.best_of(servable)), "finetuned": System(tuned_dir, ZERO_SHOT)}
+            "prompt": System(base_dir, baseline.best_of(servable))}
     with_shots = baseline.best_of([v for v in servable if v.shots])
-    if with_shots:
-        plan["finetuned+shots"] = System(tuned_dir, with_shots)
+    if config.finetune.method != "none":  # with fine-tuning off, the weights are the base's: nothing new to score
+        plan["finetuned"] = System(tuned_dir, ZERO_SHOT)
+        if with_shots:
+            plan["finetuned+shots"] = System(tuned_dir, with_shots)
     if aligned:
         plan["aligned"] = System(aligned.merged, ZERO_SHOT)
     if current:  # downloaded inside the stage: its time is the stage's, not unaccounted orchestration
@@ -172,7 +174,7 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
 def _score_preferences(config: LifecycleConfig, plan: dict[str, System], aligned: Aligned, tasks_dir: str,
                        scored: Scored) -> None:
     """The base, fine-tuned and aligned weights on the held-out preference pairs (the same pairs for each)."""
-    for name in ("base", "finetuned", "aligned"):
+    for name in (n for n in ("base", "finetuned", "aligned") if n in plan):
         try:
             scored.preferences[name] = score_preferences(
                 plan[name].folder, tasks_dir, aligned.task, system_prompt=config.align.data.system_prompt,
@@ -187,7 +189,9 @@ def _candidates(config: LifecycleConfig, plan: dict[str, System], scored: Scored
     the base weights (unless it is the base zero-shot itself) against the base; fine-tuned systems against the
     bar, and for forgetting against the base on the general suites."""
     metric, results, general, candidates = config.gate.metric, scored.results, scored.general, []
-    aligned = f"fine-tuned + {config.align.method.upper()}" if config.align else ""
+    start = "finetuned" if "finetuned" in plan else "base"  # the weights preference tuning started from
+    aligned = f"{'fine-tuned' if start == 'finetuned' else 'base'} + {config.align.method.upper()}" \
+        if config.align else ""
     for name, weights in (("prompt", "base"), ("finetuned", "fine-tuned"), ("finetuned+shots", "fine-tuned"),
                           ("aligned", aligned)):
         if name not in plan or (name == "prompt" and plan[name].variant == ZERO_SHOT):
@@ -206,12 +210,13 @@ def _candidates(config: LifecycleConfig, plan: dict[str, System], scored: Scored
             champion_version=current[0] if current else None, champion_note=note, general=suites,
             weights_changed=weights != "base",
             crashed={k: e for k, e in scored.crashed.items()
-                     if k.split(" ")[0] in (name, bar, "champion", "base", *(("finetuned",) if preference else ()))},
+                     if k.split(" ")[0] in (name, bar, "champion", "base", *((start,) if preference else ()))},
             aligned=registry.AlignedEvidence(
-                (preference["finetuned"]["items"] if "finetuned" in preference else None),
+                (preference[start]["items"] if start in preference else None),
                 (preference["aligned"]["items"] if "aligned" in preference else None),
-                _items(results.get("finetuned"), metric), config.align.min_improvement,
-                config.align.max_task_drop) if name == "aligned" else None)
+                _items(results.get(start), metric), config.align.min_improvement,
+                config.align.max_task_drop, "fine-tuned" if start == "finetuned" else "base")
+            if name == "aligned" else None)
         candidates.append(registry.Candidate(
             name, recipe.describe(weights), folder, recipe, evidence,
             score=_mean(list((evidence.candidate or {}).values())) or 0.0,

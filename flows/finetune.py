@@ -137,6 +137,8 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
     Each run trains in a folder named by its inputs, so a killed run resumes from its checkpoint when
     started again and a finished one is reused.
     """
+    if config.finetune.method == "none":
+        return _untouched(base_dir, parent_run_id, handoff, aligning=config.align is not None)
     plan = [(stage.task, stage) for stage in config.finetune.stages] or [(None, None)]
     rows = []
     with stage_run("finetune", parent_run_id, method=config.finetune.method, base=base_dir,
@@ -171,12 +173,24 @@ def finetune_stage(config: LifecycleConfig, base_dir: str, splits: Splits, runs_
                             "seconds | tokens/s |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
                             + f"\n\nPlanned: {plan}." + "".join(f"\n\n**Warning:** {w}." for w in warnings)
                             + "\n\nThe adapter and the loss curve are in the MLflow run.")
-    tuned = FineTuned(result.merged, run.info.run_id, result.steps, result.train_loss,
-                      result.train_seconds, result.tokens_per_second)
+    return _handed(FineTuned(result.merged, run.info.run_id, result.steps, result.train_loss,
+                             result.train_seconds, result.tokens_per_second), handoff)
+
+
+def _handed(tuned: FineTuned, handoff: str | None) -> FineTuned:
     if handoff:
         Path(handoff).parent.mkdir(parents=True, exist_ok=True)
         Path(handoff).write_text(json.dumps(asdict(tuned)))
     return tuned
+
+
+def _untouched(base_dir: str, parent_run_id: str, handoff: str | None, aligning: bool) -> FineTuned:
+    """Fine-tuning off (`finetune.method: none`): the chosen weights go on as they are (to `align`, when set)."""
+    with stage_run("finetune", parent_run_id, method="none", base=base_dir) as run:
+        publish("finetune", "## Fine-tuning is off\n\n`finetune.method: none`: the chosen model's weights go on "
+                            "unchanged" + ("; preference tuning starts from them." if aligning else "."))
+        print("finetune: off (finetune.method none): the chosen weights go on")
+    return _handed(FineTuned(base_dir, run.info.run_id, 0, 0.0, 0.0, 0.0), handoff)
 
 
 def finetune_on_pool(config: LifecycleConfig, base_dir: str, splits: Splits, runs_dir: str, parent_run_id: str,
@@ -213,6 +227,8 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     selection, baselines or the gate. The result is registered as a new version with decision `pending`;
     `champion` does not move (evaluate-version, then promote-version, take it from there)."""
     config = load_config(config_path)
+    if config.finetune.method == "none":
+        raise ValueError(f"{config_path}: finetune.method is none: nothing to fine-tune")
     if max_steps is not None:
         config.finetune.max_steps = max_steps
     source = model or config.models.candidates[0]

@@ -36,11 +36,17 @@ class AlignedEvidence:
     held-out preference pairs (pair id -> 1 where the chosen answer was the more likely), that it prefers the
     chosen answers more often by more than `margin`; on the task's test items, that it lost at most `max_drop`."""
 
-    tuned: dict[str, float] | None  # the fine-tuned weights on the held-out pairs
+    tuned: dict[str, float] | None  # the weights aligned from (fine-tuned, or the base's) on the held-out pairs
     aligned: dict[str, float] | None
-    tuned_task: dict[str, float] | None  # the fine-tuned weights on the test items, the gate's metric
+    tuned_task: dict[str, float] | None  # the weights aligned from on the test items, the gate's metric
     margin: float = 0.0
     max_drop: float = 0.05
+    start: str = "fine-tuned"  # which weights were aligned: "fine-tuned", or "base" with fine-tuning off
+
+    @property
+    def rules(self) -> tuple[str, str]:
+        """The names of its two rules: preferences and task drop, each against the weights aligned from."""
+        return f"preferences vs {self.start}", f"task drop vs {self.start}"
 
 
 @dataclass(frozen=True)
@@ -125,15 +131,15 @@ def comparisons(evidence: Evidence, rules: GateConfig) -> list[Comparison]:
                              direction="below", confidence=rules.confidence))
     aligned = evidence.aligned
     if aligned and aligned.aligned is not None and aligned.tuned is not None:
-        found.append(compare(PREFERENCE_RULE, aligned.aligned, aligned.tuned, threshold=aligned.margin,
+        found.append(compare(aligned.rules[0], aligned.aligned, aligned.tuned, threshold=aligned.margin,
                              direction="above", confidence=rules.confidence))
     if aligned and aligned.tuned_task is not None and evidence.candidate is not None:
-        found.append(compare(TASK_DROP_RULE, aligned.tuned_task, evidence.candidate, threshold=aligned.max_drop,
+        found.append(compare(aligned.rules[1], aligned.tuned_task, evidence.candidate, threshold=aligned.max_drop,
                              direction="below", confidence=rules.confidence))
     return found
 
 
-PREFERENCE_RULE, TASK_DROP_RULE = "preferences vs fine-tuned", "task drop vs fine-tuned"
+PREFERENCE_RULE, TASK_DROP_RULE = AlignedEvidence(None, None, None).rules  # aligned after fine-tuning
 
 
 def gate(evidence: Evidence, rules: GateConfig) -> Decision:
@@ -171,16 +177,16 @@ def gate(evidence: Evidence, rules: GateConfig) -> Decision:
     if evidence.aligned:
         rules_found = {c.rule: c for c in found}
         for rule, good, bad, what in (
-                (PREFERENCE_RULE, "prefers the chosen answers more often than", "not shown to prefer the chosen "
-                 "answers more often than", "held-out preference pairs"),
-                (TASK_DROP_RULE, "task score within align.max_task_drop of", "may lose more of the task than "
-                 "align.max_task_drop allows against", f"{evidence.metric} (drop)")):
+                (evidence.aligned.rules[0], "prefers the chosen answers more often than", "not shown to prefer the "
+                 "chosen answers more often than", "held-out preference pairs"),
+                (evidence.aligned.rules[1], "task score within align.max_task_drop of", "may lose more of the task "
+                 "than align.max_task_drop allows against", f"{evidence.metric} (drop)")):
             c = rules_found.get(rule)
             if c is None:
                 fail(f"missing evaluation: {rule}")
             else:
-                (reasons.append if c.passed else fail)(f"{good if c.passed else bad} the fine-tuned weights on "
-                                                        f"{what}: {c.describe()}")
+                (reasons.append if c.passed else fail)(f"{good if c.passed else bad} the {evidence.aligned.start} "
+                                                        f"weights on {what}: {c.describe()}")
     if not evidence.weights_changed:
         reasons.append("the base weights, unchanged: nothing to forget")
     elif not evidence.general:

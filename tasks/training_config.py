@@ -101,7 +101,8 @@ class FinetuneConfig(Strict):
     """One fine-tuning run's method and hyperparameters: the `finetune` section of a lifecycle YAML, and what
     tasks/training.py's `train` takes (a sequential stage is this config with the stage's overrides)."""
 
-    method: Literal["lora", "qlora", "dora", "full"] = "lora"  # qlora: 4-bit NF4 base (bitsandbytes), CPU or CUDA
+    # qlora: 4-bit NF4 base (bitsandbytes), CPU or CUDA; none: fine-tuning off (the chosen weights go on, to `align`)
+    method: Literal["lora", "qlora", "dora", "full", "none"] = "lora"
     lora: LoraConfig = LoraConfig()  # r, alpha, dropout, target modules for lora, qlora and dora
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -127,6 +128,8 @@ class FinetuneConfig(Strict):
     @model_validator(mode="after")
     def _searchable(self) -> FinetuneConfig:
         """Every searched field exists and every value it may take is valid for it."""
+        if self.method == "none" and (self.search or self.distributed or self.stages):
+            raise ValueError("method none turns fine-tuning off: nothing to search, distribute or stage")
         if self.distributed and self.search:
             raise ValueError("distributed: not with search (each trial trains in a process of its own; search "
                              "first, then train the best settings distributed)")
@@ -174,6 +177,8 @@ def training_plan(ft: FinetuneConfig, train_examples: int, step_seconds: float |
     """How much of the training split fine-tuning will see (and, given the measured `step_seconds` of the chosen
     model here, how long it takes), and a warning naming the fraction when `max_steps` covers less than half
     an epoch: such a run usually learns little."""
+    if ft.method == "none":
+        return "fine-tuning is off (finetune.method none): the chosen model's weights go on as they are", []
     per_step = ft.batch_size * ft.gradient_accumulation_steps
     epoch = max(1, math.ceil(train_examples / per_step))
     steps = ft.max_steps or math.ceil(epoch * ft.epochs)

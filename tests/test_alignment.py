@@ -109,3 +109,41 @@ def test_a_killed_alignment_resumes_from_its_last_checkpoint(preferences, tiny_m
     assert not (out / "checkpoints").exists()
     again = align.fn(tiny_model, splits.train, str(out), settings)  # finished with these inputs: reused
     assert again.cached and again.merged == result.merged
+
+
+@pytest.mark.system
+def test_with_fine_tuning_off_the_lifecycle_aligns_the_base_weights(steady_tiny_model, home, prefect_api,
+                                                                     mlflow_sqlite, tmp_path):
+    """`finetune.method: none` with `align`: no SFT run trains; DPO starts from the chosen model's own weights, and
+    the gate judges the aligned weights against those (its rules say `vs base`), on the same held-out pairs."""
+    import mlflow
+    import yaml
+
+    from flows.lifecycle import lifecycle
+    from tests.conftest import reports_config
+
+    rng = random.Random(1)
+    rows = [{"text": f"Note [{i}]: the {rng.choice(NOUNS)} is {'fine' if good else 'bad'}",
+             "chosen": f"label: {'yes' if good else 'no'}", "rejected": f"{'yes' if good else 'no'}: label"}
+            for i, good in enumerate(rng.random() < 0.5 for _ in range(240))]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = reports_config(tmp_path, "base-aligned", steady_tiny_model, method="none")
+    config["deploy"]["serve"] = False
+    config["evaluation"]["general_limit"] = 20
+    config["align"] = {"data": {"name": "prefs", "kind": "preference", "data": str(tmp_path / "prefs.jsonl"),
+                                "prompt": "{{ text }}", "answer": "{{ answer }}", "system_prompt": ""},
+                       "learning_rate": 1e-2, "max_steps": 12, "batch_size": 8, "max_seq_length": 64,
+                       "save_steps": None, "max_test_pairs": 48}
+    path = tmp_path / "base-aligned.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    result = lifecycle(str(path))
+    runs = {r.data.tags.get("tuneline.stage"): r for r in mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'", output_format="list")}
+    assert runs["finetune"].data.params["method"] == "none" and "train_loss" not in runs["finetune"].data.metrics
+    assert "align" in runs
+    assert "finetuned" not in result["test"] and "aligned" in result["test"]  # nothing new to score
+    assert set(result["preferences"]) == {"base", "aligned"}
+    report = mlflow.artifacts.load_text(f"runs:/{runs['evaluate'].info.run_id}/report/report.md")
+    assert "preferences vs base" in report and "task drop vs base" in report
+    assert "base + DPO" in report
