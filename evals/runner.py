@@ -239,28 +239,29 @@ def _metric(path: Path):
 
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
              chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu",
-             kind: str = "generate") -> ScoreResult:
+             kind: str = "generate", generate: int | None = None) -> ScoreResult:
     """Score a loaded model on one generated task: score, stderr, n, text metrics and every sample.
 
     `chat`: render with the model's chat template and the system prompt (shots as earlier turns), as training
     and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
-    ranked twin is scored in the same pass, and accuracy (the most likely allowed reply) is the score."""
+    ranked twin is scored too, and accuracy (the most likely allowed reply) is the score; replies are then
+    generated for the first `generate` items only (None: all), for the exact match reported beside it."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ranked = ranked_twin(task) if kind != "generate" else None
-    results = _evaluate(
-        model=lm,
-        tasks=[task] + ([ranked] if ranked else []),
-        num_fewshot=shots,
-        limit=limit,
-        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-        apply_chat_template=chat,
-        fewshot_as_multiturn=chat,
-        system_instruction=(system_prompt or None) if chat else None,
-        log_samples=True,
-        bootstrap_iters=1000,
-        random_seed=0,
-        fewshot_random_seed=1234,
-    )
+    run = functools.partial(
+        _evaluate, model=lm, num_fewshot=shots, task_manager=TaskManager(include_path=str(tasks_dir),
+                                                                         include_defaults=False),
+        apply_chat_template=chat, fewshot_as_multiturn=chat,
+        system_instruction=(system_prompt or None) if chat else None, log_samples=True, bootstrap_iters=1000,
+        random_seed=0, fewshot_random_seed=1234)
+    if ranked and generate is not None and (limit is None or generate < limit):
+        # Generating is most of a ranked task's cost (every reply token a forward pass, against one pass per
+        # allowed answer): the ranking scores every item, the generation a sample of them.
+        results, generated = run(tasks=[ranked], limit=limit), run(tasks=[task], limit=generate)
+        for part in ("results", "samples"):
+            results[part][task] = generated[part][task]
+    else:
+        results = run(tasks=[task] + ([ranked] if ranked else []), limit=limit)
     scores = results["results"][task]
     key = next(k for k in scores if k.startswith(f"{METRIC},"))  # "exact_match,<filter>"
     samples = [
@@ -279,23 +280,27 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
         return ScoreResult(float(scores[key]), _stderr(scores.get(key.replace(",", "_stderr,", 1))), len(samples),
                            metrics, samples)
     found = ranking(results, ranked, samples, per_class=kind == "classify")
-    # accuracy first (the score), exact match of the generated reply beside it
-    return ScoreResult(found["score"], found["stderr"], len(samples), {**found["metrics"], **metrics}, samples,
-                       found["majority"], found.get("classes"), found.get("confusion"))
+    # accuracy first (the score), exact match of the generated replies beside it (on those generated)
+    return ScoreResult(found["score"], found["stderr"], len(found["samples"]), {**found["metrics"], **metrics},
+                       found["samples"], found["majority"], found.get("classes"), found.get("confusion"))
 
 
 def ranking(results: dict, task: str, samples: list[dict], per_class: bool) -> dict:
-    """The ranked twin's results folded into the generated samples (same doc ids): per item the most likely
-    allowed reply, each reply's probability (softmax of the summed log-probabilities) and its 0/1 `accuracy`;
-    overall accuracy (the score), length-normalised accuracy, the majority rate of the scored items' answers,
-    and with `per_class` precision, recall and F1 per label and the confusion matrix."""
+    """The ranked twin's results folded into the generated samples (same doc ids; an item with no generated reply
+    gets `response` None): per item the most likely allowed reply, each reply's probability (softmax of the
+    summed log-probabilities) and its 0/1 `accuracy`; overall accuracy (the score), length-normalised accuracy,
+    the majority rate of the scored items' answers, every item (`samples`), and with `per_class` precision,
+    recall and F1 per label and the confusion matrix."""
     scores, by_id = results["results"][task], {s["doc_id"]: s for s in samples}
-    golds, preds = [], []
+    golds, preds, items = [], [], []
     for s in results["samples"][task]:
         choices = list(s["doc"]["choices"])
         logprobs = np.array([float(r[0]) for r in s["filtered_resps"]])
         probs = probabilities(logprobs)
-        item = by_id[s["doc_id"]]
+        item = by_id.get(s["doc_id"]) or {"doc_id": s["doc_id"], "key": s["doc"].get("key", ""),
+                                          "prompt": s["arguments"][0][0], "response": None,
+                                          "target": s["doc"]["assistant"]}
+        items.append(item)
         item.update(accuracy=float(s["acc"]), accuracy_norm=float(s["acc_norm"]), gold=s["doc"]["assistant"],
                     prediction=choices[int(logprobs.argmax())],
                     probabilities=dict(zip(choices, probs.round(6).tolist())))
@@ -304,7 +309,7 @@ def ranking(results: dict, task: str, samples: list[dict], per_class: bool) -> d
     counts = Counter(golds)
     majority, seen = counts.most_common(1)[0]
     out = {"score": float(scores["acc,none"]), "stderr": _stderr(scores.get("acc_stderr,none")),
-           "majority": {"answer": majority, "rate": seen / len(golds)}}
+           "majority": {"answer": majority, "rate": seen / len(golds)}, "samples": items}
     metrics = {"accuracy": out["score"], "accuracy_norm": float(scores["acc_norm,none"])}
     if per_class:
         labels = sorted(counts | Counter(preds))

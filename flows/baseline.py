@@ -42,7 +42,7 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
                 result = score(chosen.model_dir, tasks_dir, v.task(task.name, "validation"),
                                system_prompt=task.system_prompt, shots=v.shots, chat=v.chat,
                                limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
-                               kind=task.kind)
+                               kind=task.kind, generate=config.evaluation.generate_sample)
             log_eval(f"baseline {v.name}", result, kind=v.kind, shots=v.shots, chat_template=v.chat,
                      split="validation")
             rows[v.name] = {**result.metrics, "score": result.metrics[metric], "stderr": result.stderr}

@@ -85,6 +85,8 @@ class EvalConfig(Strict):
     general: list[str] = Field(default_factory=list, description="your own multiple-choice suites (JSONL: "
                                "question, choices, answer index), each gated on forgetting beside the bundled one")
     general_limit: int | None = Field(400, gt=0, description="items of each general suite scored (forgetting)")
+    generate_sample: int | None = Field(32, gt=0, description="ranked tasks (classify, choice): replies generated "
+                                        "for this many items, for the exact match beside accuracy; null: all")
     builtin_tasks: list[str] = Field(default_factory=list,
                                      description="lm-eval built-in tasks (arc_easy, …): need the hub, skipped offline")
     builtin_limit: int | None = Field(200, gt=0)

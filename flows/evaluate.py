@@ -153,7 +153,8 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
         try:
             scored.results[name] = score(folder, tasks_dir, test_task, shots=v.shots, chat=v.chat, kind=task.kind,
                                          system_prompt=task.system_prompt, limit=task.max_test_examples,
-                                         batch_size=config.evaluation.batch_size)
+                                         batch_size=config.evaluation.batch_size,
+                                         generate=config.evaluation.generate_sample)
         except Exception as exc:
             scored.crashed[name] = _crash(name, exc)
             continue
@@ -265,7 +266,7 @@ def _report(config: LifecycleConfig, plan: dict[str, System], scored: Scored, ca
 def reply_length(result: ScoreResult | None) -> float | None:
     """Mean characters of a system's generated replies on the test items (preference tuning is known to lengthen
     answers: the report shows it before and after)."""
-    return _mean([len(str(s["response"])) for s in result.samples]) if result else None
+    return _mean([len(str(s["response"])) for s in result.samples if s["response"] is not None]) if result else None
 
 
 def _preference_section(scored: Scored) -> str:
@@ -419,7 +420,8 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
             result = score(folder, tasks_dir, v.task(task.name, "test"), system_prompt=task.system_prompt,
                            shots=v.shots, chat=v.chat, limit=task.max_test_examples,
-                           batch_size=config.evaluation.batch_size, kind=task.kind)
+                           batch_size=config.evaluation.batch_size, kind=task.kind,
+                           generate=config.evaluation.generate_sample)
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,
                                                    batch_size=config.evaluation.batch_size)["acc"]

@@ -69,10 +69,11 @@ class ValidationScore:
     batch_size: int
     kind: str
     metric: str
+    generate: int | None = None
 
     def __call__(self, merged: str) -> float:
         found = score.fn(merged, self.tasks_dir, self.task_name, system_prompt=self.system_prompt, shots=0,
-                         limit=self.limit, batch_size=self.batch_size, kind=self.kind)
+                         limit=self.limit, batch_size=self.batch_size, kind=self.kind, generate=self.generate)
         return found.metrics[self.metric]
 
 
@@ -87,7 +88,7 @@ def _search(config: LifecycleConfig, base_dir: str, files: dict[str, str], runs_
             raise ValueError("finetune.search.objective validation_score needs the lm-eval tasks (run the lifecycle)")
         scorer = ValidationScore(tasks_dir, ZERO_SHOT.task(task.name, "validation"), task.system_prompt,
                                  task.max_validation_examples, config.evaluation.batch_size, task.kind,
-                                 config.gate.metric)
+                                 config.gate.metric, config.evaluation.generate_sample)
 
     # Each trial's validation loss is computed on the validation items selection scores (the first
     # max_validation_examples): on a CPU a pass over a whole validation split can cost more than the training.

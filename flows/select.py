@@ -30,7 +30,7 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             cost = measure_cost(folder, probe, models.cost_tokens)
             result = score(folder, tasks_dir, ZERO_SHOT.task(task.name, "validation"), system_prompt=task.system_prompt,
                            shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
-                           kind=task.kind)
+                           kind=task.kind, generate=config.evaluation.generate_sample)
             likely = score_likelihood(folder, tasks_dir, likelihood_task(task.name),
                                       system_prompt=task.system_prompt, limit=task.max_validation_examples,
                                       batch_size=config.evaluation.batch_size)

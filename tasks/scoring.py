@@ -34,12 +34,14 @@ def table(rows: dict[str, dict], ranked: bool, first: str = "system", extra: tup
 
 @task(name="score-model", cache_key_fn=by_content, persist_result=True)
 def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
-          batch_size: int, chat: bool = True, kind: str = "generate") -> runner.ScoreResult:
+          batch_size: int, chat: bool = True, kind: str = "generate", generate: int | None = None
+          ) -> runner.ScoreResult:
     """lm-eval score of the model in `model_dir` on a generated task (chat template and system prompt unless
-    `chat` is off); a classify or choice `kind` also ranks the allowed replies (accuracy is then the score)."""
+    `chat` is off); a classify or choice `kind` also ranks the allowed replies (accuracy is then the score) and
+    generates replies for the first `generate` items only (`evaluation.generate_sample`)."""
     model, tokenizer = load(Path(model_dir))
     return runner.evaluate(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt, shots=shots,
-                           chat=chat, limit=limit, batch_size=batch_size, kind=kind)
+                           chat=chat, limit=limit, batch_size=batch_size, kind=kind, generate=generate)
 
 
 @task(name="score-likelihood", cache_key_fn=by_content, persist_result=True)

@@ -1,5 +1,6 @@
 """Distributed fine-tuning (tasks/distributed.py) on the CPU, for real: `accelerate launch` starts the ranks,
-DDP talks over gloo, rank 0 alone logs and writes the weights; two "machines" are two network namespaces."""
+DDP talks over gloo, rank 0 alone logs and writes the weights; two "machines" are two network namespaces (the
+kill and the two machines run in `make test-system`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def test_two_ddp_processes_match_one_process_accumulating_two(tiny_model, train_
     assert not (tmp_path / "ddp" / "checkpoints").exists()
 
 
+@pytest.mark.system  # two launches of two ranks: ~50 s
 def test_a_killed_distributed_run_resumes_from_its_last_checkpoint(tiny_model, train_file, tmp_path):
     """The lifecycle's process is killed mid-run: its ranks die with it (none keeps writing into the folder), and
     the next run's ranks resume from the last whole checkpoint."""
@@ -109,6 +111,7 @@ def _namespaces(tag: str) -> tuple[str, str]:
     return a, b
 
 
+@pytest.mark.system  # root, namespaces, two launchers: ~40 s
 def test_two_machines_train_together_over_a_network(tiny_model, train_file, tmp_path):
     """Machine 0 (namespace a) runs the fine-tuning, machine 1 (namespace b) joins it with `tuneline finetune-rank`;
     they meet at machine 0's address over the veth pair (machine 1 reaches nothing else) and write one model."""

@@ -184,6 +184,31 @@ def test_ranked_answers_are_the_argmax_of_summed_log_probs_and_the_classes_add_u
     assert result.majority == {"answer": "billing", "rate": 4 / 12}
 
 
+def test_a_ranked_task_ranks_every_item_and_generates_replies_for_a_sample_only(tiny_model, tmp_path):
+    """Generating is most of a ranked task's cost: with `generate`, accuracy (the score and the gate's items) is
+    the same as when every item is generated, and exact match is measured on the first `generate` items only."""
+    model, tok = load(Path(tiny_model))
+    examples = [Example(f"t{i}", "Route the ticket.", f"Ticket: {text}\nQueue?", LABELS[i % 3], "route", f"k{i}",
+                        LABELS) for i, text in enumerate(TICKETS)]
+    files = {name: write_examples(tmp_path / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    tasks_dir = write_tasks("route", files, tmp_path / "tasks", max_answer_tokens=3, ranked=True)
+    whole = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt="Route the ticket.", batch_size=5,
+                            kind="classify")
+    sampled = runner.evaluate(model, tok, tasks_dir, "route_test", system_prompt="Route the ticket.", batch_size=5,
+                              kind="classify", generate=4)
+
+    assert sampled.n == whole.n == len(examples)
+    assert sampled.score == whole.score and sampled.confusion == whole.confusion
+    by_id = {s["doc_id"]: s for s in whole.samples}
+    for s in sampled.samples:  # every item ranked as before; replies only for the first four
+        assert (s["prediction"], s["accuracy"]) == (by_id[s["doc_id"]]["prediction"], by_id[s["doc_id"]]["accuracy"])
+        assert (s["response"] is None) == (s["doc_id"] >= 4)
+        if s["response"] is not None:
+            assert s["response"] == by_id[s["doc_id"]]["response"]
+    first = [by_id[i]["exact_match"] for i in range(4)]
+    assert sampled.metrics["exact_match"] == pytest.approx(sum(first) / 4)
+
+
 def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model, tmp_path):
     """The next round compares the champion as it is served: a retrieval system's recipe picks its shots from
     the pool registered with it (rows that are shots, without a system prompt), not from this run's data."""
