@@ -1,7 +1,8 @@
-"""What scoring one system on a ranked task (classify, choice) costs: every test item ranked and generated, against
-every item ranked and a sample generated (`evaluation.generate_sample`), interleaved in rounds (medians reported;
-these machines are noisy). The evaluate stage scores 4 to 6 systems this way, selection and the baselines one each
-on the validation split.
+"""What scoring one system on a ranked task (classify, choice) costs, as before and as now, interleaved in rounds
+(medians reported; these machines are noisy). Before: lm-eval's HFLM ranking every answer as a whole sequence, and
+every test item generated. Now: each item's prompt run once for all its answers (evals/runner.SharedPromptLM), and
+replies generated for a sample (`evaluation.generate_sample`). The evaluate stage scores 4 to 6 systems this way,
+selection and the baselines one each on the validation split.
 
 Run:  .venv/bin/python bench/ranked_scoring.py [--config configs/classify.yaml] [--model gguf:smollm2-135m-instruct]
 """
@@ -15,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lm_eval.models.huggingface import HFLM
+
 from evals import runner
-from evals.runner import write_tasks
+from evals.runner import SharedPromptLM, write_tasks
 from flows.config import load_config
 from tasks.datasets import prepare_data
 from tasks.models import load, provision
@@ -38,25 +41,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         splits = prepare_data.fn([task], config.data.validation, config.data.test, config.data.seed, tmp, "skip")
         tasks_dir = write_tasks(task.name, splits.files, Path(tmp) / "tasks", task.max_answer_tokens, ranked=True)
-        seconds: dict[str, list[float]] = {"every item generated": [], f"{sample} generated": []}
+        arms = {"before: HFLM, every item generated": (HFLM, None),
+                "prompt shared, every item generated": (SharedPromptLM, None),
+                f"now: prompt shared, {sample} generated": (SharedPromptLM, sample)}
+        seconds: dict[str, list[float]] = {name: [] for name in arms}
         results = {}
         for _ in range(args.rounds):
-            for name, generate in (("every item generated", None), (f"{sample} generated", sample)):
+            for name, (engine, generate) in arms.items():
+                runner.SharedPromptLM = engine  # the class runner.evaluate builds (restored below)
                 started = time.perf_counter()
                 results[name] = runner.evaluate(model, tokenizer, tasks_dir, f"{task.name}_test",
                                                 system_prompt=task.system_prompt, limit=task.max_test_examples,
                                                 batch_size=config.evaluation.batch_size, kind=task.kind,
                                                 generate=generate)
                 seconds[name].append(time.perf_counter() - started)
-    print(f"{args.config}: {task.kind}, {results['every item generated'].n} test items, {args.model}, "
+        runner.SharedPromptLM = SharedPromptLM
+    before, now = list(arms)[0], list(arms)[-1]
+    print(f"{args.config}: {task.kind}, {results[before].n} test items, {args.model}, "
           f"{os.cpu_count()} CPU cores, medians of {args.rounds} interleaved rounds\n")
-    print("| replies generated | seconds per system | accuracy | exact match (generated) |\n|---|---|---|---|")
+    print("| scoring | seconds per system | accuracy | exact match (generated) |\n|---|---|---|---|")
     for name, found in results.items():
         print(f"| {name} | {statistics.median(seconds[name]):.1f} | {found.score:.3f} | "
               f"{found.metrics['exact_match']:.3f} |")
-    whole, part = (statistics.median(s) for s in seconds.values())
-    print(f"\nsampled ÷ every item: {part / whole:.2f}× the time, the same accuracy: "
-          f"{results['every item generated'].score == results[f'{sample} generated'].score}")
+    agree = max(abs(a["probabilities"][k] - b["probabilities"][k]) for a, b in
+                zip(results[before].samples, results[now].samples, strict=True) for k in a["probabilities"])
+    same = [s["prediction"] for s in results[before].samples] == [s["prediction"] for s in results[now].samples]
+    ratio = statistics.median(seconds[now]) / statistics.median(seconds[before])
+    print(f"\nnow ÷ before: {ratio:.2f}× the time; the same ranked answers: {same}, largest probability "
+          f"difference {agree:.1e}")
 
 
 if __name__ == "__main__":

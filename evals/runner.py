@@ -16,6 +16,7 @@ from pathlib import Path
 
 import evaluate as hf_evaluate
 import numpy as np
+import torch
 import yaml
 from lm_eval import evaluator as lm_evaluator
 from lm_eval import simple_evaluate
@@ -158,6 +159,51 @@ def general_accuracy(model, tokenizer, tasks_dir: str | Path, suite: str, *, lim
     return {"acc": acc, "stderr": stderr, "n": len(items), "items": items}
 
 
+class SharedPromptLM(HFLM):
+    """lm-eval's Hugging Face model, scoring the answers of a multiple-choice item after one pass over the prompt
+    they share.
+
+    Written by hand because lm-eval scores every (prompt, answer) pair as a whole sequence (its own comment asks
+    for grouping by context) and reuses logits only for one-token answers: ranking five multi-token labels cost
+    five passes over the same prompt. Here the prompt runs once and its key/value cache serves every answer; the
+    log-probabilities are the same sums (the tests compare them with ones computed by hand)."""
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, _) in enumerate(requests):
+            groups.setdefault(tuple(context), []).append(i)
+        shared = {c: ids for c, ids in groups.items()
+                  if len(ids) > 1 and len(c) + max(len(requests[i][2]) for i in ids) <= self.max_length}
+        alone = [i for c, ids in groups.items() if c not in shared for i in ids]  # lm-eval's own path
+        found: list = [None] * len(requests)
+        for i, result in zip(alone, super()._loglikelihood_tokens([requests[i] for i in alone], disable_tqdm,
+                                                                  override_bs) if alone else [], strict=True):
+            found[i] = result
+        for context, ids in shared.items():
+            for i, result in zip(ids, self._answers(list(context), [requests[i][2] for i in ids]), strict=True):
+                found[i] = result
+        return found
+
+    @torch.no_grad()
+    def _answers(self, context: list[int], answers: list[list[int]]) -> list[tuple[float, bool]]:
+        """Each answer's summed log-probability after `context`, and whether greedy decoding would produce it."""
+        prompt = self.model(torch.tensor([context], device=self.device), use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(len(answers))
+        width = max(map(len, answers))
+        # Right padding (with each answer's last token): causal attention never lets a real token see it.
+        batch = torch.tensor([a + a[-1:] * (width - len(a)) for a in answers], device=self.device)
+        following = torch.log_softmax(self.model(batch, past_key_values=cache).logits.float(), dim=-1)
+        first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
+        scored = []
+        for k, answer in enumerate(answers):
+            steps = torch.cat([first[None], following[k, : len(answer) - 1]])  # the distribution before each token
+            tokens = torch.tensor(answer, device=self.device)
+            scored.append((float(steps.gather(1, tokens[:, None]).sum()),
+                           bool((steps.argmax(dim=-1) == tokens).all())))
+        return scored
+
+
 def preference_accuracy(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str,
                         limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
     """How often the model finds a pair's chosen answer more likely than its rejected one (summed log-probability,
@@ -171,7 +217,7 @@ def _choice_accuracy(model, tokenizer, tasks_dir: str | Path, task: str, limit: 
                      device: str, chat: bool = False, system_prompt: str = "") -> tuple[float, float, dict]:
     """A zero-shot multiple-choice task's accuracy, its standard error and every item's 0/1 result by its id
     (the record's own `id`, else lm-eval's doc id); `chat`: the chat template and system prompt."""
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = _evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=1000,
                         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                         log_samples=True, random_seed=0,
@@ -185,7 +231,7 @@ def answer_likelihood(model, tokenizer, tasks_dir: str | Path, task: str, *, sys
                       limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
     """Mean log-probability per token of the reference answers (chat template, system prompt): how close a
     model is to the task even when it never produces an answer exactly."""
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = _evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, bootstrap_iters=0,
                               task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                               apply_chat_template=True, system_instruction=system_prompt or None,
@@ -212,7 +258,7 @@ def offline() -> str | None:
 def builtin(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size: int = 8,
             device: str = "cpu") -> dict[str, dict]:
     """lm-eval built-in tasks by name (their data comes from the hub): every numeric metric per task."""
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = _evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=1000,
                               random_seed=0)
     return {task: {k.replace(",", "_"): float(v) for k, v in scores.items() if isinstance(v, (int, float))}
@@ -246,7 +292,7 @@ def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_promp
     and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
     ranked twin is scored too, and accuracy (the most likely allowed reply) is the score; replies are then
     generated for the first `generate` items only (None: all), for the exact match reported beside it."""
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ranked = ranked_twin(task) if kind != "generate" else None
     run = functools.partial(
         _evaluate, model=lm, num_fewshot=shots, task_manager=TaskManager(include_path=str(tasks_dir),
