@@ -93,7 +93,7 @@ def _start(config: LifecycleConfig, home: str, version: str, tag: str, question:
     try:
         backend = routed[0]["url"] if routed and recorded_pid(service, Path(home)) else \
             packaging.serve(tag, free_port(), home, name=service, redact=config.feedback.redact,
-                            engine=packaging.resolve_engine(config.deploy.engine))
+                            engine=packaging.resolve_engine(config.deploy.engine, tag, home))
         reply = packaging.chat(backend, question, max_tokens=config.task.max_answer_tokens)
     except Exception as exc:  # whatever stopped it, it stops; the cause stays chained (`from exc`) with its traceback
         if not routed:

@@ -79,7 +79,8 @@ def _ranks(folder: Path, dist: DistributedConfig, device: str, bf16: bool) -> No
     with open(log, "ab") as out:
         code = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                                "-m", "tasks.distributed", str(folder / JOB_FILE)], env=env, stdout=out,
-                              stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
+                              stderr=subprocess.STDOUT,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None).returncode
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"distributed fine-tuning failed on machine {dist.machine_rank} (exit {code}); "

@@ -205,16 +205,28 @@ def _front_up(url: str) -> bool:
         return False
 
 
-def resolve_engine(choice: str) -> str:
-    """deploy.engine as served: `auto` is vLLM on a CUDA host that has the vLLM environment, else transformers.
-    On a CPU vLLM is a correct engine but not a faster one (measured through the service on 2 cores with a 135M
-    model: 0.60x transformers' requests/s for one client, 1.07x at 32), so `auto` keeps transformers there; name
-    `vllm` to serve with it anyway."""
+def resolve_engine(choice: str, bento_tag: str | None = None, home: str | None = None) -> str:
+    """deploy.engine as served: `auto` is vLLM on a CUDA host that has the vLLM environment, transformers where
+    there is none, and on a CPU with it whichever engine a short probe measures faster for the Bento's weights
+    (tasks/engine_probe.py, once per weights and machine): measured through the service on 2 cores with a 135M
+    model vLLM's CPU build gave 0.60x transformers' requests/s for one client and 1.07x at 32."""
     if choice != "auto":
         return choice
+    if not vllm_python().is_file():
+        return "transformers"
     import torch  # only a deploy that asks for auto pays for the import
 
-    return "vllm" if torch.cuda.is_available() and vllm_python().is_file() else "transformers"
+    if torch.cuda.is_available():
+        return "vllm"
+    if bento_tag is None or home is None:
+        return "transformers"
+    from tasks.engine_probe import choose
+
+    engine, found = choose(bentoml.models.get(bento_model(bento_tag)).path, home, str(vllm_python()))
+    rates = ", ".join(f"{name} {rate:.1f}" for name, rate in found["tokens_per_second"].items())
+    print(f"deploy.engine auto: {engine} for this model on this CPU (generated tokens/s: {rates}; measured "
+          f"{found['measured']}{'; vLLM could not serve it: ' + found['vllm_error'] if 'vllm_error' in found else ''})")
+    return engine
 
 
 @task(name="serve-bento")

@@ -140,3 +140,24 @@ def test_stopping_the_service_stops_its_vllm_server(home, store, tmp_path_factor
     while _vllm_processes(bento) and time.monotonic() < deadline:
         time.sleep(1)
     assert _vllm_processes(bento) == []
+
+
+def test_auto_on_a_cpu_takes_the_engine_a_probe_measures_faster_and_remembers_it(served, tiny_model, tmp_path):
+    """`deploy.engine: auto` on a CPU with the vLLM environment: both engines generate the same prompts; the faster
+    one serves, and the figures are kept (a second deploy of the same weights does not measure again). Weights
+    vLLM cannot serve (the tiny model's head size 16) leave transformers, with vLLM's reason recorded."""
+    from tasks.engine_probe import PROBE_FILE, choose
+
+    state = tmp_path / "state"
+    engine, found = choose(served["dir"], state, str(packaging.vllm_python()))
+    rates = found["tokens_per_second"]
+    assert set(rates) == {"transformers", "vllm"} and min(rates.values()) > 0, found
+    assert engine == max(rates, key=rates.get)
+    started = time.monotonic()
+    assert choose(served["dir"], state, str(packaging.vllm_python())) == (engine, found)
+    assert time.monotonic() - started < 10  # read back, not measured again
+
+    engine, found = choose(tiny_model, state, str(packaging.vllm_python()))
+    assert engine == "transformers" and "vllm" not in found["tokens_per_second"]
+    assert "head" in found["vllm_error"].lower() or "exited" in found["vllm_error"], found["vllm_error"]
+    assert len(json.loads((state / PROBE_FILE).read_text())) == 2
