@@ -172,35 +172,52 @@ class SharedPromptLM(HFLM):
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(i)
-        shared = {c: ids for c, ids in groups.items()
-                  if len(ids) > 1 and len(c) + max(len(requests[i][2]) for i in ids) <= self.max_length}
-        alone = [i for c, ids in groups.items() if c not in shared for i in ids]  # lm-eval's own path
+        shared = [(c, ids) for c, ids in groups.items()
+                  if len(ids) > 1 and len(c) + max(len(requests[i][2]) for i in ids) <= self.max_length]
+        kept = {c for c, _ in shared}
+        alone = [i for c, ids in groups.items() if c not in kept for i in ids]  # lm-eval's own path
         found: list = [None] * len(requests)
         for i, result in zip(alone, super()._loglikelihood_tokens([requests[i] for i in alone], disable_tqdm,
                                                                   override_bs) if alone else [], strict=True):
             found[i] = result
-        for context, ids in shared.items():
-            for i, result in zip(ids, self._answers(list(context), [requests[i][2] for i in ids]), strict=True):
-                found[i] = result
+        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
+        for start in range(0, len(shared), size):
+            chunk = shared[start:start + size]
+            scored = self._answers([list(c) for c, _ in chunk], [[requests[i][2] for i in ids] for _, ids in chunk])
+            for (_, ids), results in zip(chunk, scored, strict=True):
+                for i, result in zip(ids, results, strict=True):
+                    found[i] = result
         return found
 
     @torch.no_grad()
-    def _answers(self, context: list[int], answers: list[list[int]]) -> list[tuple[float, bool]]:
-        """Each answer's summed log-probability after `context`, and whether greedy decoding would produce it."""
-        prompt = self.model(torch.tensor([context], device=self.device), use_cache=True)
+    def _answers(self, contexts: list[list[int]], answers: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """For a batch of items, each answer's summed log-probability after its item's context, and whether
+        greedy decoding would produce it: the contexts in one pass (left-padded), then every answer of every item
+        in one pass over a copy of its context's key/value cache."""
+        width, pad = max(map(len, contexts)), self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
+        prompt = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            use_cache=True)
+        owner = torch.tensor([g for g, group in enumerate(answers) for _ in group], device=self.device)
         cache = prompt.past_key_values
-        cache.batch_repeat_interleave(len(answers))
-        width = max(map(len, answers))
+        cache.batch_select_indices(owner)  # one copy of its item's context for each answer
+        flat = [a for group in answers for a in group]
+        longest = max(map(len, flat))
         # Right padding (with each answer's last token): causal attention never lets a real token see it.
-        batch = torch.tensor([a + a[-1:] * (width - len(a)) for a in answers], device=self.device)
-        following = torch.log_softmax(self.model(batch, past_key_values=cache).logits.float(), dim=-1)
-        first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
-        scored = []
-        for k, answer in enumerate(answers):
-            steps = torch.cat([first[None], following[k, : len(answer) - 1]])  # the distribution before each token
+        batch = torch.tensor([a + a[-1:] * (longest - len(a)) for a in flat], device=self.device)
+        lengths = torch.tensor([len(contexts[g]) for g in owner.tolist()], device=self.device)
+        following = torch.log_softmax(self.model(
+            input_ids=batch, past_key_values=cache,
+            attention_mask=torch.cat([mask[owner], torch.ones_like(batch)], dim=1),
+            position_ids=lengths[:, None] + torch.arange(longest, device=self.device)).logits.float(), dim=-1)
+        first = torch.log_softmax(prompt.logits[:, -1].float(), dim=-1)  # left-padded: the last is each context's
+        scored: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+        for k, (g, answer) in enumerate(zip(owner.tolist(), flat, strict=True)):
+            steps = torch.cat([first[g][None], following[k, : len(answer) - 1]])  # before each answer token
             tokens = torch.tensor(answer, device=self.device)
-            scored.append((float(steps.gather(1, tokens[:, None]).sum()),
-                           bool((steps.argmax(dim=-1) == tokens).all())))
+            scored[g].append((float(steps.gather(1, tokens[:, None]).sum()),
+                              bool((steps.argmax(dim=-1) == tokens).all())))
         return scored
 
 
