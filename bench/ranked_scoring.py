@@ -2,9 +2,11 @@
 (medians reported; these machines are noisy). Before: lm-eval's HFLM ranking every answer as a whole sequence, and
 every test item generated. Now: each item's prompt run once for all its answers (evals/runner.SharedPromptLM), and
 replies generated for a sample (`evaluation.generate_sample`). The evaluate stage scores 4 to 6 systems this way,
-selection and the baselines one each on the validation split.
+selection and the baselines one each on the validation split. Then the forgetting check (the general
+multiple-choice suite, scored for the base and every trained system in every config) before and now.
 
 Run:  .venv/bin/python bench/ranked_scoring.py [--config configs/classify.yaml] [--model gguf:smollm2-135m-instruct]
+      (a generate config, e.g. configs/demo.yaml, measures the forgetting check alone)
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
-    task, sample = config.task, config.evaluation.generate_sample
     store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
     model, tokenizer = load(provision(args.model, store))
+    print(f"{args.config}, {args.model}, {os.cpu_count()} CPU cores, medians of {args.rounds} interleaved rounds\n")
+    if config.task.ranked:
+        ranked_rows(model, tokenizer, config, args.rounds)
+    general_rows(model, tokenizer, config, args.rounds)
+
+
+def ranked_rows(model, tokenizer, config, rounds: int) -> None:
+    """One system on the config's ranked test split: before, with the prompt shared, and now."""
+    task, sample = config.task, config.evaluation.generate_sample
     with tempfile.TemporaryDirectory() as tmp:
         splits = prepare_data.fn([task], config.data.validation, config.data.test, config.data.seed, tmp, "skip")
         tasks_dir = write_tasks(task.name, splits.files, Path(tmp) / "tasks", task.max_answer_tokens, ranked=True)
@@ -46,7 +56,7 @@ def main() -> None:
                 f"now: prompt shared, {sample} generated": (SharedPromptLM, sample)}
         seconds: dict[str, list[float]] = {name: [] for name in arms}
         results = {}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, (engine, generate) in arms.items():
                 runner.SharedPromptLM = engine  # the class runner.evaluate builds (restored below)
                 started = time.perf_counter()
@@ -57,8 +67,7 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - started)
         runner.SharedPromptLM = SharedPromptLM
     before, now = list(arms)[0], list(arms)[-1]
-    print(f"{args.config}: {task.kind}, {results[before].n} test items, {args.model}, "
-          f"{os.cpu_count()} CPU cores, medians of {args.rounds} interleaved rounds\n")
+    print(f"{task.kind}, {results[before].n} test items\n")
     print("| scoring | seconds per system | accuracy | exact match (generated) |\n|---|---|---|---|")
     for name, found in results.items():
         print(f"| {name} | {statistics.median(seconds[name]):.1f} | {found.score:.3f} | "
@@ -69,6 +78,29 @@ def main() -> None:
     ratio = statistics.median(seconds[now]) / statistics.median(seconds[before])
     print(f"\nnow ÷ before: {ratio:.2f}× the time; the same ranked answers: {same}, largest probability "
           f"difference {agree:.1e}")
+
+
+def general_rows(model, tokenizer, config, rounds: int) -> None:
+    """The forgetting check's cost per system (every config's evaluate stage scores it for the base and the
+    trained weights): the bundled general suite at the config's `evaluation.general_limit`, before and now."""
+    suite = runner.suite_task(str(runner.GENERAL_DATA))
+    seconds: dict[str, list[float]] = {"before: HFLM": [], "now: prompt shared": []}
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks_dir = write_tasks("probe", {}, Path(tmp), 4)
+        for _ in range(rounds):
+            for name, engine in (("before: HFLM", HFLM), ("now: prompt shared", SharedPromptLM)):
+                runner.SharedPromptLM = engine
+                started = time.perf_counter()
+                found[name] = runner.general_accuracy(model, tokenizer, tasks_dir, suite,
+                                                      limit=config.evaluation.general_limit,
+                                                      batch_size=config.evaluation.batch_size)
+                seconds[name].append(time.perf_counter() - started)
+        runner.SharedPromptLM = SharedPromptLM
+    print(f"\nforgetting check, {found['now: prompt shared']['n']} general items: "
+          + ", ".join(f"{name} {statistics.median(t):.1f} s (accuracy {found[name]['acc']:.3f})"
+                      for name, t in seconds.items())
+          + f"; the same items right: {found['before: HFLM']['items'] == found['now: prompt shared']['items']}")
 
 
 if __name__ == "__main__":
