@@ -62,6 +62,12 @@ def vllm_rate(model_dir: str, python: str, prompts: list[list[int]], log_dir: Pa
         started = time.perf_counter()
         replies = engine.generate(requests, GREEDY)
         return sum(map(len, replies)) / (time.perf_counter() - started)
+    except httpx.HTTPStatusError as exc:  # the reason is in the server's log, not its reply
+        errors = [line for line in engine.log.read_text(errors="replace").splitlines()
+                  if " ERROR " in line and "Error:" in line]  # the first logged error is the cause
+        raise RuntimeError(f"vLLM answered {exc.response.status_code}: "
+                           f"{errors[0].split('Error:', 1)[1].strip() if errors else 'see ' + str(engine.log)}") \
+            from exc
     finally:
         engine.close()
 
