@@ -235,6 +235,30 @@ def align(version: str = typer.Argument(None, help="registered version; default:
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command()
+def export(version: str = typer.Argument(..., help="registered version, or an alias: champion, challenger"),
+           merged: Path = typer.Option(..., help="folder to write the dense model to (safetensors, tokenizer, "
+                                                 "recipe)"),
+           config: Path = typer.Option(Path("configs/demo.yaml"), help="whose model")) -> None:
+    """Write VERSION as a dense model any transformers code loads: a version that stores an adapter and a base
+    reference is merged onto that base here, exactly as training merged it."""
+    cfg = _config(config)
+    if merged.exists() and any(merged.iterdir()):
+        _fail(f"--merged {merged}: the folder is not empty; name a new one")
+    _connect(prefect=False)
+    from tasks import registry, stored_weights
+
+    try:
+        folder = registry.download(cfg.registered_model, version, merged)
+    except stored_weights.WeightsError as exc:  # names the base that is missing, or why no weights were kept
+        _fail(f"export of {cfg.registered_model} {version}: {exc}")
+    except Exception as exc:  # MLflow's message names the missing model or version
+        _fail(f"export of {cfg.registered_model} {version}: {exc}", exc)
+    manifest = folder / stored_weights.MANIFEST
+    kept = f" (stored as {stored_weights.describe(json.loads(manifest.read_text()))})" if manifest.is_file() else ""
+    typer.echo(f"{cfg.registered_model} {version}{kept}: dense model in {folder}")
+
+
 @app.command("finetune-rank")
 def finetune_rank(run_folder: Path = typer.Argument(..., help="the fine-tuning run's folder, on a shared filesystem"),
                   machine_rank: int = typer.Option(..., help="this machine's rank, 1 to num_machines - 1"),

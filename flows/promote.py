@@ -47,7 +47,8 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         recipe_dir = write_recipe(chosen.recipe, systems_dir / chosen.name, data.shot_pool)
         version = registry.register(name, chosen.weights_dir, run.info.run_id,
                                     chosen.metrics or {config.gate.metric: chosen.score},
-                                    config.gate.metric, data.keys, str(recipe_dir), chosen.system)
+                                    config.gate.metric, data.keys, str(recipe_dir), chosen.system,
+                                    keep_dense=bool(passing))
         evidence, bento = chosen.evidence, None
         if config.gate.smoke_prompts and passing:
             bento = packaging.build_bento(chosen.weights_dir, name, version, config.task.system_prompt,
@@ -63,7 +64,8 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         registry.describe(name, version, registry.card(
             name, version, chosen.system, f"{chosen.recipe.label}, system prompt {chosen.recipe.system_prompt!r}",
             decision, data.counts, data.fingerprints, before[0] if before else None,
-            f".venv/bin/tuneline deploy {version} --config CONFIG.yaml   # CONFIG: {config.name}'s lifecycle config"))
+            f".venv/bin/tuneline deploy {version} --config CONFIG.yaml   # CONFIG: {config.name}'s lifecycle config",
+            registry.stored(name, version)))
         mlflow.log_params({"version": version, "system": chosen.system, "finetune_run": finetune_run_id,
                            "decision": "pass" if decision.passed else "fail"})
         mlflow.set_tag(registry.REASONS_TAG, "; ".join(decision.reasons))
@@ -79,7 +81,8 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
             + f"\n\n{table([(chosen.system, c) for c in decision.comparisons])}\n"
             + (f"\n### The other candidates\n\n{others}\n" if others else ""),
         )
-        print(f"promote: {name} v{version} ({chosen.system}) {decision.summary}")
+        print(f"promote: {name} v{version} ({chosen.system}, stores {registry.stored(name, version)}) "
+              f"{decision.summary}")
     return Verdict(version, chosen.system, decision.passed, decision.reasons, bento)
 
 

@@ -5,6 +5,7 @@ only a pass (or a recorded manual promotion) moves `champion`; the previous cham
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
+from tasks import stored_weights
 from tasks.evidence import Comparison, compare, table
 from tasks.recipes import Recipe
 from tasks.schema import GateConfig
@@ -27,6 +29,7 @@ DECISION_TAG, REASONS_TAG = "tuneline.decision", "tuneline.reasons"
 SYSTEM_TAG = "tuneline.system"  # what the version is: "fine-tuned", "base + 3 retrieved shots, plain", …
 RULE_TAG = "tuneline.rule."  # + the rule: n, difference, interval and p-value of each paired comparison
 SPLIT_TAG = "tuneline.split."  # + train/validation/test: the split fingerprints the version was judged on
+STORED_TAG = "tuneline.stored"  # what the version stores of its weights, and its size (+ "_bytes")
 KEYS_ARTIFACT = "data/keys.json"  # in the version's run: its training split's example keys
 
 
@@ -255,14 +258,19 @@ def training_keys(name: str, version: str) -> set[str] | None:
 
 @task(name="register-model", retries=2, retry_delay_seconds=5)
 def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], gate_metric: str,
-             keys_file: str | None = None, recipe_dir: str | None = None, system: str = "fine-tuned") -> str:
-    """Log a system into `run_id` — the weights folder (safetensors) and its prompt recipe's files, side by side
-    in one folder — register it, and make it the `challenger`. `system` names it ("base + 3 retrieved shots").
+             keys_file: str | None = None, recipe_dir: str | None = None, system: str = "fine-tuned",
+             keep_dense: bool = True) -> str:
+    """Log a system into `run_id` — what it stores of its weights (adapters and a base reference, or dense
+    weights: `stored_weights`) and its prompt recipe's files, side by side in one folder — register it, and make
+    it the `challenger`. `system` names it ("base + 3 retrieved shots"). `keep_dense` False: a full fine-tune
+    the gate rejected keeps its scores and recipe, not its weights.
 
     `keys_file` (the data stage's keys.json): the split fingerprints become tags and the training keys an
     artifact, so a later round can tell which of its test items this version trained on."""
     client = MlflowClient()
-    client.log_artifacts(run_id, model_dir, artifact_path="model")
+    with tempfile.TemporaryDirectory() as staged:
+        stored = stored_weights.pack(model_dir, staged, keep_dense)
+        client.log_artifacts(run_id, staged, artifact_path="model")
     if recipe_dir:
         client.log_artifacts(run_id, recipe_dir, artifact_path="model")
     if keys_file:
@@ -277,6 +285,8 @@ def register(name: str, model_dir: str, run_id: str, metrics: dict[str, float], 
         tags |= {SPLIT_TAG + split: value
                  for split, value in json.loads(Path(keys_file).read_text())["fingerprints"].items()}
     tags[SYSTEM_TAG] = system
+    tags[STORED_TAG] = stored_weights.describe(stored)
+    tags[STORED_TAG + "_bytes"] = str(stored["bytes"])
     # A retry after a failure past this point must not register the run a second time: reuse its version.
     earlier = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if earlier:
@@ -332,7 +342,7 @@ def record(name: str, version: str, decision: Decision) -> None:
 
 
 def card(name: str, version: str, system: str, recipe: str, decision: Decision, counts: dict[str, dict[str, int]],
-         fingerprints: dict[str, str], replaced: str | None, serve: str) -> str:
+         fingerprints: dict[str, str], replaced: str | None, serve: str, stored: str | None = None) -> str:
     """A version's model card in markdown, for its description in the MLflow UI: what it is, the data it was
     judged on, the gate's table, what it replaced and how to serve and call it (the tags stay for machines)."""
     rows = "\n".join(f"| {task} | {c.get('train', 0)} | {c.get('validation', 0)} | {c.get('test', 0)} | "
@@ -342,7 +352,7 @@ def card(name: str, version: str, system: str, recipe: str, decision: Decision, 
         f"## {name} v{version}: {system}",
         f"**Gate: {'PASS' if decision.passed else 'FAIL'}** ({'champion' if decision.passed else 'rejected'})"
         + (f"; it replaced v{replaced} as champion." if decision.passed and replaced else "."),
-        "", f"**Recipe:** {recipe}", "",
+        "", f"**Recipe:** {recipe}", "", *([f"**Stored:** {stored}", ""] if stored else []),
         "### Data", "| task | train | validation | test | rejected |", "|---|---|---|---|---|", rows, "",
         f"Split fingerprints: {prints}.", "",
         "### Gate", table([(system, c) for c in decision.comparisons]), "",
@@ -390,6 +400,11 @@ def rollback(name: str, reason: str) -> str:
     return f"{name}: champion rolled back from v{current[0]} to v{previous}"
 
 
+def stored(name: str, version: str) -> str:
+    """What a version stores of its weights and their size ("1 adapter on gguf:… (sha256 …), 1.2 MB")."""
+    return MlflowClient().get_model_version(name, version).tags.get(STORED_TAG, "dense weights")
+
+
 def system(name: str, version: str) -> str:
     """What a version is ("fine-tuned", "base + 3 retrieved shots, plain"); versions from before recipes were
     fine-tuned weights."""
@@ -397,6 +412,11 @@ def system(name: str, version: str) -> str:
 
 
 def download(name: str, ref: str, dst: str | Path) -> Path:
-    """The files of `models:/name/<version>` or `models:/name@<alias>` in a local folder."""
+    """The files of `models:/name/<version>` or `models:/name@<alias>` in a local folder, with its dense weights
+    made again where the version stores adapters or a base reference (`tuneline export --merged`)."""
     uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    try:
+        return stored_weights.unpack(folder)
+    except stored_weights.WeightsError as exc:
+        raise stored_weights.WeightsError(f"{name} {'v' * str(ref).isdigit()}{ref}: {exc}") from None

@@ -154,10 +154,12 @@ def test_a_version_description_is_its_model_card(registry_env):
     decision = registry.gate(GOOD, RULES)
     markdown = registry.card(NAME, v1, "fine-tuned", "0-shot, chat, system prompt 'sys'", decision,
                              {"reviews": {"train": 800, "validation": 100, "test": 100, "rejected": 3}},
-                             {"train": "aaa111", "test": "bbb222"}, "7", "tuneline deploy 2 --config x.yaml")
+                             {"train": "aaa111", "test": "bbb222"}, "7", "tuneline deploy 2 --config x.yaml",
+                             "1 adapter on tiny:0 (sha256 0123456789ab), 1.2 MB")
     registry.describe(NAME, v1, markdown)
     shown = MlflowClient().get_model_version(NAME, v1).description
     assert shown.startswith(f"## {NAME} v{v1}: fine-tuned\n**Gate: PASS** (champion); it replaced v7 as champion.")
+    assert "**Stored:** 1 adapter on tiny:0 (sha256 0123456789ab), 1.2 MB" in shown
     assert "| reviews | 800 | 100 | 100 | 3 |" in shown and "test `bbb222`" in shown
     [vs_bar] = [line for line in shown.splitlines() if line.startswith("| fine-tuned | vs bar |")]
     assert vs_bar.startswith("| fine-tuned | vs bar | 100 | +0.300 | [") and vs_bar.endswith("| pass |")

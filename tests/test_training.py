@@ -98,6 +98,7 @@ def test_registered_model_reloads_with_identical_outputs(method, tiny_model, tra
     merged folder must round-trip exactly. QLoRA trains for real here, on the CPU: bitsandbytes' NF4 base with
     fp32 compute, the adapter merged into the dense base."""
     import mlflow
+    from mlflow import MlflowClient
 
     from tasks import registry
 
@@ -111,6 +112,12 @@ def test_registered_model_reloads_with_identical_outputs(method, tiny_model, tra
     with mlflow.start_run() as run:
         version = registry.register.fn("round-trip", result.merged, run.info.run_id, {"exact_match": 0.0},
                                        "exact_match")
+    # The registry holds the adapter and a reference to the base, not a dense copy; the download merges them
+    # again exactly as training did.
+    stored = MlflowClient().get_model_version("round-trip", version).tags[registry.STORED_TAG]
+    assert stored.startswith("1 adapter on tiny:0 (sha256 "), stored
+    logged = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "model")]
+    assert "model/model.safetensors" not in logged and "model/adapters" in logged
     trained, tok = load(Path(result.merged))
     reloaded, _ = load(registry.download("round-trip", version, tmp_path / "dl"))
     ids = tok(["The kettle leaks.", "Great shoes, would buy again"], return_tensors="pt", padding=True)
@@ -216,6 +223,17 @@ def test_sequential_stages_chain_weights(tiny_model, prefect_api, mlflow_sqlite,
     assert model_info(Path(result.merged))["source"] == "lora:lora:tiny:0"
     metrics = mlflow.get_run(result.run_id).data.metrics
     assert {"stage0_train_loss", "stage1_train_loss"} <= set(metrics)
+    # Registered, the reviews stage's weights are two adapters on the base, merged again in order exactly.
+    from tasks import registry
+
+    with mlflow.start_run() as run:
+        version = registry.register.fn("seq", result.merged, run.info.run_id, {}, "exact_match")
+    assert registry.stored("seq", version).startswith("2 adapters on tiny:0 (sha256 ")
+    trained, tok = load(Path(result.merged))
+    reloaded, _ = load(registry.download("seq", version, tmp_path / "dl"))
+    ids = tok(["The kettle leaks."], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(trained(**ids).logits, reloaded(**ids).logits)
 
     # Without stages: one multi-task run on the weighted mixture of both tasks' training data.
     config.finetune.stages = []
