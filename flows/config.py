@@ -104,7 +104,8 @@ class DeployConfig(Strict):
                           "answers beside the champion (sticky per request `user`); 0: the champion answers all")
     keep: int | None = Field(None, ge=0, description="after each deploy, delete the served copies (BentoML models "
                              "and Bentos) of all but the newest N versions, never the champion, the challenger, "
-                             "the rollback target or what is served; none: keep every copy (`tuneline gc` on demand)")
+                             "the rollback target or what is served, and the config's run folders but the "
+                             "newest N; none: keep everything (`tuneline gc` on demand)")
     shadow: bool = Field(False, description="the challenger also answers a copy of each plain chat request the "
                                             "champion answers; its answer is recorded beside the champion's, never "
                                             "returned (`tuneline feedback shadow` compares them)")

@@ -15,6 +15,7 @@ from flows.config import LifecycleConfig, load_config
 from tasks import packaging, registry, tracking
 from tasks.datasets import to_examples
 from tasks.packaging import Deployment
+from tasks.paths import prune_run_folders
 from tasks.processes import free_port, recorded_pid, stop_started
 from tasks.tracking import publish, stage_run
 
@@ -159,15 +160,17 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
 
 def prune_served(config: LifecycleConfig, home: str, newest: int) -> list[str]:
     """Delete the served copies (BentoML models and Bentos) of the config's model but those of the newest
-    `newest` versions, the champion, the challenger, the rollback target and the versions the front serves.
-    The registry keeps every version: a pruned one is built again from it when it is deployed."""
+    `newest` versions, the champion, the challenger, the rollback target and the versions the front serves,
+    and the config's run folders but the newest `newest`. The registry keeps every version: a pruned one is
+    built again from it when it is deployed."""
     name = config.registered_model
     keep = registry.kept(name, newest)
     keep |= {r["model"].rpartition("/")[2] for r in packaging.routes(home, name).values() if isinstance(r, dict)}
     removed = packaging.prune(name, keep)
+    folders = prune_run_folders(Path(home), config.name, newest)
     print(f"gc: {name}: kept v{', v'.join(sorted(keep, key=int)) or ' none'}; deleted {len(removed)} "
-          f"Bentos and stored models")
-    return removed
+          f"Bentos and stored models and {len(folders)} of {config.name}'s run folders")
+    return removed + [str(f) for f in folders]
 
 
 @flow(name="deploy-version", log_prints=True)

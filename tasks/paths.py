@@ -4,6 +4,8 @@ model store, Bentos, run folders and the feedback database; and the environment 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +38,16 @@ def run_folder(home: Path, config_name: str, label: str | None = None) -> Path:
     """A folder for one run of a config (its splits, lm-eval tasks, downloaded versions): a new one per run
     unless `label` names a lasting one."""
     return Path(home) / "runs" / config_name / (label or time.strftime("%Y%m%d-%H%M%S"))
+
+
+def prune_run_folders(home: Path, config_name: str, keep: int) -> list[Path]:
+    """Delete a config's run folders (splits, lm-eval tasks, downloaded versions' dense weights) but the newest
+    `keep` (at least one: the run deploying now); folders with a lasting name (`feedback`) stay."""
+    runs = sorted((p for p in (Path(home) / "runs" / config_name).glob("*")
+                   if p.is_dir() and re.fullmatch(r"\d{8}-\d{6}", p.name)), reverse=True)
+    for folder in runs[max(keep, 1):]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return runs[max(keep, 1):]
 
 
 def feedback_db(home: Path | None = None) -> Path:

@@ -294,6 +294,11 @@ def test_gc_keeps_the_champion_challenger_rollback_target_served_and_newest_copi
 
     gone = {v3, v5}
     expected = {bentos[v] for v in gone} | {packaging.bento_model(bentos[v]) for v in gone}
+    config.name = "gc-runs"  # its own run folders: the newest (the run deploying now) and `feedback` stay
+    runs = home / "runs" / config.name
+    for folder in ("20261201-090000", "20261202-090000", "20261203-090000", "feedback"):
+        (runs / folder / "model").mkdir(parents=True)
+    expected |= {str(runs / "20261202-090000"), str(runs / "20261201-090000")}
 
     removed = prune_served(config, str(home), newest=0)
 
@@ -302,5 +307,6 @@ def test_gc_keeps_the_champion_challenger_rollback_target_served_and_newest_copi
     for version, tag in bentos.items():
         stored = [b for b in bentoml.list() if str(b.tag) == tag]
         assert bool(stored) == (version not in gone), version
+    assert sorted(p.name for p in runs.iterdir()) == ["20261203-090000", "feedback"]
     assert bentoml.get(other)  # another model's copies are never touched
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 6  # the registry keeps every version
