@@ -20,6 +20,7 @@ import torch
 import yaml
 from lm_eval import evaluator as lm_evaluator
 from lm_eval import simple_evaluate
+from lm_eval.api.model import LM
 from lm_eval.loggers.utils import add_env_info
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -300,16 +301,30 @@ def _metric(path: Path):
     return hf_evaluate.load(str(path))
 
 
+def completions_lm(url: str, served_name: str, model_dir: str | Path, *, concurrent: int, max_length: int) -> LM:
+    """lm-eval's own client of an OpenAI-compatible completions server (a vLLM server started from its own
+    environment, which cannot share this one's transformers): prompts rendered and tokenised here with the
+    model's own tokenizer and sent as token ids, log-likelihoods read from the echoed prompt's log-probabilities,
+    replies generated greedily by the server."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(base_url=f"{url}/v1/completions", model=served_name, tokenizer=str(model_dir),
+                               tokenizer_backend="huggingface", tokenized_requests=True, num_concurrent=concurrent,
+                               max_length=max_length, timeout=600)
+
+
 def evaluate(model, tokenizer, tasks_dir: str | Path, task: str, *, system_prompt: str, shots: int = 0,
              chat: bool = True, limit: int | None = None, batch_size: int = 8, device: str = "cpu",
              kind: str = "generate", generate: int | None = None) -> ScoreResult:
-    """Score a loaded model on one generated task: score, stderr, n, text metrics and every sample.
+    """Score a loaded model (or an lm-eval LM: `completions_lm`) on one generated task: score, stderr, n, text
+    metrics and every sample.
 
     `chat`: render with the model's chat template and the system prompt (shots as earlier turns), as training
     and serving do; otherwise plain text continuation with neither. `kind` classify or choice: the task's
     ranked twin is scored too, and accuracy (the most likely allowed reply) is the score; replies are then
     generated for the first `generate` items only (None: all), for the exact match reported beside it."""
-    lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = model if isinstance(model, LM) else SharedPromptLM(pretrained=model, tokenizer=tokenizer,
+                                                            batch_size=batch_size, device=device)
     ranked = ranked_twin(task) if kind != "generate" else None
     run = functools.partial(
         _evaluate, model=lm, num_fewshot=shots, task_manager=TaskManager(include_path=str(tasks_dir),

@@ -87,6 +87,10 @@ class EvalConfig(Strict):
     general_limit: int | None = Field(400, gt=0, description="items of each general suite scored (forgetting)")
     generate_sample: int | None = Field(32, gt=0, description="ranked tasks (classify, choice): replies generated "
                                         "for this many items, for the exact match beside accuracy; null: all")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="what the systems answer the test split with: vllm (lm-eval through a vLLM server on "
+                            "each system's weights), transformers, or auto: as deploy.engine resolves without a "
+                            "probe (vllm where it is vllm, or auto on a CUDA host that has vLLM)")
     builtin_tasks: list[str] = Field(default_factory=list,
                                      description="lm-eval built-in tasks (arc_easy, …): need the hub, skipped offline")
     builtin_limit: int | None = Field(200, gt=0)

@@ -20,11 +20,11 @@ from evals.runner import ScoreResult, general_suites, write_listed_tasks
 from evals.variants import ZERO_SHOT, Variant
 from flows.config import LifecycleConfig, load_config
 from flows.data import lengths_stage, prepare
-from tasks import registry, scoring, tracking
+from tasks import packaging, registry, scoring, tracking
 from tasks.alignment import Aligned
 from tasks.datasets import fingerprint, read_examples
 from tasks.evidence import gate_power, table, wilson
-from tasks.paths import run_folder
+from tasks.paths import run_folder, vllm_python
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
 from tasks.registry import Evaluation
 from tasks.retrieval import attach_fixed, attach_shots
@@ -143,6 +143,7 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
     fine-tuned weights on the general suites too. A crash is recorded for the gate, which fails on any; the
     report goes on."""
     task, scored, done = config.task, Scored(), {}
+    engine = scoring_engine(config)
     for name, (folder, v) in plan.items():
         test_task = v.task(task.name, "test")
         if (folder, test_task, v.chat) in done:
@@ -154,7 +155,7 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
             scored.results[name] = score(folder, tasks_dir, test_task, shots=v.shots, chat=v.chat, kind=task.kind,
                                          system_prompt=task.system_prompt, limit=task.max_test_examples,
                                          batch_size=config.evaluation.batch_size,
-                                         generate=config.evaluation.generate_sample)
+                                         generate=config.evaluation.generate_sample, engine=engine)
         except Exception as exc:
             scored.crashed[name] = _crash(name, exc)
             continue
@@ -170,6 +171,16 @@ def _score(config: LifecycleConfig, plan: dict[str, System], tasks_dir: str) -> 
                 except Exception as exc:
                     scored.crashed[f"{name} ({suite})"] = _crash(f"{name} ({suite})", exc)
     return scored
+
+
+def scoring_engine(config: LifecycleConfig) -> str:
+    """The engine every system answers the test split with (one for all: the gate compares like with like)."""
+    choice = config.evaluation.engine
+    engine = packaging.resolve_engine(config.deploy.engine if choice == "auto" else choice)
+    if engine == "vllm" and not vllm_python().is_file():
+        raise ValueError(f"evaluation.engine vllm: no vLLM environment at {vllm_python()}; run `make install-vllm` "
+                         "or set TUNELINE_VLLM_PYTHON")
+    return engine
 
 
 def _score_preferences(config: LifecycleConfig, plan: dict[str, System], aligned: Aligned, tasks_dir: str,
@@ -421,7 +432,7 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
             result = score(folder, tasks_dir, v.task(task.name, "test"), system_prompt=task.system_prompt,
                            shots=v.shots, chat=v.chat, limit=task.max_test_examples,
                            batch_size=config.evaluation.batch_size, kind=task.kind,
-                           generate=config.evaluation.generate_sample)
+                           generate=config.evaluation.generate_sample, engine=scoring_engine(config))
             general = {"acc": _mean([score_general(folder, tasks_dir, runner.suite_task(path),
                                                    limit=config.evaluation.general_limit,
                                                    batch_size=config.evaluation.batch_size)["acc"]

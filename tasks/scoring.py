@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
+from lm_eval.api.model import LM
 from prefect import task
 
 from evals import runner
@@ -34,14 +38,37 @@ def table(rows: dict[str, dict], ranked: bool, first: str = "system", extra: tup
 
 @task(name="score-model", cache_key_fn=by_content, persist_result=True)
 def score(model_dir: str, tasks_dir: str, task_name: str, *, system_prompt: str, shots: int, limit: int,
-          batch_size: int, chat: bool = True, kind: str = "generate", generate: int | None = None
-          ) -> runner.ScoreResult:
+          batch_size: int, chat: bool = True, kind: str = "generate", generate: int | None = None,
+          engine: str = "transformers") -> runner.ScoreResult:
     """lm-eval score of the model in `model_dir` on a generated task (chat template and system prompt unless
     `chat` is off); a classify or choice `kind` also ranks the allowed replies (accuracy is then the score) and
-    generates replies for the first `generate` items only (`evaluation.generate_sample`)."""
+    generates replies for the first `generate` items only (`evaluation.generate_sample`). `engine` vllm: the
+    weights answer from a vLLM server started for them (`evaluation.engine`), as they would be served."""
+    options = dict(system_prompt=system_prompt, shots=shots, chat=chat, limit=limit, batch_size=batch_size,
+                   kind=kind, generate=generate)
+    if engine == "vllm":
+        with vllm_lm(model_dir, batch_size) as lm:
+            return runner.evaluate(lm, None, tasks_dir, task_name, **options)
     model, tokenizer = load(Path(model_dir))
-    return runner.evaluate(model, tokenizer, tasks_dir, task_name, system_prompt=system_prompt, shots=shots,
-                           chat=chat, limit=limit, batch_size=batch_size, kind=kind, generate=generate)
+    return runner.evaluate(model, tokenizer, tasks_dir, task_name, **options)
+
+
+@contextlib.contextmanager
+def vllm_lm(model_dir: str, concurrent: int) -> Iterator[LM]:
+    """lm-eval's completions client of a vLLM server on `model_dir`'s weights, stopped on leaving."""
+    from serving.vllm_engine import NAME, VllmEngine
+    from tasks.paths import state_dir, vllm_python
+
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    # vLLM reserves KV cache for its longest sequence: the model's context, capped at what the tasks need
+    length = min(int(config.get("max_position_embeddings", 2048)), 4096)
+    logs = state_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    engine = VllmEngine(model_dir, str(vllm_python()), length, str(logs))
+    try:
+        yield runner.completions_lm(engine.url, NAME, model_dir, concurrent=concurrent, max_length=length)
+    finally:
+        engine.close()
 
 
 @task(name="score-likelihood", cache_key_fn=by_content, persist_result=True)

@@ -232,3 +232,20 @@ def test_a_retrieval_champion_is_scored_with_shots_from_its_own_pool(tiny_model,
                                shots=2, limit=1, batch_size=1).samples
     assert sample["prompt"].index("kettle") < sample["prompt"].index("teapot")  # its nearest pool shot, listed
     assert "Love the shoes" not in sample["prompt"]
+
+
+def test_the_scoring_engine_follows_deploy_engine_and_names_a_missing_vllm(monkeypatch, tmp_path):
+    from flows.evaluate import scoring_engine
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    fake = tmp_path / "python"
+    monkeypatch.setenv("TUNELINE_VLLM_PYTHON", str(fake))
+    config.deploy.engine = "vllm"
+    with pytest.raises(ValueError, match=f"evaluation.engine vllm: no vLLM environment at {fake}"):
+        scoring_engine(config)  # auto follows the service's engine, which needs the environment
+    fake.write_text("")  # present: the systems are scored on vLLM, as they will be served
+    assert scoring_engine(config) == "vllm"
+    config.evaluation.engine = "transformers"
+    assert scoring_engine(config) == "transformers"
+    config.evaluation.engine, config.deploy.engine = "auto", "transformers"
+    assert scoring_engine(config) == "transformers"

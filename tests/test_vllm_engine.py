@@ -161,3 +161,30 @@ def test_auto_on_a_cpu_takes_the_engine_a_probe_measures_faster_and_remembers_it
     assert engine == "transformers" and "vllm" not in found["tokens_per_second"]
     assert "head_dim=16" in found["vllm_error"], found["vllm_error"]
     assert len(json.loads((state / PROBE_FILE).read_text())) == 2
+
+
+def test_evaluation_on_vllm_ranks_and_answers_as_the_transformers_engine(served, tmp_path):
+    """`evaluation.engine: vllm`: lm-eval scores the weights through a vLLM server (its completions client, the
+    prompts tokenised here) and reaches the same ranked labels, label probabilities within 1e-4 and the same
+    greedy replies as the transformers engine on the same task."""
+    from evals import runner
+    from tasks.datasets import Example, write_examples
+    from tasks.scoring import score
+
+    reviews = ["the kettle leaks", "these shoes are great", "it arrived", "broke in a week", "love the colour",
+               "fine, nothing special"]
+    examples = [Example(f"r{i}", SYSTEM, f"Review: {text}", ANSWERS[i % 3], "rate", f"k{i}", tuple(ANSWERS))
+                for i, text in enumerate(reviews)]
+    files = {name: write_examples(tmp_path / f"{name}.jsonl", examples) for name in ("train", "validation", "test")}
+    tasks_dir = str(runner.write_tasks("rate", files, tmp_path / "tasks", max_answer_tokens=12, ranked=True))
+    options = dict(system_prompt=SYSTEM, shots=0, limit=None, batch_size=4, kind="classify", generate=None)
+    on = {engine: {s["doc_id"]: s for s in score.fn(served["dir"], tasks_dir, "rate_test", engine=engine,
+                                                      **options).samples}
+          for engine in ("transformers", "vllm")}
+    assert len(on["vllm"]) == len(on["transformers"]) == len(examples)
+    for doc, reference in on["transformers"].items():
+        found = on["vllm"][doc]
+        assert found["prediction"] == reference["prediction"]
+        assert np.allclose([found["probabilities"][a] for a in ANSWERS],
+                           [reference["probabilities"][a] for a in ANSWERS], atol=1e-4), (found, reference)
+        assert found["response"] == reference["response"] and len(reference["response"]) > 0
