@@ -192,14 +192,18 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device("auto")
+    # Without bf16 instructions a CPU emulates bf16 at under 1 GFLOP/s: a 2048² product would take minutes, and
+    # nothing trains in bf16 there (tasks/training.py `prefer_bf16`).
+    bf16 = device == "cuda" or native_bf16()
     peaks = {name: gemm_gflops(dtype, device, size=2048, repeats=5)
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name == "fp32" or bf16}
     store = Path(os.environ.get("TUNELINE_HOME", ROOT / ".tuneline")) / "models"
     model_dir = provision(args.model, store)
     parameters = sum(p.numel() for p in load(model_dir)[0].parameters())
     print(f"model {args.model} ({parameters / 1e6:.0f}M parameters); {os.cpu_count()} CPU cores"
           + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
-          + f"; GEMM peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s\n")
+          + f"; GEMM peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 "
+          + (f"{peaks['bf16']:.1f} GFLOP/s\n" if bf16 else "not measured (no bf16 instructions)\n"))
     with tempfile.TemporaryDirectory() as tmp:
         rows = dpo_rows if args.dpo else sft_rows
         ours = rows(model_dir, Path(tmp), args.steps, args.batch_size, args.rounds)
