@@ -148,8 +148,10 @@ def sft_rows(model_dir: Path, work: Path, steps: int, batch: int, rounds: int) -
                       system_prompt="You extract structured data.", prompt="Review: {{ review }}\nReturn JSON.",
                       answer='{"product": "{{ product }}", "sentiment": "{{ sentiment }}", "rating": {{ rating }}}')
     train_path = prepare_data.fn([task], 0.1, 0.1, 13, str(work / "data"), "skip").train
+    # No checkpoints, as the plain script saves none (tuneline's default writes one every 10 steps, so that a
+    # killed run resumes: a cost of its own, not of the training step compared here).
     spec = FinetuneConfig(lora={"r": 8, "alpha": 16}, max_steps=steps, batch_size=batch, max_seq_length=256,
-                          warmup_ratio=0.0)
+                          warmup_ratio=0.0, save_steps=None)
     # A short run first, discarded: the first training in a process pays one-off start-up costs (kernel
     # selection, thread pools) that would otherwise weigh on whichever configuration ran first.
     train.fn(str(model_dir), train_path, str(work / "warm-up"), spec.model_copy(update={"max_steps": 2}))
