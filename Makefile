@@ -66,6 +66,13 @@ demo: install
 # libraries; `make test-system` the end-to-end runs on whole stacks and the real shipped models; CI runs
 # both, and the fault tests.
 TEST_WORKERS ?= 2
+# Each worker's torch, and every process it starts, computes on its share of the cores: two workers each running
+# two OpenMP threads on two cores took 1.55x as long over the same DPO test as one thread each.
+TEST_THREADS ?= $(shell n=$$(( $$(nproc) / $(TEST_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
+# These tiers serve and score on transformers even where `make install-vllm` ran: deploy.engine auto would
+# otherwise start vLLM to probe it on every deploy (about 40 s each). `make test-vllm` is vLLM's tier.
+test test-system test-faults: export TUNELINE_VLLM_PYTHON := $(CURDIR)/.venv-vllm/not-in-this-tier
+test test-system: export OMP_NUM_THREADS := $(TEST_THREADS)
 test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports

@@ -14,7 +14,7 @@ import typer
 
 from flows.config import ConfigError, load_config
 from infra import local
-from tasks.paths import vllm_python
+from tasks.paths import vllm_missing
 
 app = typer.Typer(help="tuneline: an LLM fine-tuning lifecycle, scope to deployment.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -114,9 +114,8 @@ def check(config: Path) -> None:
     if not cfg.feedback.require_review:
         typer.echo("warning: feedback.require_review is false: feedback rounds train on unreviewed production "
                    "feedback (anyone with access to the service writes the next model's training data)")
-    if cfg.deploy.engine == "vllm" and not vllm_python().is_file():
-        typer.echo(f"warning: deploy.engine is vllm but there is no vLLM environment at {vllm_python()}: the deploy "
-                   "will fail; run `make install-vllm` or set TUNELINE_VLLM_PYTHON")
+    if cfg.deploy.engine == "vllm" and (missing := vllm_missing("deploy.engine")):
+        typer.echo(f"warning: {missing} (the deploy would fail)")
     if cfg.task.data.startswith("hf:"):
         typer.echo("power: not estimated for a hub dataset (it is read when the lifecycle runs)")
         return

@@ -24,7 +24,7 @@ from tasks import packaging, registry, scoring, tracking
 from tasks.alignment import Aligned
 from tasks.datasets import fingerprint, read_examples
 from tasks.evidence import gate_power, table, wilson
-from tasks.paths import run_folder, vllm_python
+from tasks.paths import run_folder, vllm_missing
 from tasks.recipes import POOL_FILE, Baselines, Recipe, read_recipe
 from tasks.registry import Evaluation
 from tasks.retrieval import attach_fixed, attach_shots
@@ -177,9 +177,8 @@ def scoring_engine(config: LifecycleConfig) -> str:
     """The engine every system answers the test split with (one for all: the gate compares like with like)."""
     choice = config.evaluation.engine
     engine = packaging.resolve_engine(config.deploy.engine if choice == "auto" else choice)
-    if engine == "vllm" and not vllm_python().is_file():
-        raise ValueError(f"evaluation.engine vllm: no vLLM environment at {vllm_python()}; run `make install-vllm` "
-                         "or set TUNELINE_VLLM_PYTHON")
+    if engine == "vllm" and (missing := vllm_missing("evaluation.engine")):
+        raise ValueError(missing)
     return engine
 
 

@@ -17,7 +17,7 @@ from prefect import task
 from tasks.datasets import label_replies
 from tasks.models import load
 from tasks.paths import feedback_db as default_feedback_db
-from tasks.paths import vllm_python
+from tasks.paths import vllm_missing, vllm_python
 from tasks.processes import HOST, listening, recorded_pid, spawn, stop_started, wait_until
 from tasks.recipes import EMBEDDINGS_FILE, POOL_FILE, RECIPE_FILE, Recipe, prompt_text, read_recipe, shots_for
 from tasks.retrieval import encoder_path
@@ -239,9 +239,8 @@ def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: 
     Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db, redacted
     unless `redact` is off."""
     require_key_beyond_loopback(host)
-    if engine == "vllm" and not vllm_python().is_file():
-        raise RuntimeError(f"deploy.engine vllm: no vLLM environment at {vllm_python()}; run `make install-vllm` "
-                           "or set TUNELINE_VLLM_PYTHON")
+    if engine == "vllm" and (missing := vllm_missing("deploy.engine")):
+        raise RuntimeError(missing)
     # vLLM's engine start is part of the service's (about a minute for a small model on a CPU)
     timeout_s = max(timeout_s, 900.0) if engine == "vllm" else timeout_s
     return _ready(*_launch(bento_tag, port, home, name, feedback_db, host, redact, engine), timeout_s)

@@ -62,3 +62,11 @@ def vllm_python() -> Path:
     lives in an environment of its own."""
     root = Path(__file__).resolve().parent.parent
     return Path(os.environ.get("TUNELINE_VLLM_PYTHON") or root / ".venv-vllm" / "bin" / "python")
+
+
+def vllm_missing(setting: str) -> str | None:
+    """Why `setting` (deploy.engine or evaluation.engine) cannot run on vLLM here, in one line; None if it can."""
+    python = vllm_python()
+    if python.is_file():
+        return None
+    return f"{setting} vllm: no vLLM environment at {python}; run `make install-vllm` or set TUNELINE_VLLM_PYTHON"
