@@ -93,7 +93,7 @@ def align_model(config_path: str, version: str | None = None, preferences: str |
         pid = parent.info.run_id
         splits, tasks_dir = prepare(config, run_dir, pid)
         folder = str(registry.download(name, version, run_dir / "model"))
-        lengths_stage(config, splits, folder, pid)
+        lengths_stage(config.tasks, config.finetune, splits, folder, pid)
         aligned = align_stage(config, folder, splits, str(home / "finetune"), pid, tasks_dir)
         found = {label: score_preferences(weights, tasks_dir, aligned.task,
                                           system_prompt=config.align.data.system_prompt, limit=None,

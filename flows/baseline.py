@@ -9,7 +9,7 @@ from prefect import flow
 
 from evals.runner import write_listed_tasks
 from evals.variants import ZERO_SHOT, Variant
-from flows.config import LifecycleConfig
+from flows.config import BaselineConfig, EvalConfig, TaskConfig
 from tasks.datasets import Splits
 from tasks.recipes import Baselines
 from tasks.retrieval import attach_fixed, attach_shots, pick_fixed
@@ -19,18 +19,18 @@ from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="baseline")
-def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, splits: Splits,
-                   parent_run_id: str) -> Baselines:
-    task, metric = config.task, config.gate.metric
-    plan = config.baseline.variants(ranked=task.ranked)
+def baseline_stage(task: TaskConfig, prompts: BaselineConfig, evaluation: EvalConfig, metric: str, seed: int | str,
+                   chosen: Selection, tasks_dir: str, splits: Splits, parent_run_id: str) -> Baselines:
+    """`prompts` (the config's `baseline` section) says which prompts to try; `seed` picks the fixed shots."""
+    plan = prompts.variants(ranked=task.ranked)
     rows = {}
     with stage_run("baseline", parent_run_id, model=chosen.source, prompts=len(plan)):
         held_out = {"validation": splits.validation, "test": splits.test}  # for choosing, and for evaluate
-        if config.baseline.retrieval_shots:
-            files = attach_shots(splits.shot_pool, held_out, config.baseline.retrieval_shots, tasks_dir)
+        if prompts.retrieval_shots:
+            files = attach_shots(splits.shot_pool, held_out, prompts.retrieval_shots, tasks_dir)
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens,
-                               Variant("retrieved", config.baseline.retrieval_shots), ranked=task.ranked)
-        fixed = {k: pick_fixed(splits.shot_pool, k, config.data.seed) for k in config.baseline.shots if k}
+                               Variant("retrieved", prompts.retrieval_shots), ranked=task.ranked)
+        fixed = {k: pick_fixed(splits.shot_pool, k, seed) for k in prompts.shots if k}
         for k, shots in fixed.items():
             files = attach_fixed(shots, held_out, tasks_dir, f"fixed{k}")
             write_listed_tasks(task.name, files, tasks_dir, task.max_answer_tokens, Variant("fixed", k),
@@ -41,8 +41,8 @@ def baseline_stage(config: LifecycleConfig, chosen: Selection, tasks_dir: str, s
             else:
                 result = score(chosen.model_dir, tasks_dir, v.task(task.name, "validation"),
                                system_prompt=task.system_prompt, shots=v.shots, chat=v.chat,
-                               limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
-                               kind=task.kind, generate=config.evaluation.generate_sample)
+                               limit=task.max_validation_examples, batch_size=evaluation.batch_size,
+                               kind=task.kind, generate=evaluation.generate_sample)
             log_eval(f"baseline {v.name}", result, kind=v.kind, shots=v.shots, chat_template=v.chat,
                      split="validation")
             rows[v.name] = {**result.metrics, "score": result.metrics[metric], "stderr": result.stderr}

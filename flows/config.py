@@ -176,6 +176,11 @@ class LifecycleConfig(Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        """The primary task first, then the extra tasks mixed into training."""
+        return [self.task, *self.extra_tasks]
+
     @model_validator(mode="after")
     def _metric_of_the_kind(self) -> LifecycleConfig:
         for where, task in [("task", self.task), *((f"extra_tasks.{i}", t) for i, t in enumerate(self.extra_tasks))]:

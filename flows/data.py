@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from prefect import flow
 
 from evals.runner import general_suites, write_tasks
-from flows.config import LifecycleConfig
+from flows.config import FinetuneConfig, LifecycleConfig, TaskConfig
 from tasks.datasets import Lengths, Splits, fit_lengths, prepare_data, read_examples
 from tasks.evidence import gate_power
 from tasks.tracking import publish, stage_run
@@ -51,7 +51,7 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
     """Splits for every task, the mixed training file, and a data card: counts, fingerprints, power, rejects,
     samples. `corrections`: chat-example files from production feedback, added to the training file only."""
     d = config.data
-    tasks = [config.task, *config.extra_tasks]
+    tasks = config.tasks
     with stage_run("data", parent_run_id, seed=d.seed, on_bad_rows=d.on_bad_rows,
                    tasks=",".join(t.name for t in tasks)):
         result = prepare_data(tasks, d.validation, d.test, d.seed, out_dir, d.on_bad_rows, corrections or [],
@@ -98,20 +98,20 @@ def data_stage(config: LifecycleConfig, out_dir: str, parent_run_id: str, correc
 
 
 @flow(name="lengths")
-def lengths_stage(config: LifecycleConfig, splits: Splits, model_dir: str, parent_run_id: str,
-                  runs_dir: str | None = None) -> Lengths:
+def lengths_stage(tasks: list[TaskConfig], finetune: FinetuneConfig, splits: Splits, model_dir: str,
+                  parent_run_id: str, runs_dir: str | None = None) -> Lengths:
     """The length limit checked with the model that will be trained and served, after selection: its tokenizer
     and chat template decide what "too long" means. Over-long examples leave every split (rejects.jsonl). With
     the model known, the training plan gets its time on this machine (from `runs_dir`'s earlier runs of it)."""
-    limits = {t.name: t.max_tokens or config.finetune.max_seq_length for t in [config.task, *config.extra_tasks]}
-    limits["*"] = limits[config.task.name]  # production corrections follow the primary task
+    limits = {t.name: t.max_tokens or finetune.max_seq_length for t in tasks}
+    limits["*"] = limits[tasks[0].name]  # production corrections follow the primary task
     with stage_run("lengths", parent_run_id, model=model_dir):
         fitted = fit_lengths(splits, model_dir, limits)
         mlflow.log_metric("over_long_removed", fitted.removed)
-        mlflow.log_figure(_length_plot(fitted.lengths, config.finetune.max_seq_length),
+        mlflow.log_figure(_length_plot(fitted.lengths, finetune.max_seq_length),
                           "data_card/token_lengths.png")
-        step = measured_step_seconds(runs_dir, model_dir, config.finetune) if runs_dir else None
-        plan, _ = training_plan(config.finetune, sum(splits.mixed_train.values()), step)
+        step = measured_step_seconds(runs_dir, model_dir, finetune) if runs_dir else None
+        plan, _ = training_plan(finetune, sum(splits.mixed_train.values()), step)
         mlflow.set_tag("tuneline.training_plan", plan)
         publish("lengths", f"## Lengths with the chosen model\n\n{fitted.removed} example(s) longer than max_tokens "
                            "with its tokenizer and chat template left every split (data card: rejects.jsonl); "

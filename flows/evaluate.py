@@ -425,7 +425,8 @@ def evaluate_version(config_path: str, version: str | None = None) -> dict:
     with mlflow.start_run(run_name=f"evaluate {name} v{version}", tags={"tuneline.kind": "evaluate-version"}) as parent:
         splits, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         folder = str(registry.download(name, version, run_dir / "model"))
-        lengths_stage(config, splits, folder, parent.info.run_id)  # rewrites the split files the tasks read
+        # rewrites the split files the tasks read
+        lengths_stage(config.tasks, config.finetune, splits, folder, parent.info.run_id)
         with stage_run("evaluate", parent.info.run_id, registered_model=name, version=version, split="test"):
             v = _system_variant(config, folder, tasks_dir)  # the version's own recipe
             result = score(folder, tasks_dir, v.task(task.name, "test"), system_prompt=task.system_prompt,

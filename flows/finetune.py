@@ -239,7 +239,7 @@ def finetune_model(config_path: str, model: str | None = None, max_steps: int | 
     with mlflow.start_run(run_name=f"finetune {source}", tags={"tuneline.kind": "finetune-model"}) as parent:
         splits, tasks_dir = prepare(config, run_dir, parent.info.run_id)
         base = provision_model(source, store)
-        lengths_stage(config, splits, base, parent.info.run_id, str(home / "finetune"))
+        lengths_stage(config.tasks, config.finetune, splits, base, parent.info.run_id, str(home / "finetune"))
         tuned = finetune_stage(config, base, splits, str(home / "finetune"), parent.info.run_id, tasks_dir)
         version = registry.register(config.registered_model, tuned.merged, tuned.run_id, {}, config.gate.metric,
                                     splits.keys)

@@ -53,18 +53,21 @@ def lifecycle(config_path: str, serve: bool | None = None, corrections: list[str
         mlflow.log_artifact(config_path, "config")
         pid = parent.info.run_id
         splits, tasks_dir = prepare(config, run_dir, pid, corrections)
-        chosen: Selection = select_stage(config, str(home / "models"), tasks_dir, splits.validation, pid)
-        fitted = lengths_stage(config, splits, chosen.model_dir, pid, str(home / "finetune"))
+        chosen: Selection = select_stage(config.task, config.models, config.evaluation, config.gate.metric,
+                                         str(home / "models"), tasks_dir, splits.validation, pid)
+        fitted = lengths_stage(config.tasks, config.finetune, splits, chosen.model_dir, pid, str(home / "finetune"))
         if "validation" in fitted.changed:  # selection scored items that are gone now: the bar is scored anew
             chosen = replace(chosen, result=None)
-        baselines: Baselines = baseline_stage(config, chosen, tasks_dir, splits, pid)
+        baselines: Baselines = baseline_stage(config.task, config.baseline, config.evaluation, config.gate.metric,
+                                              config.data.seed, chosen, tasks_dir, splits, pid)
         tuned: FineTuned = (finetune_on_pool if config.finetune.work_pool else finetune_stage)(
             config, chosen.model_dir, splits, str(home / "finetune"), pid, tasks_dir)
         aligned: Aligned | None = align_stage(config, tuned.merged, splits, str(home / "finetune"), pid,
                                               tasks_dir) if config.align else None
         report: Evaluation = evaluate_stage(config, chosen.model_dir, tuned.merged, baselines, tasks_dir, pid,
                                             champion=True, aligned=aligned)
-        verdict: Verdict = promote_stage(config, tuned.run_id, report, splits, str(home), pid)
+        verdict: Verdict = promote_stage(config.registered_model, config.gate, config.task, config.deploy, tuned.run_id,
+                                         report, splits, str(home), pid)
         service: Deployment = deploy_stage(config, str(home), pid,
                                            built={verdict.version: verdict.bento} if verdict.bento else None,
                                            probe=read_examples(splits.test)[0].user)

@@ -13,7 +13,7 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.config import LifecycleConfig
+from flows.config import DeployConfig, GateConfig, TaskConfig
 from tasks import packaging, registry
 from tasks.datasets import Splits, read_examples
 from tasks.evidence import table
@@ -24,14 +24,13 @@ from tasks.tracking import artifact_key, publish, stage_run
 
 
 @flow(name="promote")
-def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluation, data: Splits, home: str,
-                  parent_run_id: str) -> Verdict:
+def promote_stage(name: str, rules: GateConfig, task: TaskConfig, deploy: DeployConfig, finetune_run_id: str,
+                  report: Evaluation, data: Splits, home: str, parent_run_id: str) -> Verdict:
     """Every candidate system through the gate; the best on the gate's metric that passes every rule is
     registered with its recipe, built, smoke-served and promoted. When none passes, the best-scoring one is
     registered as a recorded rejection. `data`: the data stage's result (train split for a retrieval pool, test
-    split for the smoke prompts, split keys for the version)."""
-    name = config.registered_model
-    rules = config.gate
+    split for the smoke prompts, split keys for the version). `name`: the registered model; `deploy`: how a
+    version is served (its limits and answer constraint), for the smoke test."""
     unserved = rules.model_copy(update={"smoke_prompts": 0})  # the metric rules first: only a pass is served
     candidates = report.candidates
     with stage_run("promote", parent_run_id, registered_model=name, gate_metric=rules.metric,
@@ -46,17 +45,17 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         systems_dir = Path(data.keys).parent.parent / "systems"
         recipe_dir = write_recipe(chosen.recipe, systems_dir / chosen.name, data.shot_pool)
         version = registry.register(name, chosen.weights_dir, run.info.run_id,
-                                    chosen.metrics or {config.gate.metric: chosen.score},
-                                    config.gate.metric, data.keys, str(recipe_dir), chosen.system,
+                                    chosen.metrics or {rules.metric: chosen.score},
+                                    rules.metric, data.keys, str(recipe_dir), chosen.system,
                                     keep_dense=bool(passing))
         evidence, bento = chosen.evidence, None
-        if config.gate.smoke_prompts and passing:
-            bento = packaging.build_bento(chosen.weights_dir, name, version, config.task.system_prompt,
-                                          config.deploy.limits, str(recipe_dir), chosen.system,
-                                          packaging.served_answers(config.task, config.deploy.constrain))
-            prompts = [e.user for e in read_examples(data.test)[: config.gate.smoke_prompts]]
+        if rules.smoke_prompts and passing:
+            bento = packaging.build_bento(chosen.weights_dir, name, version, task.system_prompt,
+                                          deploy.limits, str(recipe_dir), chosen.system,
+                                          packaging.served_answers(task, deploy.constrain))
+            prompts = [e.user for e in read_examples(data.test)[: rules.smoke_prompts]]
             evidence = replace(evidence, smoke_failures=packaging.smoke_compare(
-                chosen.weights_dir, bento, prompts, config.task.system_prompt, config.task.max_answer_tokens,
+                chosen.weights_dir, bento, prompts, task.system_prompt, task.max_answer_tokens,
                 home, free_port(), str(recipe_dir)))
         decision = registry.gate(evidence, rules)
         before = registry.champion(name)
@@ -64,7 +63,7 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         registry.describe(name, version, registry.card(
             name, version, chosen.system, f"{chosen.recipe.label}, system prompt {chosen.recipe.system_prompt!r}",
             decision, data.counts, data.fingerprints, before[0] if before else None,
-            f".venv/bin/tuneline deploy {version} --config CONFIG.yaml   # CONFIG: {config.name}'s lifecycle config",
+            f".venv/bin/tuneline deploy {version} --config CONFIG.yaml   # CONFIG: the lifecycle config of {name}",
             registry.stored(name, version)))
         mlflow.log_params({"version": version, "system": chosen.system, "finetune_run": finetune_run_id,
                            "decision": "pass" if decision.passed else "fail"})
@@ -76,7 +75,7 @@ def promote_stage(config: LifecycleConfig, finetune_run_id: str, report: Evaluat
         publish(
             "promote",
             f"## Gate: {name} v{version} ({chosen.system}) — {'PASS' if decision.passed else 'FAIL'}\n\n"
-            f"Chosen: **{chosen.system}**, {config.gate.metric} {chosen.score:.3f} on the test split: {why}."
+            f"Chosen: **{chosen.system}**, {rules.metric} {chosen.score:.3f} on the test split: {why}."
             "\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
             + f"\n\n{table([(chosen.system, c) for c in decision.comparisons])}\n"
             + (f"\n### The other candidates\n\n{others}\n" if others else ""),

@@ -8,7 +8,7 @@ import mlflow
 from prefect import flow
 
 from evals.variants import ZERO_SHOT, likelihood_task
-from flows.config import LifecycleConfig
+from flows.config import EvalConfig, ModelsConfig, TaskConfig
 from tasks.datasets import chat_messages, read_examples
 from tasks.models import model_info, provision_model
 from tasks.scoring import score, score_likelihood
@@ -17,9 +17,8 @@ from tasks.tracking import log_eval, publish, stage_run
 
 
 @flow(name="select")
-def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation_path: str, parent_run_id: str
-                 ) -> Selection:
-    task, models = config.task, config.models
+def select_stage(task: TaskConfig, models: ModelsConfig, evaluation: EvalConfig, metric: str, store: str,
+                 tasks_dir: str, validation_path: str, parent_run_id: str) -> Selection:
     probe = chat_messages(read_examples(validation_path)[0], with_answer=False)  # a real prompt for the timing
     rows = []
     with stage_run("select", parent_run_id, candidates=",".join(models.candidates),
@@ -29,15 +28,15 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
             info = model_info(folder)
             cost = measure_cost(folder, probe, models.cost_tokens)
             result = score(folder, tasks_dir, ZERO_SHOT.task(task.name, "validation"), system_prompt=task.system_prompt,
-                           shots=0, limit=task.max_validation_examples, batch_size=config.evaluation.batch_size,
-                           kind=task.kind, generate=config.evaluation.generate_sample)
+                           shots=0, limit=task.max_validation_examples, batch_size=evaluation.batch_size,
+                           kind=task.kind, generate=evaluation.generate_sample)
             likely = score_likelihood(folder, tasks_dir, likelihood_task(task.name),
                                       system_prompt=task.system_prompt, limit=task.max_validation_examples,
-                                      batch_size=config.evaluation.batch_size)
+                                      batch_size=evaluation.batch_size)
             log_eval(f"candidate {source}", result, metrics={**cost, "answer_logprob": likely["mean_logprob"]},
                      source=source, instruct=info["instruct"], shots=0, split="validation")
             rows.append({"source": source, "model_dir": folder, "instruct": info["instruct"], **cost,
-                         "score": result.metrics[config.gate.metric], "stderr": result.stderr,
+                         "score": result.metrics[metric], "stderr": result.stderr,
                          "likelihood": likely["mean_logprob"], "result": result})
         best, reason = choose(rows, models.budget)
         mlflow.log_params({"chosen": best["source"]})
@@ -50,7 +49,7 @@ def select_stage(config: LifecycleConfig, store: str, tasks_dir: str, validation
         )
         publish(
             "select",
-            f"## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation {config.gate.metric} "
+            f"## Model selection\n\n| model | kind | params | tokens/s | peak MB | validation {metric} "
             f"| answer log-prob per token |\n|---|---|---|---|---|---|---|\n{table}\n\n"
             f"Chosen: **{best['source']}**: {reason}.",
         )

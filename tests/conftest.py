@@ -40,9 +40,10 @@ def varied_tiny(folder: Path, store: Path) -> str:
 
 # The files that take longest, longest first (measured on 2 cores): the workers start on them and the short
 # files fill in the ends, so neither worker is left with a long file at the end of the run.
-LONGEST = ("test_deployments.py", "test_shared_servers.py", "test_alignment.py", "test_distributed.py",
-           "test_training.py", "test_systems.py", "test_service.py", "test_config.py", "test_registry.py",
-           "test_search.py", "test_stage_flows.py", "test_infra.py")
+LONGEST = ("test_deployments.py", "test_shared_servers.py",  # system tests only: make test-system's longest
+           "test_search.py", "test_training.py", "test_registry.py", "test_chat_template.py", "test_stage_flows.py",
+           "test_alignment.py", "test_systems.py", "test_packaging.py", "test_service.py", "test_baseline.py",
+           "test_selection.py", "test_distributed.py", "test_infra.py", "test_config.py", "test_stored_weights.py")
 
 
 def pytest_collection_modifyitems(items):

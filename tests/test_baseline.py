@@ -90,7 +90,9 @@ def test_baseline_stage_scores_every_prompt_and_records_each(tiny_model, splits,
     mlflow.create_experiment("baseline", artifact_location=(splits["out"] / "artifacts").as_uri())
     mlflow.set_experiment("baseline")
     with mlflow.start_run() as parent:
-        found = baseline_stage(config, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
+        # the sections the stage reads, not the whole config
+        found = baseline_stage(config.task, config.baseline, config.evaluation, config.gate.metric, 13, chosen,
+                               splits["tasks_dir"], splits["data"], parent.info.run_id)
 
     expected = [f"{p}, {mode}" for mode in ("chat", "plain")
                 for p in ("0-shot", "2-shot", "chain of thought", "2 retrieved shots")]
@@ -124,8 +126,9 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
     chosen = Selection("tiny:0", tiny_model, "the only candidate", 0.99, 0.0, wider)
     mlflow.set_experiment("bar")
     with mlflow.start_run() as parent:
-        reused = baseline_stage(config, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
-        anew = baseline_stage(config, replace(chosen, result=None), splits["tasks_dir"], splits["data"],
+        sections = (config.task, config.baseline, config.evaluation, metric, 13)
+        reused = baseline_stage(*sections, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)
+        anew = baseline_stage(*sections, replace(chosen, result=None), splits["tasks_dir"], splits["data"],
                               parent.info.run_id)
     assert reused.rows["0-shot, chat"]["score"] == 0.99
     assert anew.rows["0-shot, chat"]["score"] == zero.metrics[metric]

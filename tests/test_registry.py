@@ -100,7 +100,7 @@ def test_promote_takes_the_aligned_system_only_when_it_passes(aligned_wins, tiny
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     config.registered_model = f"aligned-{aligned_wins}"
-    config.gate = RULES.model_copy(update={"smoke_prompts": 0})
+    config.gate = RULES.model_copy(update={"smoke_prompts": 0, "metric": "exact_match"})  # the task kind's metric
     aligned = registry.AlignedEvidence(right(60), right(80 if aligned_wins else 60), right(62))
     candidates = [Candidate("finetuned", "fine-tuned", tiny_model, Recipe(), replace(GOOD, candidate=right(62)),
                             score=0.62),
@@ -247,7 +247,8 @@ def promote_alone(config, candidates: list[Candidate], tmp_path, home) -> regist
     unused = str(tmp_path / "no-split-needed.jsonl")
     data = Splits(unused, unused, unused, rejects="", keys=str(keys), fingerprints={}, per_task={}, counts={},
                   mixed_train={})
-    return promote_stage(config, finetune.info.run_id, Evaluation(candidates), data, str(home), parent.info.run_id)
+    return promote_stage(config.registered_model, config.gate, config.task, config.deploy, finetune.info.run_id,
+                         Evaluation(candidates), data, str(home), parent.info.run_id)
 
 
 def test_promote_builds_no_bento_for_a_version_the_metrics_reject(tiny_model, home, prefect_api, mlflow_sqlite,

@@ -80,8 +80,8 @@ def test_select_stage_picks_the_better_of_two_tiny_models(tiny_model, prefect_ap
     mlflow.create_experiment("select", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("select")
     with mlflow.start_run() as parent:
-        chosen = select_stage(config, str(tmp_path / "store"), str(tasks_dir), splits.validation,
-                              parent.info.run_id)
+        chosen = select_stage(config.task, config.models, config.evaluation, config.gate.metric,
+                              str(tmp_path / "store"), str(tasks_dir), splits.validation, parent.info.run_id)
 
     assert chosen.source == f"path:{tiny_model}" and chosen.score == 1.0
     runs = {r.info.run_name: r for r in mlflow.search_runs(output_format="list")}

@@ -60,6 +60,11 @@ def setting(tmp_path, mlflow_sqlite):
                           fingerprints={}, per_task={}, counts={}, mixed_train={})
 
 
+def sections(config) -> tuple:
+    """What the promote stage reads of a lifecycle config."""
+    return config.registered_model, config.gate, config.task, config.deploy
+
+
 def candidate(name: str, weights: str, folder: str, recipe: Recipe, evidence: Evidence) -> Candidate:
     return Candidate(name, recipe.describe(weights), folder, recipe, evidence,
                      score=sum(evidence.candidate.values()) / len(evidence.candidate))
@@ -78,7 +83,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
     with mlflow.start_run() as parent:
         # Round 1: retrieved shots on the base weights clearly beat the base zero-shot; fine-tuning does not beat
         # the bar. The prompt system wins, is built with its pool and encoder, and is smoke-served.
-        first = promote_stage(config, "no-finetune-run", Evaluation([
+        first = promote_stage(*sections(config), "no-finetune-run", Evaluation([
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", weights_changed=False)),
             candidate("finetuned", "fine-tuned", tuned, Recipe(SYSTEM),
@@ -91,7 +96,7 @@ def test_the_winning_kind_is_promoted_served_and_rolled_back_across_kinds(settin
         # Round 2: the fine-tuned weights (with 2 fixed shots, plain text) now win, also against the champion (the
         # prompt system) on the same items.
         config.gate.smoke_prompts = 0  # round 1 served and smoke-tested a Bento already; this one need not
-        second = promote_stage(config, "finetune-run", Evaluation([
+        second = promote_stage(*sections(config), "finetune-run", Evaluation([
             candidate("prompt", "base", tiny_model, prompt,
                       Evidence("exact_match", right(60), right(20), "0-shot, chat", champion=right(60),
                                champion_version=first.version, weights_changed=False)),
