@@ -30,6 +30,7 @@ def config(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.system  # five stages alone, three Bentos built, three services started: about 2 min on 2 cores
 def test_finetune_evaluate_promote_and_rollback_run_alone(config, home, prefect_api, mlflow_sqlite):
     from flows.deploy import deploy_version
     from flows.evaluate import evaluate_version
