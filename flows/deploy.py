@@ -76,7 +76,7 @@ def _bento(config: LifecycleConfig, version: str, built: dict[str, str] | None) 
         return built[version]
     name = config.registered_model
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = registry.download(name, version, tmp)  # weights and recipe, side by side
+        model_dir = registry.download(name, version, tmp, dense=False)  # weights and recipe, side by side
         return packaging.build_bento(str(model_dir), name, version, config.task.system_prompt, config.deploy.limits,
                                      system=registry.system(name, version),
                                      answers=packaging.served_answers(config.task, config.deploy.constrain))

@@ -43,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving import prompt_rule
+from serving import adapter_weights, prompt_rule
 from serving.feedback_store import PAIR_HEADER, SHADOW_HEADER, Store
 
 # The model this Bento was built with, by its exact tag: the launcher sets it from the Bento's manifest (and the
@@ -82,7 +82,7 @@ class Generator:
 
     def load(self, path: str) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -97,7 +97,7 @@ class Generator:
                                      min(longest, limit), os.environ.get("TUNELINE_LOG_DIR"))
             generation = GenerationConfig.from_pretrained(path)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+            self.model = adapter_weights.load_model(path)
             generation = self.model.generation_config
         eos = generation.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}

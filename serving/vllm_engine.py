@@ -6,7 +6,8 @@ evaluates with, so the two cannot share one install. The service still renders a
 the prompt rule and the system's own tokenizer, and sends vLLM the token ids: the prompt a request reaches the
 weights with is byte-identical on both engines. Replies come back as token ids and are decoded here, with the
 same tokenizer, as the transformers engine decodes them; classify/choice ranking reads vLLM's prompt
-log-probabilities of each allowed answer's tokens.
+log-probabilities of each allowed answer's tokens. A LoRA version is served as its adapter on the base weights
+(`--enable-lora`; serving/adapter_weights.py), every request naming the adapter.
 
 Stands alone like the service: standard library and httpx only.
 """
@@ -27,8 +28,11 @@ from pathlib import Path
 
 import httpx
 
+from serving import adapter_weights
+
 HOST = "127.0.0.1"
 NAME = "tuneline"  # the served model name inside the private vLLM server
+ADAPTER = "tuneline-adapter"  # the served adapter's name there
 START_TIMEOUT_S = float(os.environ.get("TUNELINE_VLLM_START_TIMEOUT_S", 900))
 # On a CPU vLLM reserves its KV cache up front (GiB); a small default leaves the rest of the host to the service.
 KV_CACHE_GIB = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -57,6 +61,12 @@ class VllmEngine:
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", NAME,
                "--host", HOST, "--port", str(self.port), "--max-model-len", str(max_model_len),
                "--disable-uvicorn-access-log"]
+        lora = adapter_weights.adapter(model_dir)
+        self.model = ADAPTER if lora else NAME  # requests name the adapter, not the base weights it is served on
+        if lora:
+            cmd += ["--enable-lora", "--lora-modules", f"{ADAPTER}={lora}",
+                    "--max-lora-rank", str(adapter_weights.vllm_rank(lora)),
+                    "--lora-target-modules", *adapter_weights.targets(lora)]
         if not _cuda():
             # fp32 as the service computes on a CPU; eager: vLLM's compile step takes minutes on a small CPU
             cmd += ["--dtype", "float32", "--enforce-eager"]
@@ -103,7 +113,7 @@ class VllmEngine:
 
     def _body(self, request: dict, greedy_below: float, **extra) -> dict:
         # vLLM stops at the ids the model's generation config names as its end, as `generate` does
-        return {"model": NAME, "prompt": request["ids"], "max_tokens": request["max_tokens"],
+        return {"model": self.model, "prompt": request["ids"], "max_tokens": request["max_tokens"],
                 "return_token_ids": True, **self._sampling(request, greedy_below), **extra}
 
     def generate(self, requests: list[dict], greedy_below: float) -> list[list[int]]:
@@ -119,7 +129,7 @@ class VllmEngine:
         """The summed log-probability of each continuation after the prompt: vLLM's prompt log-probabilities of
         prompt + continuation, read at the continuation's tokens."""
         reply = self.client.post("/v1/completions", json={
-            "model": NAME, "prompt": [prompt + c for c in continuations], "max_tokens": 1, "temperature": 0.0,
+            "model": self.model, "prompt": [prompt + c for c in continuations], "max_tokens": 1, "temperature": 0.0,
             "prompt_logprobs": 0})
         reply.raise_for_status()
         scores = []

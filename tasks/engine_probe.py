@@ -18,9 +18,9 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
+from serving import adapter_weights
 from serving.vllm_engine import VllmEngine
 from tasks.caching import digest, environment
-from tasks.models import load
 
 PROBE_FILE = "engine-probe.json"
 PROMPTS = 8  # requests at once: the service's batches and vLLM's continuous batching both see a load
@@ -37,7 +37,7 @@ def _prompts(tokenizer) -> list[list[int]]:
 @torch.no_grad()
 def transformers_rate(model_dir: str, prompts: list[list[int]]) -> float:
     """Generated tokens per second of one batched greedy `generate` (left-padded), after a warm-up."""
-    model, tokenizer = load(Path(model_dir))
+    model, tokenizer = adapter_weights.load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])

@@ -14,6 +14,7 @@ import bentoml
 import httpx
 from prefect import task
 
+from tasks import stored_weights
 from tasks.datasets import label_replies
 from tasks.models import load
 from tasks.paths import feedback_db as default_feedback_db
@@ -90,8 +91,14 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
         BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
         for folder in folders:
-            for item in folder.iterdir():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
+            for item in folder.iterdir():  # all but the weights, which come next in the form served
+                if item.name not in (stored_weights.MANIFEST, "adapters") and ".safetensors" not in item.name:
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
+        try:
+            lora = stored_weights.place_served(model_dir, bento_model.path)
+        except stored_weights.WeightsError as exc:
+            raise stored_weights.WeightsError(f"{registered_model} v{version}: {exc}") from None
+        bento_model.info.metadata["weights"] = "a LoRA adapter on its base" if lora else "dense"
         if recipe.shots == "retrieved":
             shutil.copytree(encoder, Path(bento_model.path) / "encoder")
     # Built on the model just stored, by its exact tag: a deploy running at the same time stores another.

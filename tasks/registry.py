@@ -411,11 +411,14 @@ def system(name: str, version: str) -> str:
     return MlflowClient().get_model_version(name, version).tags.get(SYSTEM_TAG, "fine-tuned")
 
 
-def download(name: str, ref: str, dst: str | Path) -> Path:
+def download(name: str, ref: str, dst: str | Path, dense: bool = True) -> Path:
     """The files of `models:/name/<version>` or `models:/name@<alias>` in a local folder, with its dense weights
-    made again where the version stores adapters or a base reference (`tuneline export --merged`)."""
+    made again where the version stores adapters or a base reference (`tuneline export --merged`); as stored
+    with `dense` off (a Bento serves one LoRA adapter on its base as it is)."""
     uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    if not dense:
+        return folder
     try:
         return stored_weights.unpack(folder)
     except stored_weights.WeightsError as exc:

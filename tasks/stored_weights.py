@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from serving import adapter_weights
 from tasks.caching import digest
 from tasks.models import META_FILE, model_info
 from tasks.paths import state_dir
@@ -130,6 +131,43 @@ def _base(stored: dict) -> Path:
             return folder
     raise WeightsError(f"the version's base {stored['source']} is not in this model store ({recorded}): pull it "
                        f"first (`tuneline pull` with a config whose model is {stored['source']})")
+
+
+def served_lora(model_dir: str | Path) -> tuple[Path, Path, str] | None:
+    """(base folder, adapter folder, merge dtype) where `model_dir` (a training run's merged folder, or a version
+    downloaded without its dense weights) is one plain LoRA adapter on a base in the model store: what an engine
+    can serve as the adapter on the base. None where it must be served dense: full fine-tunes, chains of
+    adapters (an aligned model), DoRA (vLLM does not serve it), adapters on the embeddings or output layer or
+    that train whole modules, targets given as a pattern, and resized vocabularies."""
+    found = chain(model_dir)
+    if found is None or len(found["adapters"]) != 1:
+        return None
+    adapter, dtype = found["adapters"][0]
+    config = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("modules_to_save") \
+            or config.get("trainable_token_indices") or not isinstance(config.get("target_modules"), list) \
+            or any(name.endswith(("lm_head", "embed_tokens")) for name in config["target_modules"]):
+        return None
+    base = _base(found["base"])
+    vocab = [json.loads((d / "config.json").read_text()).get("vocab_size") for d in (base, Path(model_dir))]
+    return (base, Path(adapter), dtype) if vocab[0] == vocab[1] else None
+
+
+def place_served(model_dir: str | Path, target: str | Path) -> bool:
+    """Put in `target` the weights a service loads for `model_dir`: one plain LoRA adapter on its base as just
+    that (the base's weights linked from the model store, the adapter in its own folder with the dtype its merge
+    ran in: serving/adapter_weights.py), anything else dense (made first where a downloaded version stores
+    adapters). True where the adapter was placed."""
+    lora = served_lora(model_dir)
+    for f in Path(lora[0] if lora else unpack(model_dir)).glob("*.safetensors*"):
+        _place(f, Path(target) / f.name)
+    if lora:
+        folder = Path(target) / adapter_weights.ADAPTER_DIR
+        for f in lora[1].iterdir():
+            if f.is_file():
+                _place(f, folder / f.name)
+        (folder / adapter_weights.MERGE_FILE).write_text(json.dumps({"dtype": lora[2]}))
+    return lora is not None
 
 
 def unpack(folder: str | Path) -> Path:

@@ -38,6 +38,33 @@ def varied_tiny(folder: Path, store: Path) -> str:
     return str(folder)
 
 
+def lora_run(base_dir: str | Path, folder: Path, seed: int = 1) -> Path:
+    """A LoRA training run's folder as fine-tuning leaves it (adapter/ beside merged/, the merged folder naming its
+    base), with an adapter drawn at random wide enough that the merged model answers unlike its base. The base
+    gets the model store's metadata it lacks. Returns the merged folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import META_FILE, load
+
+    base_dir = Path(base_dir)
+    if not (base_dir / META_FILE).is_file():
+        (base_dir / META_FILE).write_text(json.dumps({"source": f"path:{base_dir}"}))
+    model, tokenizer = load(base_dir)
+    tuned = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, weights in tuned.named_parameters():
+            if "lora_B" in name:
+                weights.normal_(0, 0.3)
+    tuned.save_pretrained(folder / "adapter")
+    merged = folder / "merged"
+    tuned.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+    tokenizer.save_pretrained(merged)
+    (merged / META_FILE).write_text(json.dumps({"source": f"lora:path:{base_dir}", "base": str(base_dir)}))
+    return merged
+
+
 # The files that take longest, longest first (measured on 2 cores): the workers start on them and the short
 # files fill in the ends, so neither worker is left with a long file at the end of the run.
 LONGEST = ("test_deployments.py", "test_shared_servers.py",  # system tests only: make test-system's longest

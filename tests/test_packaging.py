@@ -1,13 +1,21 @@
-"""Packaging: the smoke test catches a served model that answers differently from the one being promoted.
-(A faithful service passing it is part of tests/test_systems.py and tests/test_deployments.py.)"""
+"""Packaging: the smoke test catches a served model that answers differently from the one being promoted; a LoRA
+version's Bento holds its adapter on the base, not a dense copy. (A faithful service passing the smoke test is part
+of tests/test_systems.py and tests/test_deployments.py; the same Bento on vLLM: tests/test_vllm_engine.py.)"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import bentoml
+
+from serving import adapter_weights
 from tasks import packaging
+from tasks.caching import digest
 from tasks.models import load
 from tasks.processes import free_port
+from tasks.recipes import Recipe
+from tests.conftest import lora_run
 
 
 def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, tmp_path):
@@ -21,6 +29,27 @@ def test_smoke_compare_flags_a_service_serving_other_weights(tiny_model, home, t
     unfaithful = packaging.smoke_compare.fn(other, bento, prompts, "You answer briefly.", 8, str(home), free_port())
     assert len(unfaithful) == 2 and "served" in unfaithful[0]
     assert not (Path(home) / "bento-smoke.pid").exists()  # the temporary service was stopped
+
+
+def test_a_lora_version_is_packaged_as_its_adapter_on_the_base_and_served_as_its_merged_weights(tiny_model, home,
+                                                                                                 tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    merged = lora_run(base, tmp_path / "run")
+    bento = packaging.build_bento.fn(str(merged), "lora-test", "1", "You answer briefly.")
+    stored = bentoml.models.get(packaging.bento_model(bento))
+    folder = Path(stored.path)
+    assert stored.info.metadata["weights"] == "a LoRA adapter on its base"
+    assert digest(folder / "model.safetensors") == digest(base / "model.safetensors")  # the base's, not merged
+    assert digest(folder / adapter_weights.ADAPTER_DIR / "adapter_model.safetensors") == \
+        digest(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    prompts = ["Review: the kettle leaks", "Review: great shoes"]
+    replies = {str(d): [packaging.in_process_reply(*load(d), Recipe("You answer briefly."), str(d), p, 8)
+                        for p in prompts] for d in (base, merged)}
+    assert replies[str(base)] != replies[str(merged)]  # the adapter changes the answers
+    # the service merges the adapter at load: it answers as the merged weights do
+    assert packaging.smoke_compare.fn(str(merged), bento, prompts, "You answer briefly.", 8, str(home),
+                                      free_port()) == []
 
 
 def test_two_models_services_run_side_by_side_each_on_the_model_it_was_built_with(tiny_model, home):
@@ -51,7 +80,7 @@ def test_the_bento_pins_the_versions_the_project_is_tested_with():
     from tests.conftest import ROOT
 
     pyproject = (ROOT / "pyproject.toml").read_text()
-    tested = dict(re.findall(r'"(transformers|sentence-transformers)==([\d.]+)"', pyproject))
+    tested = dict(re.findall(r'"(transformers|sentence-transformers|peft)==([\d.]+)"', pyproject))
     tested["torch"] = re.search(r"torch==([\d.]+)", (ROOT / "Makefile").read_text()).group(1)  # installed first
     packages = yaml.safe_load((ROOT / "serving" / "bentofile.yaml").read_text())["python"]["packages"]
     assert {p.split("==")[0]: p.split("==")[1] for p in packages if "==" in p} == tested

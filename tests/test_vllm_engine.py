@@ -1,11 +1,12 @@
 """The service with vLLM as its engine (serving/vllm_engine.py), for real on vLLM's CPU build: the same prompts,
 greedy answers and ranked probabilities as the transformers engine, streaming, seeds, a client that leaves
-mid-stream, and no vLLM process left behind. `make test-vllm` (which installs `.venv-vllm` first); skipped where
-that environment is missing."""
+mid-stream, a LoRA version served as its adapter on the base, and no vLLM process left behind. `make test-vllm`
+(which installs `.venv-vllm` first); skipped where that environment is missing."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from serving import prompt_rule
 from tasks import packaging
 from tasks.models import build_tiny, load
 from tasks.processes import free_port, stop_started
-from tests.conftest import varied_tiny
+from tests.conftest import lora_run, varied_tiny
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not packaging.vllm_python().is_file(),
@@ -86,20 +87,25 @@ def test_greedy_answers_match_the_transformers_engine_token_for_token(served):
     assert len(replies) == len(PROMPTS)
 
 
-def test_ranked_probabilities_match_the_transformers_engine(served):
+def _assert_ranked_as_in_process(served, content: str) -> None:
+    """The service's label probabilities are the in-process model's, within 1e-4, and its reply their argmax."""
     tok, model = served["tokenizer"], served["model"]
-    text = prompt_rule.render_question(tok, True, SYSTEM, [], PROMPTS[0])
+    text = prompt_rule.render_question(tok, True, SYSTEM, [], content)
     ids, continuations = prompt_rule.ranking_inputs(tok, text, ANSWERS, chat=True)
     with torch.no_grad():
         expected = []
         for c in continuations:
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids + c])).logits.float(), dim=-1)[0]
             expected.append(float(sum(logprobs[len(ids) + j - 1, t] for j, t in enumerate(c))))
-    reply = chat(served, PROMPTS[0])  # a classifier's reply: its most likely label, every label's probability
+    reply = chat(served, content)  # a classifier's reply: its most likely label, every label's probability
     found = reply["choices"][0]["probabilities"]
     want = prompt_rule.probabilities(expected)
     assert np.allclose([found[a] for a in ANSWERS], want, atol=1e-4), (found, want)
     assert reply["choices"][0]["message"]["content"] == ANSWERS[int(np.argmax(expected))]
+
+
+def test_ranked_probabilities_match_the_transformers_engine(served):
+    _assert_ranked_as_in_process(served, PROMPTS[0])
 
 
 def test_streaming_yields_the_plain_reply_and_seeds_repeat(served):
@@ -127,6 +133,33 @@ def test_a_client_leaving_mid_stream_leaves_the_service_answering(served):
         next(reply.iter_lines())  # the first event, then the client goes away
     reply = chat(served, PROMPTS[1], max_tokens=4, response_format={"type": "text"})
     assert reply["usage"]["completion_tokens"] <= 4
+
+
+def test_a_lora_version_is_served_as_its_adapter_on_the_base_and_answers_as_its_merged_weights(served, home,
+                                                                                                tmp_path):
+    """vLLM serves the adapter on the base weights (--enable-lora), not a merged copy: greedy replies token for
+    token and label probabilities within 1e-4 of the merged model's in-process answers (measured here: the
+    largest log-probability difference 2e-5)."""
+    base = tmp_path / "base"
+    shutil.copytree(served["dir"], base)
+    merged = lora_run(base, tmp_path / "run")
+    bento = packaging.build_bento.fn(str(merged), "vllm-lora", "1", SYSTEM,
+                                     {"max_prompt_tokens": 96, "max_tokens": 24}, answers=ANSWERS)
+    url = packaging.serve.fn(bento, free_port(), str(home), name="bento-vllm-lora", engine="vllm")
+    try:
+        [pid] = _vllm_processes(bento)
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--enable-lora" in command and b"--max-lora-rank" in command
+        model, tokenizer = load(merged)
+        lora = {"url": url, "model": model, "tokenizer": tokenizer}
+        for content in PROMPTS:
+            _, reference = _reference(lora, content, 24)
+            assert reference != _reference(served, content, 24)[1]  # the adapter changes the base's reply
+            reply = chat(lora, content, max_tokens=24, response_format={"type": "text"})
+            assert reply["choices"][0]["message"]["content"] == tokenizer.decode(reference, skip_special_tokens=True)
+        _assert_ranked_as_in_process(lora, PROMPTS[1])
+    finally:
+        stop_started("bento-vllm-lora", Path(home))
 
 
 def test_stopping_the_service_stops_its_vllm_server(home, store, tmp_path_factory):
