@@ -87,20 +87,30 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
     metadata = {"registered_model": registered_model, "version": str(version),
                 "system_prompt": recipe.system_prompt if RECIPE_FILE in recipe_files else system_prompt,
                 "system": system, **(limits or {}), **({"answers": list(answers)} if answers else {})}
+    try:
+        lora = stored_weights.served_lora(model_dir)
+    except stored_weights.WeightsError as exc:
+        raise stored_weights.WeightsError(f"{registered_model} v{version}: {exc}") from None
+    metadata["weights"] = "a LoRA adapter on its base" if lora else "dense"
     with bentoml.models.create(
         BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
         for folder in folders:
-            for item in folder.iterdir():  # all but the weights, which come next in the form served
+            for item in folder.iterdir():  # all but the weights, placed below in the form served
                 if item.name not in (stored_weights.MANIFEST, "adapters") and ".safetensors" not in item.name:
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(bento_model.path) / item.name)
-        try:
-            lora = stored_weights.place_served(model_dir, bento_model.path)
-        except stored_weights.WeightsError as exc:
-            raise stored_weights.WeightsError(f"{registered_model} v{version}: {exc}") from None
-        bento_model.info.metadata["weights"] = "a LoRA adapter on its base" if lora else "dense"
         if recipe.shots == "retrieved":
             shutil.copytree(encoder, Path(bento_model.path) / "encoder")
+    # The weights go straight into the stored folder: BentoML copies what is built in its temporary folder into
+    # the store, which would turn the base's hard links into copies (a 7B base is ~15 GB per deploy).
+    stored = bentoml.models.get(bento_model.tag)
+    try:
+        stored_weights.place_served(model_dir, stored.path, lora)
+    except BaseException as exc:
+        bentoml.models.delete(stored.tag)  # no half-built model left in the store
+        if isinstance(exc, stored_weights.WeightsError):
+            raise stored_weights.WeightsError(f"{registered_model} v{version}: {exc}") from None
+        raise
     # Built on the model just stored, by its exact tag: a deploy running at the same time stores another.
     out = _bentoml("build", "--output", "tag", "-f", str(SERVING_DIR / "bentofile.yaml"), str(ROOT),
                    env={"TUNELINE_BENTO_MODEL": str(bento_model.tag)})

@@ -153,12 +153,11 @@ def served_lora(model_dir: str | Path) -> tuple[Path, Path, str] | None:
     return (base, Path(adapter), dtype) if vocab[0] == vocab[1] else None
 
 
-def place_served(model_dir: str | Path, target: str | Path) -> bool:
-    """Put in `target` the weights a service loads for `model_dir`: one plain LoRA adapter on its base as just
-    that (the base's weights linked from the model store, the adapter in its own folder with the dtype its merge
-    ran in: serving/adapter_weights.py), anything else dense (made first where a downloaded version stores
-    adapters). True where the adapter was placed."""
-    lora = served_lora(model_dir)
+def place_served(model_dir: str | Path, target: str | Path, lora: tuple[Path, Path, str] | None) -> None:
+    """Put in `target` the weights a service loads for `model_dir`: one plain LoRA adapter on its base
+    (`served_lora`) as just that (the base's weights linked from the model store, the adapter in its own folder
+    with the dtype its merge ran in: serving/adapter_weights.py), anything else dense (made first where a
+    downloaded version stores adapters)."""
     for f in Path(lora[0] if lora else unpack(model_dir)).glob("*.safetensors*"):
         _place(f, Path(target) / f.name)
     if lora:
@@ -167,7 +166,6 @@ def place_served(model_dir: str | Path, target: str | Path) -> bool:
             if f.is_file():
                 _place(f, folder / f.name)
         (folder / adapter_weights.MERGE_FILE).write_text(json.dumps({"dtype": lora[2]}))
-    return lora is not None
 
 
 def unpack(folder: str | Path) -> Path:
