@@ -32,7 +32,9 @@ def align_stage(config: LifecycleConfig, tuned_dir: str, splits: Splits, runs_di
     trained on its training split (the reference: the same weights without it); the held-out pairs written as the
     lm-eval task evaluation scores preference accuracy on. A killed run resumes; a finished one is reused."""
     spec, d = config.align, config.data
-    with stage_run("align", parent_run_id, method=spec.method, beta=spec.beta, loss_type=spec.loss,
+    # named apart from the trainer's own parameters, which its MLflow callback logs into this run (TRL's DPO
+    # `loss_type` is a list): MLflow refuses a parameter logged twice with two values
+    with stage_run("align", parent_run_id, align_method=spec.method, align_beta=spec.beta, align_loss=spec.loss,
                    base=tuned_dir, data=spec.data.data) as run:
         data = prepare_preferences(spec.data, Path(tasks_dir).parent / "preferences", validation=d.validation,
                                    test=d.test, seed=d.seed, on_bad_rows=d.on_bad_rows,

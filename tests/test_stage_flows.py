@@ -126,6 +126,12 @@ def test_align_model_registers_a_pending_aligned_version_from_a_preference_file(
     version = MlflowClient().get_model_version("alone-model", "2")
     assert version.tags["tuneline.decision"] == "pending" and "champion" not in version.aliases
     assert version.tags["tuneline.system"] == "v1 + DPO"
+    import mlflow
+
+    [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`tuneline.stage` = 'align'",
+                               output_format="list")
+    # the stage's parameters and the trainer's (logged into the same run by its MLflow callback) all landed
+    assert run.data.params["align_loss"] == "sigmoid" and run.data.params["loss_type"] == "['sigmoid']"
     with pytest.raises(ValueError, match="no champion"):
         align_model(config)  # nothing named and nothing promoted
 
