@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -108,16 +109,19 @@ def _timed(trainer) -> tuple[float, float]:
 
 def interleaved(ours, plain, rounds: int) -> dict[str, list[tuple[float, float]]]:
     """tuneline and every plain configuration, one after another, `rounds` times: on a noisy machine a slow spell
-    then weighs on every configuration of a round, not on one. bf16 autocast is tried only where the device has
-    bf16 instructions: emulated, it is an order of magnitude slower (the README's first measurement)."""
+    then weighs on every configuration of a round, not on one. Each round runs them in its own (seeded) order, so
+    none always follows the same neighbour (a bf16 run straight after an fp32 one meets cold kernels and caches).
+    bf16 autocast is tried only where the device has bf16 instructions: emulated, it is an order of magnitude
+    slower."""
     precisions = (True, False) if torch.cuda.is_available() or native_bf16() else (False,)
-    runs: dict[str, list[tuple[float, float]]] = {}
+    configs = [("tuneline", ours)] + [
+        (f"{'on' if bf16 else 'off'} | {'on' if ckpt else 'off'}",
+         lambda r, bf16=bf16, ckpt=ckpt: plain(r, bf16, ckpt))
+        for bf16 in precisions for ckpt in (True, False)]
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
     for r in range(rounds):
-        runs.setdefault("tuneline", []).append(ours(r))
-        for bf16 in precisions:
-            for ckpt in (True, False):
-                runs.setdefault(f"{'on' if bf16 else 'off'} | {'on' if ckpt else 'off'}", []).append(
-                    plain(r, bf16, ckpt))
+        for name, run in random.Random(r).sample(configs, len(configs)):
+            runs[name].append(run(r))
     return runs
 
 
