@@ -15,7 +15,7 @@ from tasks.training import (
     BF16_MARGIN,
     cpu_bf16,
     device_settings,
-    gemm_gflops,
+    gemm_turns,
     measured_step_seconds,
     native_bf16,
     prefer_bf16,
@@ -136,7 +136,8 @@ def test_a_cpu_trains_in_bf16_only_where_it_has_the_instructions_and_they_are_fa
     assert not prefer_bf16(True, fp32_gflops=331, bf16_gflops=167)  # an Intel Xeon with the same flag
     assert not prefer_bf16(False, fp32_gflops=1, bf16_gflops=900)  # a reading without the instructions
     here = device_settings("cpu")
-    expected = native_bf16() and gemm_gflops(torch.bfloat16) >= BF16_MARGIN * gemm_gflops(torch.float32)
+    fp32, bf16 = gemm_turns()
+    expected = native_bf16() and bf16 >= BF16_MARGIN * fp32
     assert here["bf16"] == expected and not here["activation_checkpointing"] and here["use_cpu"]
 
 
