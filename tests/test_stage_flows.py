@@ -105,6 +105,8 @@ def test_align_model_registers_a_pending_aligned_version_from_a_preference_file(
     compared with it on held-out pairs, registered as pending; the champion does not move."""
     import json
 
+    import mlflow
+
     from flows.align import align_model
     from flows.finetune import finetune_model
 
@@ -126,8 +128,6 @@ def test_align_model_registers_a_pending_aligned_version_from_a_preference_file(
     version = MlflowClient().get_model_version("alone-model", "2")
     assert version.tags["tuneline.decision"] == "pending" and "champion" not in version.aliases
     assert version.tags["tuneline.system"] == "v1 + DPO"
-    import mlflow
-
     [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`tuneline.stage` = 'align'",
                                output_format="list")
     # the stage's parameters and the trainer's (logged into the same run by its MLflow callback) all landed
