@@ -90,20 +90,22 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
 
 
 def build_tiny(folder: Path, tokenizer_source: str = "gguf:smollm2-135m-instruct", seed: int = 0,
-               store: Path | None = None, head_size: int = 16) -> Path:
+               store: Path | None = None, head_size: int = 16, shape: dict | None = None) -> Path:
     """A random 2-layer Llama (hidden 64) with a real tokenizer and chat template: fast enough for unit tests.
     With a shipped base model's tokenizer (Gemma's), that model's chat template and end of turn too.
-    `head_size` 64 (one attention head): vLLM's CPU attention runs no smaller head."""
+    `head_size` 64 (one attention head): vLLM's CPU attention runs no smaller head. `shape`: LlamaConfig sizes
+    that replace the tiny ones (the GPU benchmark's 1B model, where no hub is reachable)."""
     tok_dir = provision_tokenizer(tokenizer_source, store or folder.parent)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     kind, ref = parse(tokenizer_source)
     if kind == "gguf":
         _chat_turns(tok, SHIPPED[ref])
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 64 // head_size, "num_key_value_heads": max(1, 32 // head_size),
+             "max_position_embeddings": 1024, **(shape or {})}
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=64 // head_size, num_key_value_heads=max(1, 32 // head_size),
-        max_position_embeddings=1024,
+        vocab_size=len(tok), **sizes,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
@@ -193,13 +195,14 @@ def model_info(folder: Path) -> dict:
     return json.loads((Path(folder) / META_FILE).read_text())
 
 
-def load(folder: Path, device: str = "cpu", attention: str | None = None):
-    """Model and tokenizer from a store folder, ready for generation, evaluation or training."""
+def load(folder: Path, device: str = "cpu", attention: str | None = None, dtype: torch.dtype = torch.float32):
+    """Model and tokenizer from a store folder, ready for generation, evaluation or training (`dtype`: the
+    weights' precision; fp32 unless a frozen base is trained on a GPU)."""
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     extra = {"attn_implementation": attention} if attention else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **extra).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra).to(device)
     model.eval()
     return model, tok
 

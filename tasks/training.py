@@ -162,7 +162,7 @@ def device_settings(device: str) -> dict:
     """SFTConfig defaults to bf16 and activation checkpointing even on a CPU: 17x slower on a CPU without
     native bf16. bf16 where it is faster; checkpointing on CUDA only (a CPU has the memory to spare)."""
     if device == "cuda":
-        return {"bf16": True, "activation_checkpointing": True, "use_cpu": False}
+        return {"bf16": torch.cuda.is_bf16_supported(), "activation_checkpointing": True, "use_cpu": False}
     return {"bf16": cpu_bf16(), "activation_checkpointing": False, "use_cpu": True}
 
 
@@ -187,7 +187,12 @@ def qlora_quantization(device: str = "cuda") -> BitsAndBytesConfig:
 
 def _load_for(method: str, base_dir: Path, device: str):
     if method != "qlora":
-        return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None)
+        # On a GPU, LoRA and DoRA train on a bf16 copy of the frozen base (peft keeps the adapter in fp32): half
+        # the memory, and no fp32-to-bf16 cast of every weight on every pass under autocast. Full fine-tuning keeps
+        # fp32 master weights; a CPU keeps fp32 weights (autocast where bf16 pays).
+        frozen_bf16 = device == "cuda" and method != "full" and torch.cuda.is_bf16_supported()
+        return load(base_dir, device=device, attention="sdpa" if device == "cuda" else None,
+                    dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     from peft import prepare_model_for_kbit_training
 
     quantization = qlora_quantization(device)
@@ -201,11 +206,12 @@ def _load_for(method: str, base_dir: Path, device: str):
             AutoTokenizer.from_pretrained(base_dir))
 
 
-def _merged(trainer: SFTTrainer, spec: FinetuneConfig, base_dir: Path, adapter_dir: Path):
-    """Dense weights to register: exact for full and (Do)LoRA; QLoRA's adapter is merged into the fp32 base."""
+def _merged(trainer: SFTTrainer, spec: FinetuneConfig, base_dir: Path, adapter_dir: Path, base_dtype: str):
+    """Dense weights to register: the adapter merged into the fp32 base, whatever precision the base trained in
+    (`base_dtype`), so a version's weights do not depend on the device that trained it."""
     if spec.method == "full":
         return trainer.model
-    if spec.method == "qlora":  # merging into 4-bit weights would round them: reload the base densely
+    if base_dtype != str(torch.float32):  # merging into 4-bit or bf16 weights would round them: reload densely
         base, _ = load(base_dir)
         return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return trainer.model.merge_and_unload()
@@ -383,9 +389,10 @@ def fit(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_
     tokens = max((n for _, n in logged), default=0.0) - max((n for step, n in logged if step <= start), default=0.0)
 
     adapter_dir, merged_dir = out / "adapter", out / "merged"
+    base_weights = "nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype)
     if lora:
         trainer.model.save_pretrained(adapter_dir)
-    _merged(trainer, spec, base, adapter_dir).save_pretrained(merged_dir, safe_serialization=True)
+    _merged(trainer, spec, base, adapter_dir, base_weights).save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
     info = model_info(base)
     info.update(source=f"{spec.method}:{info['source']}", base=str(base))
@@ -398,4 +405,4 @@ def fit(base_dir: str, train_path: str, out_dir: str, spec: FinetuneConfig, val_
         resumed_from=Path(resume).name if resume else None,
         examples_per_step=spec.batch_size * spec.gradient_accumulation_steps,
         best_eval_loss=trainer.state.best_metric, eval_loss=final_eval,
-        base_weights="nf4 4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype)).save(out)
+        base_weights=base_weights).save(out)
