@@ -82,27 +82,41 @@ def _bento(config: LifecycleConfig, version: str, built: dict[str, str] | None) 
                                      answers=packaging.served_answers(config.task, config.deploy.constrain))
 
 
-def _start(config: LifecycleConfig, home: str, version: str, tag: str, question: str) -> tuple[dict, dict]:
+def _start(config: LifecycleConfig, home: str, version: str, tag: str, question: str,
+           beside: dict | None = None) -> tuple[dict, dict]:
     """`version`'s service on a spare loopback port, ready and answering the smoke prompt: its route and the
-    reply. The version already answering a route (the challenger becoming champion) is reused, not restarted.
-    A version that fails is stopped, and the error names it and what keeps serving."""
+    reply. The version already answering a route (the challenger becoming champion) is reused, not restarted,
+    unless it runs on another version's engine. On vLLM a LoRA champion's engine is recorded in its route, and a
+    challenger (`beside`: the champion's route) on the same base joins it as a second adapter. A version that
+    fails is stopped, and the error names it and what keeps serving."""
     name, model = config.registered_model, f"{config.registered_model}/{version}"
-    service = packaging.service_name(name, version)
     now = packaging.routes(home, name)
     routed = [r for r in now.values() if isinstance(r, dict) and r.get("model") == model]
     previous = now.get("champion")
+    route = {"model": model, "bento": tag, "service": packaging.service_name(name, version)}
     try:
-        backend = routed[0]["url"] if routed and recorded_pid(service, Path(home)) else \
-            packaging.serve(tag, free_port(), home, name=service, redact=config.feedback.redact,
-                            engine=packaging.resolve_engine(config.deploy.engine, tag, home))
-        reply = packaging.chat(backend, question, max_tokens=config.task.max_answer_tokens)
+        if routed and recorded_pid(route["service"], Path(home)):
+            route["url"] = routed[0]["url"]
+            route.update({k: routed[0][k] for k in ("engine_url",) if k in routed[0]})
+        else:
+            engine = packaging.resolve_engine(config.deploy.engine, tag, home)
+            attach = packaging.shared_engine(beside, tag) if engine == "vllm" else None
+            port = free_port() if engine == "vllm" and not attach and packaging.lora_bento(tag) else None
+            if attach:  # its own name: it stops with the engine's owner, and is never reused as a champion
+                route.update(service=route["service"] + "-shared", shares=attach)
+            if port:
+                route["engine_url"] = f"http://127.0.0.1:{port}"
+            route["url"] = packaging.serve(tag, free_port(), home, name=route["service"],
+                                           redact=config.feedback.redact, engine=engine, vllm_port=port,
+                                           vllm_attach=attach)
+        reply = packaging.chat(route["url"], question, max_tokens=config.task.max_answer_tokens)
     except Exception as exc:  # whatever stopped it, it stops; the cause stays chained (`from exc`) with its traceback
         if not routed:
-            stop_started(service, Path(home))
+            stop_started(route["service"], Path(home))
         kept = f"{previous['model']} keeps serving" if previous else "nothing was served before"
         raise RuntimeError(f"deploy: {name} v{version} failed before taking over ({type(exc).__name__}: {exc}); "
                            f"{kept}") from exc
-    return {"url": backend, "model": model, "service": service}, reply
+    return route, reply
 
 
 def _take_over(config: LifecycleConfig, home: str, version: str, tag: str, question: str) -> tuple[str, dict]:
@@ -139,7 +153,8 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
     side = None
     if wanted:
         try:
-            side, _ = _start(config, home, wanted, _bento(config, wanted, built), probe or _probe(config))
+            side, _ = _start(config, home, wanted, _bento(config, wanted, built), probe or _probe(config),
+                             beside=now["champion"])
         except RuntimeError as exc:
             print(f"deploy: no challenger: {exc}")
             publish("challenger", f"## Challenger: none\n\nIt failed: {exc}")
@@ -150,6 +165,7 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
     if not side:
         return {}
     roles = [f"answers {share:.0%} of chat requests"] * (share > 0) + ["shadows the rest"] * shadow
+    roles += [f"on the champion's vLLM engine (a second adapter on its base, {side['shares']})"] * ("shares" in side)
     print(f"deploy: challenger {side['model']} {' and '.join(roles)} beside {name}/{champion}")
     publish("challenger", f"## Challenger: {side['model']} {' and '.join(roles)} beside {name}/{champion}\n\n"
                           "A canary is sticky per request `user`, and every reply's `model` names the version that "

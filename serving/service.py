@@ -93,8 +93,10 @@ class Generator:
             meta = self.model_ref.info.metadata
             longest = int(meta.get("max_prompt_tokens", 1024)) + int(meta.get("max_tokens", 256))
             limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", longest)
+            port = os.environ.get("TUNELINE_VLLM_PORT")
             self.engine = VllmEngine(path, os.environ.get("TUNELINE_VLLM_PYTHON", "vllm-python-not-set"),
-                                     min(longest, limit), os.environ.get("TUNELINE_LOG_DIR"))
+                                     min(longest, limit), os.environ.get("TUNELINE_LOG_DIR"),
+                                     port=int(port) if port else None, attach=os.environ.get("TUNELINE_VLLM_ATTACH"))
             generation = GenerationConfig.from_pretrained(path)
         else:
             self.model = adapter_weights.load_model(path)

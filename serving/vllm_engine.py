@@ -9,12 +9,18 @@ same tokenizer, as the transformers engine decodes them; classify/choice ranking
 log-probabilities of each allowed answer's tokens. A LoRA version is served as its adapter on the base weights
 (`--enable-lora`; serving/adapter_weights.py), every request naming the adapter.
 
+One engine can serve two versions on the same base: the champion's engine keeps room for a second adapter, and a
+challenger's service started with `attach` loads its adapter into that engine (vLLM's runtime LoRA loading)
+instead of starting one of its own, so the base weights are in memory once and one engine batches both versions'
+requests. The engine belongs to the service that started it; an attached one unloads its adapter when it stops.
+
 Stands alone like the service: standard library and httpx only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -52,26 +58,45 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class VllmEngine:
     """Generation, ranking and streaming through a vLLM server this object starts and owns."""
 
-    def __init__(self, model_dir: str, python: str, max_model_len: int, log_dir: str | None = None) -> None:
+    def __init__(self, model_dir: str, python: str, max_model_len: int, log_dir: str | None = None,
+                 port: int | None = None, attach: str | None = None) -> None:
+        """Start vLLM for `model_dir` (on `port`, else a free one), or with `attach` (an engine's URL) load this
+        folder's adapter into an engine another service started."""
+        self.proc = None
+        lora = adapter_weights.adapter(model_dir)
+        if attach:
+            if lora is None:
+                raise RuntimeError("deploy: only a LoRA version can join another version's vLLM engine")
+            self.url, self.log = attach.rstrip("/"), None
+            self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600.0, connect=5.0))
+            # a name of its own in the shared engine: the folder is this version's, unique in the model store
+            self.model = f"{ADAPTER}-{hashlib.sha256(str(Path(lora).resolve()).encode()).hexdigest()[:12]}"
+            reply = self.client.post("/v1/load_lora_adapter", json={"lora_name": self.model, "lora_path": str(lora)})
+            if reply.status_code >= 400 and "already" not in reply.text:
+                raise RuntimeError(f"vLLM at {self.url} did not load the adapter {lora}: {reply.text[:500]}")
+            self.pool = ThreadPoolExecutor(max_workers=64)
+            return
         if not Path(python).is_file():
             raise RuntimeError(f"deploy.engine vllm: no vLLM environment at {python} (run `make install-vllm`, or "
                                "set TUNELINE_VLLM_PYTHON to a Python that has vllm)")
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://{HOST}:{self.port}"
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", NAME,
                "--host", HOST, "--port", str(self.port), "--max-model-len", str(max_model_len),
                "--disable-uvicorn-access-log"]
-        lora = adapter_weights.adapter(model_dir)
         self.model = ADAPTER if lora else NAME  # requests name the adapter, not the base weights it is served on
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
         if lora:
-            cmd += ["--enable-lora", "--lora-modules", f"{ADAPTER}={lora}",
+            # two adapters in one batch (the champion's and a challenger's), the second loaded at run time; the
+            # server listens on loopback only
+            cmd += ["--enable-lora", "--max-loras", "2", "--lora-modules", f"{ADAPTER}={lora}",
                     "--max-lora-rank", str(adapter_weights.vllm_rank(lora)),
                     "--lora-target-modules", *adapter_weights.targets(lora)]
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if not _cuda():
             # fp32 as the service computes on a CPU; eager: vLLM's compile step takes minutes on a small CPU
             cmd += ["--dtype", "float32", "--enforce-eager"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-               "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
         log = Path(log_dir or ".") / f"vllm-{self.port}.log"
         self.log = log
         with open(log, "ab") as out:  # the child holds its own handle; ours closes here
@@ -97,6 +122,12 @@ class VllmEngine:
         raise RuntimeError(f"vLLM did not become ready within {START_TIMEOUT_S:.0f} s (log: {self.log})")
 
     def close(self) -> None:
+        if self.proc is None:  # attached: the engine is another service's; only this adapter leaves it
+            try:
+                self.client.post("/v1/unload_lora_adapter", json={"lora_name": self.model}, timeout=10)
+            except httpx.HTTPError:
+                pass  # that engine stopped first
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

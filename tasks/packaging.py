@@ -14,6 +14,7 @@ import bentoml
 import httpx
 from prefect import task
 
+from serving import adapter_weights
 from tasks import stored_weights
 from tasks.datasets import label_replies
 from tasks.models import load
@@ -92,6 +93,8 @@ def build_bento(model_dir: str, registered_model: str, version: str, system_prom
     except stored_weights.WeightsError as exc:
         raise stored_weights.WeightsError(f"{registered_model} v{version}: {exc}") from None
     metadata["weights"] = "a LoRA adapter on its base" if lora else "dense"
+    if lora:
+        metadata["base_sha256"] = lora[3]  # which base it needs: versions on the same one can share an engine
     with bentoml.models.create(
         BENTO_MODEL, labels={"registered_model": registered_model, "version": str(version)}, metadata=metadata,
     ) as bento_model:
@@ -184,7 +187,8 @@ def routes_file(home: str | Path, registered_model: str) -> Path:
 
 
 def routes(home: str | Path, registered_model: str) -> dict:
-    """Where the model's front forwards: {"champion": {"url", "model", "service"}, "challenger": …, "canary"}."""
+    """Where the model's front forwards: {"champion": {"url", "model", "service", "bento", "engine_url"?},
+    "challenger": {… "shares"?: the champion's engine it runs on}, "canary", "shadow"}."""
     path = routes_file(home, registered_model)
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -246,12 +250,35 @@ def resolve_engine(choice: str, bento_tag: str | None = None, home: str | None =
     return engine
 
 
+def shared_engine(champion: dict | None, bento_tag: str) -> str | None:
+    """The URL of the champion's vLLM engine where the Bento `bento_tag` can join it as a second adapter: both
+    LoRA versions on the same base weights (sha256), the challenger's rank within the engine's and its layers among
+    the engine's (vLLM fixes both when it starts). None where it needs an engine of its own."""
+    if not champion or not champion.get("engine_url"):
+        return None
+    mine, theirs = (bentoml.models.get(bento_model(tag)) for tag in (bento_tag, champion["bento"]))
+    ours, engine = adapter_weights.adapter(mine.path), adapter_weights.adapter(theirs.path)
+    if ours is None or engine is None or mine.info.metadata.get("base_sha256") != theirs.info.metadata.get(
+            "base_sha256"):
+        return None
+    fits = adapter_weights.vllm_rank(ours) <= adapter_weights.vllm_rank(engine) and set(
+        adapter_weights.targets(ours)) <= set(adapter_weights.targets(engine))
+    return champion["engine_url"] if fits else None
+
+
+def lora_bento(bento_tag: str) -> bool:
+    """Whether the Bento serves a LoRA adapter on its base (the weights an engine can share with a challenger)."""
+    return adapter_weights.adapter(bentoml.models.get(bento_model(bento_tag)).path) is not None
+
+
 @task(name="serve-bento")
 def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: float = 180.0,
-          feedback_db: str | None = None, host: str = HOST, redact: bool = True, engine: str = "transformers") -> str:
+          feedback_db: str | None = None, host: str = HOST, redact: bool = True, engine: str = "transformers",
+          vllm_port: int | None = None, vllm_attach: str | None = None) -> str:
     """`bentoml serve` the Bento on `host` (default 127.0.0.1), replacing the process this project started under
     `name`, generating with `engine` (transformers or vllm). Beyond loopback it refuses to start without
-    TUNELINE_API_KEY: production text is no one's to read.
+    TUNELINE_API_KEY: production text is no one's to read. With vllm, its engine listens on `vllm_port` (default:
+    a free one), or with `vllm_attach` (an engine's URL, `shared_engine`) the version joins that engine.
 
     Answers and feedback go to `feedback_db`, else $TUNELINE_FEEDBACK_DB, else `home`/feedback.db, redacted
     unless `redact` is off."""
@@ -260,11 +287,13 @@ def serve(bento_tag: str, port: int, home: str, name: str = "bento", timeout_s: 
         raise RuntimeError(missing)
     # vLLM's engine start is part of the service's (about a minute for a small model on a CPU)
     timeout_s = max(timeout_s, 900.0) if engine == "vllm" else timeout_s
-    return _ready(*_launch(bento_tag, port, home, name, feedback_db, host, redact, engine), timeout_s)
+    vllm = {"TUNELINE_VLLM_PORT": str(vllm_port or ""), "TUNELINE_VLLM_ATTACH": vllm_attach or ""}
+    return _ready(*_launch(bento_tag, port, home, name, feedback_db, host, redact, engine, vllm), timeout_s)
 
 
 def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | None, host: str = HOST,
-            redact: bool = True, engine: str = "transformers") -> tuple[str, subprocess.Popen, Path, str]:
+            redact: bool = True, engine: str = "transformers", extra_env: dict[str, str] | None = None
+            ) -> tuple[str, subprocess.Popen, Path, str]:
     home_path = Path(home)
     stop_started(name, home_path)
     # Checked before the launch: a new service that cannot bind exits only after a moment, and meanwhile the
@@ -276,7 +305,7 @@ def _launch(bento_tag: str, port: int, home: str, name: str, feedback_db: str | 
     env = {**os.environ, "TUNELINE_FEEDBACK_DB": feedback_db or str(default_feedback_db(home_path.resolve())),
            "TUNELINE_REDACT": "on" if redact else "off", "TUNELINE_BENTO_MODEL": bento_model(bento_tag),
            "TUNELINE_ENGINE": engine, "TUNELINE_VLLM_PYTHON": str(vllm_python()),
-           "TUNELINE_LOG_DIR": str((home_path / "logs").resolve())}
+           "TUNELINE_LOG_DIR": str((home_path / "logs").resolve()), **(extra_env or {})}
     return name, spawn(name, cmd, env, home_path, cwd=home_path), home_path, f"http://{HOST}:{port}"
 
 

@@ -133,12 +133,12 @@ def _base(stored: dict) -> Path:
                        f"first (`tuneline pull` with a config whose model is {stored['source']})")
 
 
-def served_lora(model_dir: str | Path) -> tuple[Path, Path, str] | None:
-    """(base folder, adapter folder, merge dtype) where `model_dir` (a training run's merged folder, or a version
-    downloaded without its dense weights) is one plain LoRA adapter on a base in the model store: what an engine
-    can serve as the adapter on the base. None where it must be served dense: full fine-tunes, chains of
-    adapters (an aligned model), DoRA (vLLM does not serve it), adapters on the embeddings or output layer or
-    that train whole modules, targets given as a pattern, and resized vocabularies."""
+def served_lora(model_dir: str | Path) -> tuple[Path, Path, str, str] | None:
+    """(base folder, adapter folder, merge dtype, the base's sha256) where `model_dir` (a training run's merged
+    folder, or a version downloaded without its dense weights) is one plain LoRA adapter on a base in the model
+    store: what an engine can serve as the adapter on the base. None where it must be served dense: full
+    fine-tunes, chains of adapters (an aligned model), DoRA (vLLM does not serve it), adapters on the embeddings
+    or output layer or that train whole modules, targets given as a pattern, and resized vocabularies."""
     found = chain(model_dir)
     if found is None or len(found["adapters"]) != 1:
         return None
@@ -150,10 +150,10 @@ def served_lora(model_dir: str | Path) -> tuple[Path, Path, str] | None:
         return None
     base = _base(found["base"])
     vocab = [json.loads((d / "config.json").read_text()).get("vocab_size") for d in (base, Path(model_dir))]
-    return (base, Path(adapter), dtype) if vocab[0] == vocab[1] else None
+    return (base, Path(adapter), dtype, found["base"]["sha256"]) if vocab[0] == vocab[1] else None
 
 
-def place_served(model_dir: str | Path, target: str | Path, lora: tuple[Path, Path, str] | None) -> None:
+def place_served(model_dir: str | Path, target: str | Path, lora: tuple[Path, Path, str, str] | None) -> None:
     """Put in `target` the weights a service loads for `model_dir`: one plain LoRA adapter on its base
     (`served_lora`) as just that (the base's weights linked from the model store, the adapter in its own folder
     with the dtype its merge ran in: serving/adapter_weights.py), anything else dense (made first where a

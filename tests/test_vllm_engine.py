@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ from serving import prompt_rule
 from tasks import packaging
 from tasks.models import build_tiny, load
 from tasks.processes import free_port, stop_started
-from tests.conftest import lora_run, varied_tiny
+from tests.conftest import ROOT, lora_run, varied_tiny
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not packaging.vllm_python().is_file(),
@@ -27,6 +28,7 @@ pytestmark = [pytest.mark.vllm,
 SYSTEM = "You answer briefly."
 PROMPTS = ["Review: the kettle leaks", "Review: these shoes are great, I wear them every day"]
 ANSWERS = ["positive", "negative", "neutral"]
+PAIR = "vllm-pair"  # the registered model name of the champion/challenger tests
 
 
 def _vllm_processes(bento: str) -> list[int]:
@@ -51,7 +53,7 @@ def served(home, store, tmp_path_factory):
                                      answers=ANSWERS)
     url = packaging.serve.fn(bento, free_port(), str(home), name="bento-vllm-test", engine="vllm")
     model, tokenizer = load(Path(model_dir))
-    yield {"url": url, "model": model, "tokenizer": tokenizer, "dir": model_dir}
+    yield {"url": url, "model": model, "tokenizer": tokenizer, "dir": model_dir, "bento": bento}
     stop_started("bento-vllm-test", Path(home))
 
 
@@ -160,6 +162,93 @@ def test_a_lora_version_is_served_as_its_adapter_on_the_base_and_answers_as_its_
         _assert_ranked_as_in_process(lora, PROMPTS[1])
     finally:
         stop_started("bento-vllm-lora", Path(home))
+
+
+@pytest.fixture(scope="module")
+def lora_pair(served, tmp_path_factory):
+    """Two LoRA versions of one base (the module's weights), v1 and v2, as Bentos: their tags and merged folders."""
+    folder = tmp_path_factory.mktemp("pair")
+    shutil.copytree(served["dir"], folder / "base")
+    merged = {v: lora_run(folder / "base", folder / f"v{v}", seed=int(v)) for v in ("1", "2")}
+    tags = {v: packaging.build_bento.fn(str(m), PAIR, v, SYSTEM, {"max_prompt_tokens": 96, "max_tokens": 24},
+                                        answers=ANSWERS) for v, m in merged.items()}
+    return tags, merged
+
+
+def test_a_challenger_on_the_same_base_joins_the_champions_vllm_engine_as_a_second_adapter(served, lora_pair, home):
+    """Champion and challenger, two LoRA versions of one base, on one vLLM engine: the challenger's service loads
+    its adapter into the champion's engine (no second vLLM server), requests to both at once are each answered as
+    that version's merged weights answer them, token for token, and the challenger's adapter leaves the engine
+    when its service stops while the champion keeps answering."""
+    tags, merged = lora_pair
+    engine_port = free_port()
+    champion = {"bento": tags["1"], "engine_url": f"http://127.0.0.1:{engine_port}"}
+    urls = {"1": packaging.serve.fn(tags["1"], free_port(), str(home), name="bento-vllm-champion", engine="vllm",
+                                    vllm_port=engine_port)}
+    try:
+        assert packaging.shared_engine(champion, tags["2"]) == champion["engine_url"]
+        assert packaging.shared_engine(champion, served["bento"]) is None  # dense weights: an engine of its own
+        urls["2"] = packaging.serve.fn(tags["2"], free_port(), str(home), name="bento-vllm-challenger",
+                                       engine="vllm", vllm_attach=champion["engine_url"])
+        assert len(_vllm_processes(tags["1"])) == 1 and _vllm_processes(tags["2"]) == []
+
+        def engine_models() -> set[str]:
+            return {m["id"] for m in httpx.get(f"{champion['engine_url']}/v1/models").json()["data"]}
+
+        assert len(engine_models()) == 3  # the base and two adapters
+        versions = {v: dict(zip(("model", "tokenizer"), load(m), strict=True), url=urls[v]) for v, m in merged.items()}
+        expected = {(v, c): _reference(versions[v], c, 24)[1] for v in versions for c in PROMPTS}
+        assert any(expected["1", c] != expected["2", c] for c in PROMPTS)  # the two adapters answer differently
+        with ThreadPoolExecutor(4) as pool:  # at once: one engine batches both adapters
+            replies = dict(zip(expected, pool.map(lambda key: chat(versions[key[0]], key[1], max_tokens=24,
+                                                                    response_format={"type": "text"}), expected),
+                               strict=True))
+        for (v, content), reference in expected.items():
+            tokenizer = versions[v]["tokenizer"]
+            assert replies[v, content]["choices"][0]["message"]["content"] == \
+                tokenizer.decode(reference, skip_special_tokens=True), (v, content)
+
+        stop_started("bento-vllm-challenger", Path(home))
+        assert len(engine_models()) == 2  # its adapter unloaded; the champion's stays
+        assert chat(versions["1"], PROMPTS[0], max_tokens=4)["usage"]["completion_tokens"] > 0
+    finally:
+        stop_started("bento-vllm-challenger", Path(home))
+        stop_started("bento-vllm-champion", Path(home))
+
+
+def test_the_deploy_runs_a_challenger_on_the_champions_engine_and_a_promoted_one_on_its_own(lora_pair, home,
+                                                                                             prefect_api):
+    """flows/deploy.py with deploy.engine vllm: the champion's route records its engine, the challenger's service
+    joins it, and when the challenger is promoted it takes over on an engine of its own (the engine it shared
+    stops with the old champion), with the front answering throughout."""
+    from flows.config import load_config
+    from flows.deploy import _start, _take_over
+
+    tags, _ = lora_pair
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model, config.deploy.port, config.deploy.engine = PAIR, free_port(), "vllm"
+    config.task.max_answer_tokens = 4
+    ask = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2, "user": "someone"}
+    try:
+        url, _ = _take_over(config, str(home), "1", tags["1"], PROMPTS[0])
+        champion = packaging.routes(home, PAIR)["champion"]
+        assert champion["engine_url"] and champion["bento"] == tags["1"]
+        side, _ = _start(config, str(home), "2", tags["2"], PROMPTS[0], beside=champion)
+        assert side["shares"] == champion["engine_url"] and _vllm_processes(tags["2"]) == []
+        packaging.switch.fn(str(home), PAIR, config.deploy.port, champion, side, canary=1.0)
+        assert httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=120).json()["model"] == f"{PAIR}/2"
+
+        _take_over(config, str(home), "2", tags["2"], PROMPTS[0])  # promoted: an engine of its own
+        now = packaging.routes(home, PAIR)["champion"]
+        assert now["model"] == f"{PAIR}/2" and "shares" not in now and now["engine_url"] != champion["engine_url"]
+        assert httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=120).json()["model"] == f"{PAIR}/2"
+        assert len(_vllm_processes(tags["2"])) == 1
+        deadline = time.monotonic() + 60
+        while _vllm_processes(tags["1"]) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _vllm_processes(tags["1"]) == []  # the old champion's engine went with it
+    finally:
+        packaging.stop_model(home, PAIR)
 
 
 def test_stopping_the_service_stops_its_vllm_server(home, store, tmp_path_factory):
