@@ -68,7 +68,7 @@ from tasks.training import (
     resolve_device,
     train,
 )
-from tasks.training_config import FinetuneConfig
+from tasks.training_config import DistributedConfig, FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,7 +255,7 @@ def ddp_rows(model_dir: Path, work: Path, steps: int, batch: int) -> None:
         return
     train_path = prepare_data.fn([REVIEWS], 0.1, 0.1, 13, str(work / "data"), "skip").train
     one = train.fn(str(model_dir), train_path, str(work / "ddp-1"), sft_spec(steps, batch))
-    spec = sft_spec(steps, batch // gpus).model_copy(update={"distributed": {"num_processes": gpus}})
+    spec = sft_spec(steps, batch // gpus).model_copy(update={"distributed": DistributedConfig(num_processes=gpus)})
     many = train.fn(str(model_dir), train_path, str(work / f"ddp-{gpus}"), spec)
     print(f"\nDDP over {gpus} GPUs, global batch {batch}: {many.tokens_per_second:.0f} tok/s against "
           f"{one.tokens_per_second:.0f} on one GPU ({many.tokens_per_second / one.tokens_per_second:.2f}×)")
