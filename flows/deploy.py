@@ -165,7 +165,8 @@ def _challenger(config: LifecycleConfig, home: str, champion: str, built: dict[s
     if not side:
         return {}
     roles = [f"answers {share:.0%} of chat requests"] * (share > 0) + ["shadows the rest"] * shadow
-    roles += [f"on the champion's vLLM engine (a second adapter on its base, {side['shares']})"] * ("shares" in side)
+    if "shares" in side:
+        roles.append(f"on the champion's vLLM engine (a second adapter on its base, {side['shares']})")
     print(f"deploy: challenger {side['model']} {' and '.join(roles)} beside {name}/{champion}")
     publish("challenger", f"## Challenger: {side['model']} {' and '.join(roles)} beside {name}/{champion}\n\n"
                           "A canary is sticky per request `user`, and every reply's `model` names the version that "
