@@ -88,9 +88,10 @@ class VllmEngine:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
         if lora:
-            # two adapters in one batch (the champion's and a challenger's), the second loaded at run time; the
-            # server listens on loopback only
-            cmd += ["--enable-lora", "--max-loras", "2", "--lora-modules", f"{ADAPTER}={lora}",
+            # two adapters in one batch (the champion's and a challenger's), the second loaded at run time; three
+            # kept loaded, so a challenger swap (the new one loads before the old one unloads) evicts none and
+            # reloads none from disk; the server listens on loopback only
+            cmd += ["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "3", "--lora-modules", f"{ADAPTER}={lora}",
                     "--max-lora-rank", str(adapter_weights.vllm_rank(lora)),
                     "--lora-target-modules", *adapter_weights.targets(lora)]
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

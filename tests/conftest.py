@@ -198,8 +198,11 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    # The process remembers the last experiment a test set; its id means nothing in this new store.
-    mlflow.set_experiment("Default")
+    # The process remembers the last experiment a test set; its id means nothing in this new store. The store's
+    # "Default" experiment keeps its artifacts in the working folder's ./mlruns, so runs a test logs outside an
+    # experiment of ours go to one whose artifacts stay in the temp folder.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "tests", artifact_location=(tmp_path / "mlflow-artifacts").as_uri()))
     yield uri
     mlflow.set_tracking_uri(None)
 
