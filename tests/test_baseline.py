@@ -124,7 +124,6 @@ def test_the_bar_is_scored_anew_once_the_lengths_check_changed_the_validation_it
     metric = config.gate.metric
     wider = replace(zero, metrics={**zero.metrics, metric: 0.99})  # as if measured on more items
     chosen = Selection("tiny:0", tiny_model, "the only candidate", 0.99, 0.0, wider)
-    mlflow.set_experiment("bar")
     with mlflow.start_run() as parent:
         sections = (config.task, config.baseline, config.evaluation, metric, 13)
         reused = baseline_stage(*sections, chosen, splits["tasks_dir"], splits["data"], parent.info.run_id)

@@ -18,7 +18,7 @@ import torch
 
 from serving import prompt_rule
 from tasks import packaging
-from tasks.models import build_tiny, load
+from tasks.models import load
 from tasks.processes import free_port, stop_started
 from tests.conftest import ROOT, lora_run, varied_tiny
 
@@ -175,27 +175,35 @@ def lora_pair(served, tmp_path_factory):
     return tags, merged
 
 
-def test_a_challenger_on_the_same_base_joins_the_champions_vllm_engine_as_a_second_adapter(served, lora_pair, home):
-    """Champion and challenger, two LoRA versions of one base, on one vLLM engine: the challenger's service loads
-    its adapter into the champion's engine (no second vLLM server), requests to both at once are each answered as
-    that version's merged weights answer them, token for token, and the challenger's adapter leaves the engine
-    when its service stops while the champion keeps answering."""
+def test_champion_and_challenger_share_one_vllm_engine_and_a_promoted_challenger_gets_its_own(
+        served, lora_pair, home, prefect_api):
+    """Two LoRA versions of one base through flows/deploy.py with deploy.engine vllm. The champion's route records
+    its engine; the challenger's service loads its adapter into it (no second vLLM server), and requests to both at
+    once are each answered as that version's merged weights answer them, token for token. A challenger that stops
+    takes only its adapter out of the engine. Promoted, the challenger takes over on an engine of its own, with the
+    front answering throughout, and the old champion's engine stops with its service (no vLLM process left)."""
+    from flows.config import load_config
+    from flows.deploy import _start, _take_over
+
     tags, merged = lora_pair
-    engine_port = free_port()
-    champion = {"bento": tags["1"], "engine_url": f"http://127.0.0.1:{engine_port}"}
-    urls = {"1": packaging.serve.fn(tags["1"], free_port(), str(home), name="bento-vllm-champion", engine="vllm",
-                                    vllm_port=engine_port)}
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.registered_model, config.deploy.port, config.deploy.engine = PAIR, free_port(), "vllm"
+    config.task.max_answer_tokens = 4
+    ask = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2, "user": "someone"}
     try:
-        assert packaging.shared_engine(champion, tags["2"]) == champion["engine_url"]
+        url, _ = _take_over(config, str(home), "1", tags["1"], PROMPTS[0])
+        champion = packaging.routes(home, PAIR)["champion"]
+        assert champion["engine_url"] and champion["bento"] == tags["1"]
         assert packaging.shared_engine(champion, served["bento"]) is None  # dense weights: an engine of its own
-        urls["2"] = packaging.serve.fn(tags["2"], free_port(), str(home), name="bento-vllm-challenger",
-                                       engine="vllm", vllm_attach=champion["engine_url"])
-        assert len(_vllm_processes(tags["1"])) == 1 and _vllm_processes(tags["2"]) == []
+        side, _ = _start(config, str(home), "2", tags["2"], PROMPTS[0], beside=champion)
+        assert side["shares"] == champion["engine_url"] and _vllm_processes(tags["2"]) == []
+        assert len(_vllm_processes(tags["1"])) == 1
 
         def engine_models() -> set[str]:
             return {m["id"] for m in httpx.get(f"{champion['engine_url']}/v1/models").json()["data"]}
 
         assert len(engine_models()) == 3  # the base and two adapters
+        urls = {"1": champion["url"], "2": side["url"]}
         versions = {v: dict(zip(("model", "tokenizer"), load(m), strict=True), url=urls[v]) for v, m in merged.items()}
         expected = {(v, c): _reference(versions[v], c, 24)[1] for v in versions for c in PROMPTS}
         assert any(expected["1", c] != expected["2", c] for c in PROMPTS)  # the two adapters answer differently
@@ -208,33 +216,11 @@ def test_a_challenger_on_the_same_base_joins_the_champions_vllm_engine_as_a_seco
             assert replies[v, content]["choices"][0]["message"]["content"] == \
                 tokenizer.decode(reference, skip_special_tokens=True), (v, content)
 
-        stop_started("bento-vllm-challenger", Path(home))
+        stop_started(side["service"], Path(home))
         assert len(engine_models()) == 2  # its adapter unloaded; the champion's stays
         assert chat(versions["1"], PROMPTS[0], max_tokens=4)["usage"]["completion_tokens"] > 0
-    finally:
-        stop_started("bento-vllm-challenger", Path(home))
-        stop_started("bento-vllm-champion", Path(home))
 
-
-def test_the_deploy_runs_a_challenger_on_the_champions_engine_and_a_promoted_one_on_its_own(lora_pair, home,
-                                                                                             prefect_api):
-    """flows/deploy.py with deploy.engine vllm: the champion's route records its engine, the challenger's service
-    joins it, and when the challenger is promoted it takes over on an engine of its own (the engine it shared
-    stops with the old champion), with the front answering throughout."""
-    from flows.config import load_config
-    from flows.deploy import _start, _take_over
-
-    tags, _ = lora_pair
-    config = load_config(ROOT / "configs" / "demo.yaml")
-    config.registered_model, config.deploy.port, config.deploy.engine = PAIR, free_port(), "vllm"
-    config.task.max_answer_tokens = 4
-    ask = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2, "user": "someone"}
-    try:
-        url, _ = _take_over(config, str(home), "1", tags["1"], PROMPTS[0])
-        champion = packaging.routes(home, PAIR)["champion"]
-        assert champion["engine_url"] and champion["bento"] == tags["1"]
-        side, _ = _start(config, str(home), "2", tags["2"], PROMPTS[0], beside=champion)
-        assert side["shares"] == champion["engine_url"] and _vllm_processes(tags["2"]) == []
+        side, _ = _start(config, str(home), "2", tags["2"], PROMPTS[0], beside=champion)  # joins again
         packaging.switch.fn(str(home), PAIR, config.deploy.port, champion, side, canary=1.0)
         assert httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=120).json()["model"] == f"{PAIR}/2"
 
@@ -246,22 +232,9 @@ def test_the_deploy_runs_a_challenger_on_the_champions_engine_and_a_promoted_one
         deadline = time.monotonic() + 60
         while _vllm_processes(tags["1"]) and time.monotonic() < deadline:
             time.sleep(1)
-        assert _vllm_processes(tags["1"]) == []  # the old champion's engine went with it
+        assert _vllm_processes(tags["1"]) == []  # the old champion's engine went with its service
     finally:
         packaging.stop_model(home, PAIR)
-
-
-def test_stopping_the_service_stops_its_vllm_server(home, store, tmp_path_factory):
-    """Runs last in this file (the module's service is stopped by its fixture); a second service of its own."""
-    model_dir = str(build_tiny(tmp_path_factory.mktemp("tiny64b") / "model", store=store, head_size=64, seed=1))
-    bento = packaging.build_bento.fn(model_dir, "vllm-stop", "1", SYSTEM, {"max_prompt_tokens": 32, "max_tokens": 4})
-    packaging.serve.fn(bento, free_port(), str(home), name="bento-vllm-stop", engine="vllm")
-    assert len(_vllm_processes(bento)) == 1
-    stop_started("bento-vllm-stop", Path(home))
-    deadline = time.monotonic() + 60
-    while _vllm_processes(bento) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _vllm_processes(bento) == []
 
 
 def test_auto_on_a_cpu_takes_the_engine_a_probe_measures_faster_and_remembers_it(served, tiny_model, tmp_path):
