@@ -20,13 +20,13 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel
 from prefect import task
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, EarlyStoppingCallback
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, EarlyStoppingCallback
 from trl import SFTConfig, SFTTrainer
 
 from tasks.caching import library_versions
 from tasks.datasets import Example, chat_messages, read_examples
 from tasks.distributed import launch
-from tasks.models import META_FILE, load, model_info
+from tasks.models import META_FILE, load, load_tokenizer, model_info
 from tasks.training_config import FinetuneConfig
 
 
@@ -203,7 +203,7 @@ def _load_for(method: str, base_dir: Path, device: str):
                                                  attn_implementation="sdpa")
     # activation checkpointing only where device_settings turns it on: a CPU has the memory to spare
     return (prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda"),
-            AutoTokenizer.from_pretrained(base_dir))
+            load_tokenizer(base_dir))
 
 
 def _merged(trainer: SFTTrainer, spec: FinetuneConfig, base_dir: Path, adapter_dir: Path, base_dtype: str):

@@ -14,16 +14,18 @@ from evals.runner import write_listed_tasks, write_tasks
 from evals.variants import Variant
 from flows.config import load_config
 from tasks.datasets import prepare_data, read_examples
-from tasks.retrieval import attach_fixed, attach_shots, encoder, nearest, pick_fixed
+from tasks.retrieval import attach_fixed, attach_shots, embed, encoder, nearest, pick_fixed
 from tasks.scoring import score
 from tasks.selection import Selection
-from tests.conftest import ROOT, SENTIMENT
+from tests.conftest import DEMO_DATA, ROOT, SENTIMENT
 
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("baseline-data")
-    found = prepare_data.fn([SENTIMENT], 0.1, 0.1, 13, str(out), "skip")
+    rows = out / "reviews.jsonl"  # a fifth of the demo's reviews: the retrieval tests embed every one of them
+    rows.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:320]), encoding="utf-8")
+    found = prepare_data.fn([SENTIMENT.model_copy(update={"data": str(rows)})], 0.1, 0.1, 13, str(out), "skip")
     tasks_dir = write_tasks("reviews", found.files, out / "tasks", 4, reasoning_tokens=4)
     return {**found.files, "data": found, "tasks_dir": str(tasks_dir), "out": out}
 
@@ -60,7 +62,7 @@ def test_retrieved_shots_are_the_nearest_training_examples(tiny_model, splits, p
     files = attach_shots.fn(splits["train"], {"validation": splits["validation"], "test": splits["test"]}, 2,
                             str(splits["out"] / "tasks"))
     train = read_examples(splits["train"])
-    vectors = encoder().encode([e.user for e in train], normalize_embeddings=True)
+    vectors = embed([e.user for e in train])  # the pool's embeddings as attach_shots computed them (cached)
     rows = [json.loads(line) for line in open(files["validation"], encoding="utf-8")]
     for row in rows[:5]:
         query = encoder().encode([row["user"]], normalize_embeddings=True)[0]
