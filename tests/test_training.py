@@ -12,7 +12,6 @@ import torch
 from tasks.datasets import prepare_data, read_examples
 from tasks.models import META_FILE, load
 from tasks.training import (
-    BF16_MARGIN,
     cpu_bf16,
     device_settings,
     gemm_turns,
@@ -136,8 +135,8 @@ def test_a_cpu_trains_in_bf16_only_where_it_has_the_instructions_and_they_are_fa
     assert not prefer_bf16(True, fp32_gflops=331, bf16_gflops=167)  # an Intel Xeon with the same flag
     assert not prefer_bf16(False, fp32_gflops=1, bf16_gflops=900)  # a reading without the instructions
     here = device_settings("cpu")
-    fp32, bf16 = gemm_turns()
-    expected = native_bf16() and bf16 >= BF16_MARGIN * fp32
+    # timed only where the instructions exist: without them bf16 products are emulated, 50 s of them here
+    expected = native_bf16() and prefer_bf16(True, *gemm_turns())
     assert here["bf16"] == expected and not here["activation_checkpointing"] and here["use_cpu"]
 
 
