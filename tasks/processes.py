@@ -92,7 +92,7 @@ def stop_started(name: str, home: Path) -> str:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return f"{name}: pid {pid} had already exited"
-    for _ in range(50):
+    for _ in range(150):  # 30 s: on 2 busy cores a Prefect worker has taken over 10 s to shut down
         if _group_gone(pid):
             return f"{name}: stopped (pid {pid})"
         time.sleep(0.2)
