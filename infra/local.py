@@ -199,9 +199,19 @@ def _client_process_env(home: Path) -> dict[str, str]:
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments' entrypoints are paths under it
 
 
+def prefect_request(method: str, path: str, base: str | None = None, **kwargs) -> httpx.Response:
+    """A call to the Prefect server's REST API (`base`: the server's URL, default the local stack's), repeated while
+    the server answers 503: its answer to an error a client may retry, such as SQLite busy on loaded cores (seen
+    on `create_flow_run` here), which Prefect's own client retries too. Five tries, 1 to 8 s apart."""
+    for wait in (1, 2, 4, 8, None):
+        reply = httpx.request(method, f"{base or prefect_server().url}/api{path}", **{"timeout": 30, **kwargs})
+        if reply.status_code != 503 or wait is None:
+            return reply
+        time.sleep(wait)
+
+
 def _deployments(names: list[str]) -> list[dict]:
-    reply = httpx.post(f"{prefect_server().url}/api/deployments/filter", timeout=10,
-                       json={"deployments": {"name": {"any_": names}}})
+    reply = prefect_request("POST", "/deployments/filter", json={"deployments": {"name": {"any_": names}}})
     reply.raise_for_status()
     return reply.json()
 
@@ -236,8 +246,7 @@ def start_runner(configs: list[str], home: Path, timeout_s: float = 180.0) -> st
 
 def _create_pool(pool: str) -> None:
     """The process work pool `pool`, created unless it exists (of any type: a Kubernetes pool stays one)."""
-    created = httpx.post(f"{prefect_server().url}/api/work_pools/", json={"name": pool, "type": "process"},
-                         timeout=30)
+    created = prefect_request("POST", "/work_pools/", json={"name": pool, "type": "process"})
     if created.status_code not in (201, 409):  # 409: it exists already
         raise RuntimeError(f"work pool {pool}: the Prefect server refused it ({created.status_code}: {created.text})")
 
@@ -253,8 +262,8 @@ def start_worker(pool: str, home: Path, timeout_s: float = 180.0) -> str:
 
     def online() -> bool:
         try:
-            workers = httpx.post(f"{prefect_server().url}/api/work_pools/{pool}/workers/filter", json={},
-                                 timeout=5).json()
+            reply = prefect_request("POST", f"/work_pools/{pool}/workers/filter", json={}, timeout=5)
+            workers = reply.raise_for_status().json()
         except httpx.HTTPError:
             return False
         return any(w.get("status") == "ONLINE" for w in workers)

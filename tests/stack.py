@@ -13,6 +13,7 @@ import httpx
 import yaml
 from mlflow import MlflowClient
 
+from infra.local import prefect_request
 from tasks.processes import free_port
 from tests.conftest import ROOT
 
@@ -33,9 +34,7 @@ class Stack:
                               capture_output=True, text=True, timeout=timeout)
 
     def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        reply = httpx.request(method, f"{self.prefect}/api{path}", timeout=30, **kwargs)
-        reply.raise_for_status()
-        return reply
+        return prefect_request(method, path, base=self.prefect, **kwargs).raise_for_status()
 
     def trigger(self, deployment: str, parameters: dict | None = None, timeout_s: float = 900) -> dict:
         """Create a flow run of `<flow>/<deployment>` through the REST API and wait until it is final."""

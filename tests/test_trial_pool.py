@@ -18,13 +18,13 @@ def test_search_trials_run_at_once_on_a_pool_of_two_workers_as_they_do_one_after
     trial after the other."""
     import json
     import os
-    import subprocess
     import time
     from datetime import datetime
     from pathlib import Path
 
     import mlflow
 
+    from tasks.processes import spawn
     from tasks.search import search
     from tasks.training_config import FinetuneConfig
 
@@ -37,21 +37,16 @@ def test_search_trials_run_at_once_on_a_pool_of_two_workers_as_they_do_one_after
         first = stack.tuneline("worker", "trials", timeout=240)
         assert first.returncode == 0, first.stdout + first.stderr
         pointed = stack.env | {"PREFECT_API_URL": f"{stack.prefect}/api", "MLFLOW_TRACKING_URI": stack.mlflow}
-        with open(tmp_path / "second-worker.log", "wb") as log:  # a second worker, as on a second machine
-            second = subprocess.Popen([str(Path(os.sys.executable).parent / "prefect"), "worker", "start", "--pool",
-                                       "trials", "--type", "process", "--limit", "1"], env=pointed, cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            for _ in range(60):
-                workers = stack.api("POST", "/work_pools/trials/workers/filter", json={}).json()
-                if [w["status"] for w in workers] == ["ONLINE", "ONLINE"]:
-                    break
-                time.sleep(1)
-            assert [w["status"] for w in workers] == ["ONLINE", "ONLINE"], workers
-            run = stack.trigger("finetune-model/searched", {"max_steps": 4})
-        finally:
-            second.terminate()
-            second.wait(30)
+        # A second worker, as on a second machine; its PID file under the state folder: `down` stops it too.
+        spawn("worker-trials-2", [str(Path(os.sys.executable).parent / "prefect"), "worker", "start", "--pool",
+                                  "trials", "--type", "process", "--limit", "1"], pointed, tmp_path, cwd=ROOT)
+        for _ in range(60):
+            workers = stack.api("POST", "/work_pools/trials/workers/filter", json={}).json()
+            if [w["status"] for w in workers] == ["ONLINE", "ONLINE"]:
+                break
+            time.sleep(1)
+        assert [w["status"] for w in workers] == ["ONLINE", "ONLINE"], workers
+        run = stack.trigger("finetune-model/searched", {"max_steps": 4})
         assert run["state"]["type"] == "COMPLETED", stack.logs(run["id"])[-3000:]
         trials = stack.api("POST", "/flow_runs/filter", json={"work_pools": {"name": {"any_": ["trials"]}}}).json()
         assert sorted(t["state"]["type"] for t in trials) == ["COMPLETED", "COMPLETED"]
