@@ -133,6 +133,18 @@ def _group_gone(pid: int) -> bool:
     return _only_zombies_in(pid)
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited. One that has exited but that its parent has not reaped yet
+    (a zombie: an orphan waits about a second for init here) holds nothing and takes no signal: not running."""
+    try:
+        os.kill(pid, 0)
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except OSError:  # no /proc to tell a zombie by: it answered signal 0
+        return True
+
+
 def _only_zombies_in(group: int) -> bool:
     """Whether every process of the process group `group` is a zombie (Linux's /proc; False without it)."""
     states = []

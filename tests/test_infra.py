@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from infra import local
-from tasks.processes import free_port, stop_started, wait_until
+from tasks.processes import free_port, running, spawn, stop_started, wait_until
 from tests.conftest import ROOT
 
 
@@ -41,8 +41,6 @@ def test_a_server_another_state_folder_started_is_reused_saying_whose_it_is(tmp_
 
 
 def test_a_spawned_process_leaves_no_log_handle_open_in_this_one(tmp_path):
-    from tasks.processes import spawn
-
     log = tmp_path / "logs" / "sleeper.log"
     proc = spawn("sleeper", [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(30)"],
                  dict(os.environ), tmp_path)
@@ -57,8 +55,6 @@ def test_a_spawned_process_leaves_no_log_handle_open_in_this_one(tmp_path):
 def test_a_process_that_waits_out_the_first_sigterm_is_stopped_by_the_second_as_prefect_expects(tmp_path):
     """Prefect's worker takes a first SIGTERM as "finish up" and a second as "now"; `down` sends both before it
     resorts to SIGKILL, and says which stopped it."""
-    from tasks.processes import spawn
-
     log = tmp_path / "logs" / "stubborn.log"
     code = ("import signal, sys, time\n"
             "def first(*_): signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
@@ -72,19 +68,19 @@ def test_a_process_that_waits_out_the_first_sigterm_is_stopped_by_the_second_as_
 def test_a_process_stopped_from_another_process_than_its_parent_is_stopped_not_killed(tmp_path):
     """`tuneline down` is not the parent of what a test (or a flow) started: the exited process stays a zombie
     until its parent reaps it, which is stopped, not a process that ignored SIGTERM."""
-    from tasks.processes import spawn
-
     proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
+    assert running(proc.pid)
     down = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from tasks.processes import "
                            "stop_started; print(stop_started('sleeper', Path(sys.argv[1]), grace_s=1))", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert down.stdout.strip() == f"sleeper: stopped (pid {proc.pid})", down.stdout + down.stderr
+    assert not running(proc.pid)  # a zombie of this process until the wait below reaps it
     assert proc.wait(5) == -15  # it ended at the SIGTERM
 
 
 def test_a_stale_pid_file_never_signals_the_process_that_reused_its_pid(tmp_path):
     """The recorded start time tells the process tuneline started from another that got its PID later."""
-    from tasks.processes import pid_file, recorded_pid, spawn
+    from tasks.processes import pid_file, recorded_pid
 
     proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
     try:
