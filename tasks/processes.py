@@ -44,11 +44,17 @@ def recorded_pid(name: str, home: Path) -> int | None:
 def _start_time(pid: int) -> str | None:
     """When the process started, in clock ticks since boot (Linux's /proc/PID/stat, field 22); None when there is
     no such process or no /proc. A PID is reused once its process is gone; the pair (PID, start) is not."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after "PID (name)", which begin with field 3 (state, ppid, pgrp, ...); None
+    when there is no such process or no /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # the fields after "PID (name)" begin with field 3
 
 
 def spawn(name: str, cmd: list[str], env: dict[str, str], home: Path, cwd: Path | None = None):
@@ -138,21 +144,16 @@ def running(pid: int) -> bool:
     (a zombie: an orphan waits about a second for init here) holds nothing and takes no signal: not running."""
     try:
         os.kill(pid, 0)
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
+    except ProcessLookupError:
         return False
-    except OSError:  # no /proc to tell a zombie by: it answered signal 0
-        return True
+    fields = _stat(pid)
+    if fields is None:  # it exited since, or there is no /proc to tell a zombie by (then signal 0's answer stands)
+        return not Path("/proc").is_dir()
+    return fields[0] != "Z"
 
 
 def _only_zombies_in(group: int) -> bool:
     """Whether every process of the process group `group` is a zombie (Linux's /proc; False without it)."""
-    states = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
-        except OSError:  # it exited while we looked
-            continue
-        if int(fields[2]) == group:
-            states.append(fields[0])
+    states = [fields[0] for entry in Path("/proc").glob("[0-9]*")
+              if (fields := _stat(entry.name)) and int(fields[2]) == group]
     return bool(states) and all(state == "Z" for state in states)

@@ -208,6 +208,7 @@ def screenshots(tmp_path_factory) -> Path:
 
 def _page_shows(driver, url: str, texts: list[str], timeout_s: float = 60) -> str:
     """Open `url` and wait until the rendered page (a single-page app) shows every one of `texts`."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -218,7 +219,7 @@ def _page_shows(driver, url: str, texts: list[str], timeout_s: float = 60) -> st
 
     try:
         WebDriverWait(driver, timeout_s, poll_frequency=1).until(lambda _: all(t in body() for t in texts))
-    except Exception:
+    except TimeoutException:
         missing = [t for t in texts if t not in body()]
         pytest.fail(f"{url} never showed {missing}; it shows: {body()[:1500]!r}")
     return body()
