@@ -201,6 +201,9 @@ class LifecycleConfig(Strict):
         return self
 
 
+MAX_FAULTS = 8  # validation errors named in the one-line message
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -221,10 +224,11 @@ def load_config(path: str | Path) -> LifecycleConfig:
     try:
         config = LifecycleConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        where = f"{_field_path(first['loc'])}: " if first["loc"] else ""  # a whole-config rule names its fields
-        raise ConfigError(f"{path}: {where}{first['msg']}{more}") from None
+        # every field at fault, so one `check` finds them all; still one line (a whole-config rule has no loc and
+        # names its fields in its message)
+        faults = [f"{_field_path(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
+        more = f"; and {len(faults) - MAX_FAULTS} more" if len(faults) > MAX_FAULTS else ""
+        raise ConfigError(f"{path}: {'; '.join(faults[:MAX_FAULTS])}{more}") from None
     tasks = [("task", config.task)] + [(f"extra_tasks.{i}", t) for i, t in enumerate(config.extra_tasks)]
     names = [t.name for _, t in tasks]
     if len(set(names)) != len(names):

@@ -95,6 +95,14 @@ def test_each_bundled_config_is_valid_and_the_gate_metric_follows_the_task_kind(
                        "multitask.yaml": "exact_match", "preference.yaml": "exact_match", "search.yaml": "exact_match"}
 
 
+def test_every_field_at_fault_is_named_in_one_line(tmp_path):
+    path = write(tmp_path, lambda c: (c.pop("name"), c.pop("registered_model"), c["finetune"].update(max_steps=0)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: name: Field required; registered_model: Field required; "
+                              "finetune.max_steps: Input should be greater than 0")
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\ntask: [unclosed\n")
