@@ -123,12 +123,18 @@ def check(config: Path) -> None:
     from tasks.evidence import gate_power  # the statistics only when the config is valid
     from tasks.training_config import training_plan
 
-    try:
-        parts = [split(to_examples(t, "skip", cfg.data.seed).examples, cfg.data.validation, cfg.data.test,
-                       cfg.data.seed) for t in (cfg.task, *cfg.extra_tasks)]
-    except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    parts = []
+    for task in (cfg.task, *cfg.extra_tasks):  # read as the data stage reads it: a bad row stops here or is named
+        try:
+            outcome = to_examples(task, cfg.data.on_bad_rows, cfg.data.seed)
+        except DataError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        parts.append(split(outcome.examples, cfg.data.validation, cfg.data.test, cfg.data.seed))
+        first = f" (first: {outcome.rejects[0]['where']}: {outcome.rejects[0]['reason']})" if outcome.rejects else ""
+        typer.echo(f"data: {task.name}: {len(outcome.examples)} examples ("
+                   + ", ".join(f"{name} {len(rows)}" for name, rows in parts[-1].items())
+                   + f"); {len(outcome.rejects)} rows rejected{first}")
     note, warnings = gate_power(cfg.gate, cfg.task, len(parts[0]["test"]))
     typer.echo(f"power: {note}")
     for warning in warnings:

@@ -120,7 +120,8 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict | None, str | None]], 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            rows.append((where, None, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            # some of json's messages end in "at" ("Unterminated string starting at"): one "at" before the column
+            rows.append((where, None, f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"))
             continue
         if not isinstance(record, dict):
             rows.append((where, None, f"expected a JSON object, got {type(record).__name__}"))

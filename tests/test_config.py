@@ -127,13 +127,32 @@ def test_cli_check_states_the_power_of_the_test_split_and_warns_naming_the_numbe
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[1] == ("power: 48 test items detect a gain of 0.254 in exact match (95 % confidence, 80 % power, "
+    assert lines[1] == ("data: reviews: 1598 examples (train 1279, validation 156, test 163); 2 rows rejected "
+                        f"(first: {ROOT / 'data' / 'reviews.jsonl'}:1284: duplicate of "
+                        f"{ROOT / 'data' / 'reviews.jsonl'}:140)")
+    assert lines[2] == ("power: 48 test items detect a gain of 0.254 in exact match (95 % confidence, 80 % power, "
                         "bar at 0.50)")
-    assert lines[2].startswith("warning: gate.min_improvement +0.050 is below the smallest detectable gain 0.254 "
+    assert lines[3].startswith("warning: gate.min_improvement +0.050 is below the smallest detectable gain 0.254 "
                                "for 48 test items")
-    assert lines[3] == "training: fine-tuning runs 30 steps of 4 examples: 0.09 epochs of the 1279 training examples"
-    assert lines[4] == ("warning: finetune.max_steps 30 covers 9% of an epoch (320 steps at 4 examples a step); "
+    assert lines[4] == "training: fine-tuning runs 30 steps of 4 examples: 0.09 epochs of the 1279 training examples"
+    assert lines[5] == ("warning: finetune.max_steps 30 covers 9% of an epoch (320 steps at 4 examples a step); "
                         "set it to null to train for finetune.epochs (1)")
+
+
+def test_cli_check_reads_the_data_as_the_run_would_under_on_bad_rows(tmp_path):
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join((ROOT / "data" / "reviews.jsonl").read_text().splitlines(keepends=True)[:40])
+                    + '{"review": "cut off\n')
+    path = write(tmp_path, lambda c: (c["task"].update(data=str(data)), c["data"].update(on_bad_rows="error")))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2  # the run would stop at this row: check says so before anything starts
+    assert done.stderr.strip().startswith(f"error: {data}:41: malformed JSON")
+    path = write(tmp_path, lambda c: (c["task"].update(data=str(data)), c["data"].update(on_bad_rows="skip")))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].startswith("data: reviews: 40 examples (train ")
+    assert done.stdout.splitlines()[1].endswith(f"; 1 rows rejected (first: {data}:41: malformed JSON "
+                                                "(Unterminated string starting at column 12))")
 
 
 def test_cli_check_reads_the_preference_data_naming_its_rejects():
