@@ -22,6 +22,7 @@ from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from prefect import task
 
+from tasks.model_sources import hub_failure
 from tasks.schema import TaskConfig
 
 SPLITS = ("train", "validation", "test")
@@ -159,7 +160,10 @@ def _read_hub(source: str) -> tuple[list[tuple[str, dict | None, str | None]], l
     from datasets import load_dataset  # online users only
 
     dataset_id, _, split_name = source.removeprefix("hf:").partition(":")
-    data = load_dataset(dataset_id, split=split_name or "train")
+    try:
+        data = load_dataset(dataset_id, split=split_name or "train")
+    except (OSError, ValueError) as exc:  # offline and not cached, no such dataset, no such split
+        raise DataError(f"{source}: {hub_failure(exc)}") from exc
     return [(f"{source} row {i + 1}", r, None) for i, r in enumerate(data)], list(data.column_names)
 
 

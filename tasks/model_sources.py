@@ -10,6 +10,7 @@ A source is one of
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,16 @@ SHIPPED = {
 
 class ModelSourceError(ValueError):
     pass
+
+
+def hub_failure(exc: BaseException) -> str:
+    """One line on why a hub model or dataset could not be read. Offline (HF_HUB_OFFLINE, which the Makefile sets
+    by default) the library's own message speaks of connections; the fix is the switch, so say that instead."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return ("not in the local Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 "
+                "and HF_DATASETS_OFFLINE=0 to download it")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"could not be read from the Hugging Face hub ({first})"
 
 
 def parse(source: str) -> tuple[str, str]:

@@ -12,13 +12,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from prefect import task
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tasks.model_sources import SHIPPED, ModelSourceError, ShippedGGUF, folder_fingerprint, parse, store_key
+from tasks.model_sources import (
+    SHIPPED,
+    ModelSourceError,
+    ShippedGGUF,
+    folder_fingerprint,
+    hub_failure,
+    parse,
+    store_key,
+)
 
 META_FILE = "tuneline_model.json"
 CHATML_TEMPLATE = (
@@ -57,6 +66,17 @@ def _chat_turns(tok, spec: ShippedGGUF) -> None:
         tok.eos_token = spec.end_of_turn
 
 
+@contextmanager
+def _hub_read(kind: str, ref: str):
+    """A hub source that cannot be read (offline and not cached, no such repo or revision) fails naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # transformers' errors for these; a path: source keeps its own
+        if kind != "hf":
+            raise
+        raise ModelSourceError(f"model source 'hf:{ref}': {hub_failure(exc)}") from exc
+
+
 def _load_source(kind: str, ref: str, work: Path, store: Path):
     if kind == "gguf":
         spec = SHIPPED[ref]
@@ -81,8 +101,9 @@ def _load_source(kind: str, ref: str, work: Path, store: Path):
     # hf: and path: share one loader; transformers treats both as a pretrained name or folder.
     name, _, revision = ref.partition("@") if kind == "hf" else (ref, "", "")
     pinned = {"revision": revision} if revision else {}
-    tok = AutoTokenizer.from_pretrained(name, **pinned)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **pinned)
+    with _hub_read(kind, ref):
+        tok = AutoTokenizer.from_pretrained(name, **pinned)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **pinned)
     instruct = tok.chat_template is not None
     if tok.chat_template is None:
         tok.chat_template = CHATML_TEMPLATE
@@ -132,7 +153,8 @@ def provision_tokenizer(source: str, store: Path) -> Path:
             tok = AutoTokenizer.from_pretrained(_gguf_dir(spec, Path(tmp)), gguf_file=spec.filename)
         else:
             name, _, revision = ref.partition("@") if kind == "hf" else (ref, "", "")
-            tok = AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
+            with _hub_read(kind, ref):
+                tok = AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
         staged = Path(tmp) / "tok"
         tok.save_pretrained(staged)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,14 @@ def test_template_variable_without_column_and_empty_file(tmp_path):
         to_examples(spec(empty))
 
 
+def test_a_hub_dataset_not_cached_while_the_hub_is_off_is_named_with_the_switch():
+    with pytest.raises(DataError) as err:  # HF_HUB_OFFLINE=1, the suite's setting: the hub is never reached
+        to_examples(spec("hf:tuneline-tests/never-cached:train"))
+    assert str(err.value) == ("hf:tuneline-tests/never-cached:train: not in the local Hugging Face cache, and the "
+                              "hub is off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0 to "
+                              "download it")
+
+
 def test_prepare_data_writes_splits_mixture_and_rejects(tmp_path):
     reviews = spec(DEMO_DATA, name="reviews", labels={})
     tickets = spec(DEMO_DATA.parent / "tickets.jsonl", name="tickets", prompt=["Ticket: {{ ticket }}"],

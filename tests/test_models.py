@@ -76,6 +76,16 @@ def test_bad_sources_are_named(tmp_path, source, message):
         provision(source, tmp_path)
 
 
+def test_a_hub_model_not_cached_while_the_hub_is_off_is_named_with_the_switch(tmp_path):
+    # HF_HUB_OFFLINE=1 is the suite's setting (the Makefile's default): the hub is never reached here
+    with pytest.raises(ModelSourceError) as err:
+        provision("hf:tuneline-tests/never-cached@v1", tmp_path)
+    assert str(err.value) == ("model source 'hf:tuneline-tests/never-cached@v1': not in the local Hugging Face "
+                              "cache, and the hub is off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 and "
+                              "HF_DATASETS_OFFLINE=0 to download it")
+    assert list(tmp_path.iterdir()) == []  # nothing half-provisioned is left in the store
+
+
 def test_store_key_is_filesystem_safe():
     assert store_key("hf:HuggingFaceTB/SmolLM2-135M-Instruct") == "hf--HuggingFaceTB--SmolLM2-135M-Instruct"
 
