@@ -53,6 +53,15 @@ def _connect(prefect: bool) -> None:
         _fail(f"no MLflow server at {mlflow_server.url}; start the stack with `tuneline up`")
     if prefect and os.environ["PREFECT_API_URL"] == f"{prefect_server.url}/api" and not prefect_server.healthy():
         _fail(f"no Prefect server at {prefect_server.url}; start the stack with `tuneline up`")
+    # Servers the environment names (a team's shared ones) are only asked whether they answer at all: one behind
+    # a proxy may want credentials for /health, which is not the same as being down.
+    named = [("MLflow", "MLFLOW_TRACKING_URI", "/health")] + ([("Prefect", "PREFECT_API_URL", "/health")] if prefect
+                                                              else [])
+    for name, variable, health in named:
+        url = os.environ[variable].rstrip("/")
+        if url.startswith(("http://", "https://")) and not local.answers(url + health):
+            _fail(f"no {name} server answers at {url} ({variable}); check the address, or unset {variable} to "
+                  "use the local stack")
 
 
 @app.command()

@@ -39,6 +39,15 @@ class Server:
             return False
 
 
+def answers(url: str, timeout_s: float = 10.0) -> bool:
+    """Whether anything answers HTTP at `url`, whatever its status."""
+    try:
+        httpx.get(url, timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def prefect_server() -> Server:
     """The Prefect server, on $TUNELINE_PREFECT_PORT (default 4200): read when asked, never at import."""
     return Server("prefect", int(os.environ.get("TUNELINE_PREFECT_PORT", 4200)), "/api/health")

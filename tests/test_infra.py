@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,36 @@ def test_the_cli_points_prefect_at_the_stack_it_connects_to(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     used, named = done.stdout.split()
     assert used == named == f"{local.prefect_server().url}/api"
+
+
+class _WantsCredentials(BaseHTTPRequestHandler):
+    def do_GET(self):  # a shared server behind a proxy: every path asks for credentials
+        self.send_response(401)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_servers_the_environment_names_are_checked_before_a_run_and_one_that_is_down_is_named(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "TUNELINE_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": down, "PREFECT_API_URL": f"{down}/api"}
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneline"), "run", str(ROOT / "configs" / "demo.yaml")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: no MLflow server answers at {down} (MLFLOW_TRACKING_URI); check the "
+                                   "address, or unset MLFLOW_TRACKING_URI to use the local stack")
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _WantsCredentials)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        up = f"http://127.0.0.1:{proxy.server_port}"
+        code = "import flows.cli as cli; cli._connect(prefect=True); print('connected')"
+        for mlflow, prefect, fault in ((up, f"{down}/api", "no Prefect server answers at"), (up, f"{up}/api", None)):
+            done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                  env={**env, "MLFLOW_TRACKING_URI": mlflow, "PREFECT_API_URL": prefect})
+            if fault:  # the MLflow address answers (401 is an answer), the Prefect one does not
+                assert f"error: {fault} {down}/api (PREFECT_API_URL)" in done.stderr and not done.stdout
+            else:
+                assert done.returncode == 0 and done.stdout.strip() == "connected", done.stderr[-2000:]
+    finally:
+        proxy.shutdown()
