@@ -116,6 +116,17 @@ def down() -> None:
 
 
 @app.command()
+def status() -> None:
+    """What tuneline started from this state folder and whether it runs: the servers, the runner and workers, each
+    model's front (with its champion and challenger) and services. Exit code 1 when one of them has exited."""
+    lines, all_running = local.status(local.configure_env())
+    for line in lines:
+        typer.echo(line)
+    if not all_running:
+        raise typer.Exit(1)
+
+
+@app.command()
 def check(config: Path) -> None:
     """Validate a lifecycle config without running it, and say what its test split can show to the gate."""
     cfg = _config(config)

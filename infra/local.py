@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from tasks.paths import TELEMETRY_OFF, configure_env, state_dir
-from tasks.processes import HOST, pid_file, spawn, stop_started, wait_until
+from tasks.processes import HOST, pid_file, recorded_pid, running, spawn, stop_started, wait_until
 
 
 @dataclass(frozen=True)
@@ -328,6 +328,46 @@ def up(home: Path | None = None, configs: list[str] = (), pool: str | None = Non
                   f"`prefect worker start --pool {p}` where the GPUs are)"
                   for p, what in sorted(_stage_pools(paths).items())]
     return lines
+
+
+def status(home: Path | None = None) -> tuple[list[str], bool]:
+    """A line for each process this state folder started (servers, runner, workers, each model's front and
+    services), what it serves, and whether it still runs; with whether all of them do. A server on the stack's
+    port that another state folder started is named too."""
+    home = home or state_dir()
+    lines, all_running = [], True
+    for server in (prefect_server(), mlflow_server()):
+        if pid_file(server.name, home).is_file():
+            continue  # with the processes below
+        if server.healthy():
+            lines.append(f"{server.name}: {server.url} answers (not started from {home})")
+    for recorded in sorted(home.glob("*.pid"), key=_status_order):
+        name = recorded.stem
+        pid = recorded_pid(name, home)
+        alive = running(pid)
+        all_running &= alive
+        state = f"running (pid {pid})" if alive else f"exited (pid {pid}; see {home / 'logs' / (name + '.log')})"
+        server = {s.name: s for s in (prefect_server(), mlflow_server())}.get(name)
+        if server:
+            state += f", {server.url} {'answering' if server.healthy() else 'not answering'}"
+        if name.startswith("front-"):
+            from tasks.packaging import routes  # the deploy's record of what the front forwards to (BentoML: slow)
+
+            served = routes(home, name.removeprefix("front-"))
+            champion, challenger = served.get("champion") or {}, served.get("challenger") or {}
+            state += f", {served.get('front', 'port unknown')}: champion {champion.get('model', 'none')}"
+            if challenger:
+                roles = [f"{served.get('canary', 0.0):.0%} of chat requests"] * bool(served.get("canary")) + [
+                    "shadow"] * bool(served.get("shadow"))
+                state += f", challenger {challenger['model']} ({', '.join(roles) or 'idle'})"
+        lines.append(f"{name}: {state}")
+    return lines or [f"nothing started from {home} (`tuneline up` starts the stack)"], all_running
+
+
+def _status_order(recorded: Path) -> tuple[int, str]:
+    """Servers, then the runner and workers, then each model's front and services."""
+    order = {prefect_server().name: 0, mlflow_server().name: 1, "runner": 2}
+    return order.get(recorded.stem, 3 if recorded.stem.startswith("worker-") else 4), recorded.stem
 
 
 def down(home: Path | None = None) -> list[str]:

@@ -194,7 +194,7 @@ def routes_file(home: str | Path, registered_model: str) -> Path:
 
 def routes(home: str | Path, registered_model: str) -> dict:
     """Where the model's front forwards: {"champion": {"url", "model", "service", "bento", "engine_url"?},
-    "challenger": {… "shares"?: the champion's engine it runs on}, "canary", "shadow"}."""
+    "challenger": {… "shares"?: the champion's engine it runs on}, "canary", "shadow", "front": its own URL}."""
     path = routes_file(home, registered_model)
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -209,10 +209,10 @@ def switch(home: str, registered_model: str, port: int, champion: dict, challeng
     path = routes_file(home, registered_model)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps({"champion": champion, "challenger": challenger, "canary": canary,
-                                  "shadow": bool(shadow and challenger)}, indent=2))
-    os.replace(staged, path)
     url, name, home_path = f"http://{HOST}:{port}", front_name(registered_model), Path(home)
+    staged.write_text(json.dumps({"champion": champion, "challenger": challenger, "canary": canary,
+                                  "shadow": bool(shadow and challenger), "front": url}, indent=2))
+    os.replace(staged, path)
     if recorded_pid(name, home_path) is not None and _front_up(url):
         return url
     stop_started(name, home_path)  # a recorded front that no longer answers

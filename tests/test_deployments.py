@@ -85,6 +85,13 @@ def test_lifecycle_triggered_through_the_api_completes_on_the_runner(stack):
     body = reply.json()
     assert body["model"] == f"{MODEL}/1" and body["usage"]["completion_tokens"] >= 1
 
+    shown = stack.tuneline("status")  # what an operator sees: the stack, the runner and what the front serves
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    lines = {line.split(":")[0]: line for line in shown.stdout.splitlines()}
+    assert lines["prefect"].endswith(f"{stack.prefect} answering") and lines["runner"].startswith("runner: running")
+    assert lines[f"front-{MODEL}"].endswith(f", {stack.service}: champion {MODEL}/1")
+    assert lines[f"bento-{MODEL}-v1"].startswith(f"bento-{MODEL}-v1: running (pid ")
+
 
 def test_each_stage_publishes_a_markdown_artifact_linking_its_mlflow_run(stack):
     client = stack.mlflow_client()

@@ -80,6 +80,28 @@ def test_a_process_stopped_from_another_process_than_its_parent_is_stopped_not_k
     assert proc.wait(5) == -15  # it ended at the SIGTERM
 
 
+def test_status_names_what_this_state_folder_started_and_exits_1_when_one_has_exited(tmp_path):
+    env = {**os.environ, "TUNELINE_HOME": str(tmp_path), "TUNELINE_PREFECT_PORT": str(free_port()),
+           "TUNELINE_MLFLOW_PORT": str(free_port())}
+
+    def status() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "status"], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    assert status().stdout == f"nothing started from {tmp_path} (`tuneline up` starts the stack)\n"
+    runner = spawn("runner", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
+    worker = spawn("worker-gpu", [sys.executable, "-c", "pass"], dict(os.environ), tmp_path)
+    worker.wait(30)
+    try:
+        shown = status()
+        assert shown.returncode == 1, shown.stderr  # a worker that died is what an operator must see
+        assert shown.stdout.splitlines() == [
+            f"runner: running (pid {runner.pid})",
+            f"worker-gpu: exited (pid {worker.pid}; see {tmp_path / 'logs' / 'worker-gpu.log'})"]
+    finally:
+        stop_started("runner", tmp_path, grace_s=1)
+
+
 def test_a_stale_pid_file_never_signals_the_process_that_reused_its_pid(tmp_path):
     """The recorded start time tells the process tuneline started from another that got its PID later."""
     from tasks.processes import pid_file, recorded_pid
