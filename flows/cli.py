@@ -8,6 +8,7 @@ import re
 import sys
 import time
 import traceback
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -356,14 +357,22 @@ def feedback_export(out: Path, config: Path = typer.Option(Path("configs/demo.ya
                f"({found.pending} pending review, not exported)")
 
 
+class Review(str, Enum):
+    """A feedback item's review status, as `feedback list` filters it (a typo is a usage error, not no items)."""
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+    all = "all"
+
+
 @feedback_app.command("list")
-def feedback_list(status: str = typer.Option("pending", help="pending | approved | rejected | all"),
+def feedback_list(status: Review = typer.Option(Review.pending, help="which items, by review status"),
                   model: str = typer.Option(None, help="only this registered model's")) -> None:
     """Feedback waiting for review (or with another status), one line each."""
     from tasks.feedback import items
 
     try:
-        found = items(_feedback_db(), None if status == "all" else status, model=model)
+        found = items(_feedback_db(), None if status is Review.all else status.value, model=model)
     except FileNotFoundError as exc:
         _fail(str(exc))
     for i in found:

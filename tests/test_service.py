@@ -264,6 +264,8 @@ def test_feedback_is_pending_until_reviewed_then_exported_as_training_data(clien
     config, out, cli = review_config(tmp_path), tmp_path / "feedback.jsonl", CliRunner()
     listed = cli.invoke(app, ["feedback", "list"])
     assert f"key {key_id(KEY)}" in listed.output and "Review: the lid broke" in listed.output, listed.output
+    mistyped = cli.invoke(app, ["feedback", "list", "--status", "pendng"])  # a usage error, never "0 item(s)"
+    assert mistyped.exit_code == 2 and "'pendng' is not one of 'pending'" in mistyped.output, mistyped.output
 
     def exported(*args: str) -> list[dict]:
         result = cli.invoke(app, ["feedback", "export", str(out), "--config", str(config), *args])
