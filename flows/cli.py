@@ -18,8 +18,9 @@ from infra import local
 from tasks.paths import vllm_missing
 
 app = typer.Typer(help="tuneline: an LLM fine-tuning lifecycle, scope to deployment.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-feedback_app = typer.Typer(help="Production feedback captured by the service.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, rich_markup_mode="markdown")  # docstrings reflowed
+feedback_app = typer.Typer(help="Production feedback captured by the service.", no_args_is_help=True,
+                           rich_markup_mode="markdown")
 app.add_typer(feedback_app, name="feedback")
 
 
