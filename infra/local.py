@@ -367,7 +367,8 @@ def status(home: Path | None = None) -> tuple[list[str], bool]:
 def _status_order(recorded: Path) -> tuple[int, str]:
     """Servers, then the runner and workers, then each model's front and services."""
     order = {prefect_server().name: 0, mlflow_server().name: 1, "runner": 2}
-    return order.get(recorded.stem, 3 if recorded.stem.startswith("worker-") else 4), recorded.stem
+    rank = 3 if recorded.stem.startswith("worker-") else 4 if recorded.stem.startswith("front-") else 5
+    return order.get(recorded.stem, rank), recorded.stem
 
 
 def down(home: Path | None = None) -> list[str]:
