@@ -51,17 +51,16 @@ def _connect(prefect: bool) -> None:
 
     refresh_global_settings_context()
     mlflow_server, prefect_server = local.mlflow_server(), local.prefect_server()
-    if os.environ["MLFLOW_TRACKING_URI"] == mlflow_server.url and not mlflow_server.healthy():
-        _fail(f"no MLflow server at {mlflow_server.url}; start the stack with `tuneline up`")
-    if prefect and os.environ["PREFECT_API_URL"] == f"{prefect_server.url}/api" and not prefect_server.healthy():
-        _fail(f"no Prefect server at {prefect_server.url}; start the stack with `tuneline up`")
-    # Servers the environment names (a team's shared ones) are only asked whether they answer at all: one behind
-    # a proxy may want credentials for /health, which is not the same as being down.
-    named = [("MLflow", "MLFLOW_TRACKING_URI", "/health")] + ([("Prefect", "PREFECT_API_URL", "/health")] if prefect
-                                                              else [])
-    for name, variable, health in named:
+    checks = [("MLflow", "MLFLOW_TRACKING_URI", mlflow_server, mlflow_server.url)] + (
+        [("Prefect", "PREFECT_API_URL", prefect_server, f"{prefect_server.url}/api")] if prefect else [])
+    for name, variable, server, stack_url in checks:
         url = os.environ[variable].rstrip("/")
-        if url.startswith(("http://", "https://")) and not local.answers(url + health):
+        if url == stack_url:
+            if not server.healthy():
+                _fail(f"no {name} server at {server.url}; start the stack with `tuneline up`")
+        # A server the environment names (a team's shared one) is only asked whether it answers at all: one behind
+        # a proxy may want credentials for /health, which is not the same as being down.
+        elif url.startswith(("http://", "https://")) and local.http_status(url + "/health") is None:
             _fail(f"no {name} server answers at {url} ({variable}); check the address, or unset {variable} to "
                   "use the local stack")
 

@@ -33,19 +33,15 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
     def healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + self.health_path, timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_status(self.url + self.health_path, timeout_s=2.0) == 200
 
 
-def answers(url: str, timeout_s: float = 10.0) -> bool:
-    """Whether anything answers HTTP at `url`, whatever its status."""
+def http_status(url: str, timeout_s: float = 10.0) -> int | None:
+    """The status `url` answers a GET with, or None when nothing answers."""
     try:
-        httpx.get(url, timeout=timeout_s)
+        return httpx.get(url, timeout=timeout_s).status_code
     except httpx.HTTPError:
-        return False
-    return True
+        return None
 
 
 def prefect_server() -> Server:
@@ -336,7 +332,8 @@ def status(home: Path | None = None) -> tuple[list[str], bool]:
     port that another state folder started is named too."""
     home = home or state_dir()
     lines, all_running = [], True
-    for server in (prefect_server(), mlflow_server()):
+    servers = {s.name: s for s in (prefect_server(), mlflow_server())}
+    for server in servers.values():
         if pid_file(server.name, home).is_file():
             continue  # with the processes below
         if server.healthy():
@@ -347,8 +344,7 @@ def status(home: Path | None = None) -> tuple[list[str], bool]:
         alive = running(pid)
         all_running &= alive
         state = f"running (pid {pid})" if alive else f"exited (pid {pid}; see {home / 'logs' / (name + '.log')})"
-        server = {s.name: s for s in (prefect_server(), mlflow_server())}.get(name)
-        if server:
+        if server := servers.get(name):
             state += f", {server.url} {'answering' if server.healthy() else 'not answering'}"
         if name.startswith("front-"):
             from tasks.packaging import routes  # the deploy's record of what the front forwards to (BentoML: slow)
